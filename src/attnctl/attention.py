@@ -1,0 +1,67 @@
+"""The only place attention is computed.
+
+Tensors are (batch, heads, tokens, head_dim). Three things are offered:
+- `attention`: plain scaled-dot-product attention (the model's own fast kernel);
+- `attention_with_lse`: the same output plus each query row's log-sum-exp of the scaled logits, from one fused pass
+  where the backend returns it, so that the probabilities of any few keys follow as exp(q·kᵀ·scale − lse) without
+  the N×N matrix (`key_probs`);
+- `explicit_probs`: the direct softmax, for tests and for small matrices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Rows of the explicit fallback processed at once: bounds its memory to chunk × keys per (batch, head).
+_LSE_CHUNK = 1024
+
+
+def default_scale(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
+
+
+def attention_with_lse(q, k, v, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and float32 row log-sum-exp (batch, heads, queries) of softmax(q kᵀ · scale) v."""
+    scale = default_scale(q) if scale is None else scale
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+        return out, lse.float()
+    if q.device.type == "cuda":
+        try:
+            if q.dtype in (torch.float16, torch.bfloat16):
+                res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            else:
+                res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+            return res[0], res[1][..., : q.shape[-2]].float()
+        except RuntimeError:
+            pass  # unsupported head size or layout: fall through to the chunked path
+    return attention(q, k, v, scale=scale), chunked_lse(q, k, scale)
+
+
+def chunked_lse(q, k, scale=None) -> torch.Tensor:
+    scale = default_scale(q) if scale is None else scale
+    parts = [
+        torch.logsumexp((q[..., i : i + _LSE_CHUNK, :].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+        for i in range(0, q.shape[-2], _LSE_CHUNK)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def key_probs(q, k_sel, lse, scale=None) -> torch.Tensor:
+    """Attention probabilities (float32) of queries `q` on the selected keys `k_sel`, given the rows' full lse."""
+    scale = default_scale(q) if scale is None else scale
+    logits = (q.float() @ k_sel.float().transpose(-1, -2)) * scale
+    return torch.exp(logits - lse.unsqueeze(-1))
+
+
+def explicit_probs(q, k, scale=None, dtype=torch.float64) -> torch.Tensor:
+    """softmax(q kᵀ · scale) materialised in `dtype`: the reference the fast paths are tested against."""
+    scale = default_scale(q) if scale is None else scale
+    return torch.softmax((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale, dim=-1)

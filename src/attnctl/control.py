@@ -1,0 +1,282 @@
+"""Attaching controllers to a pipeline, and what they see at each attention call.
+
+    with attnctl.apply(pipe, Capture(words=["cat", "dog"]), prompt=prompt) as session:
+        image = pipe(prompt).images[0]
+
+On entry the processors of the sites the controllers want are replaced by the family's processors, which compute
+q, k, v exactly as the originals do and hand them to the session; a diffusers `ModelHook` on the denoiser reads the
+step (from the scheduler) and the batch layout before every denoiser call. On exit, also after an exception, the
+original processor objects are put back and the hook is removed, leaving the pipeline as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from . import attention as attn_ops
+from .errors import UsageError
+from .families import family_of
+from .sites import AttentionSite
+from .tokens import PromptTokens
+
+HOOK_NAME = "attnctl.step"
+
+
+@dataclass
+class StepState:
+    """Where the denoising loop is, and how the batch is laid out, for the current denoiser call."""
+
+    index: int  # step index, 0-based, as the scheduler counts it
+    num_steps: int
+    timestep: float  # the scheduler's timestep of this step (0..1000 scale)
+    batch_size: int
+    cond_rows: slice  # rows of the batch that are conditioned on the prompt (CFG: the second half)
+    token_grid: tuple[int, int]  # the denoiser's image token grid (latent grid after patchify)
+    text_len: int | None  # joint models: number of text tokens in the sequence
+    images_per_prompt: int = 1
+
+    def prompt_of_row(self, row: int) -> int:
+        """Index of the prompt that conditional row `row` (0-based within the conditional rows) was made from."""
+        return row // self.images_per_prompt
+
+
+class AttentionCall:
+    """One attention call at one site: the projected q, k, v (batch, heads, tokens, head_dim) and the layout.
+
+    A method either leaves the output alone or sets it (`set_output`); observers read `text_probs()`, which give the
+    probabilities actually used, whichever method produced them.
+    """
+
+    def __init__(self, site, step, q, k, v, text, image, grid, scale=None):
+        self.site: AttentionSite = site
+        self.step: StepState = step
+        self.q, self.k, self.v = q, k, v
+        self.text: slice = text  # key positions of the text tokens
+        self.image: slice = image  # query (and, for joint sites, key) positions of the image tokens
+        self.grid: tuple[int, int] = grid
+        self.scale = attn_ops.default_scale(q) if scale is None else scale
+        self._out = None
+        self._lse = None
+        self._text_probs = None
+        self.modified = False
+
+    def output(self) -> torch.Tensor:
+        if self._out is None:
+            self._out = attn_ops.attention(self.q, self.k, self.v, scale=self.scale)
+        return self._out
+
+    def lse(self) -> torch.Tensor:
+        """Row log-sum-exp of the unmodified logits, float32 (batch, heads, queries)."""
+        if self._lse is None:
+            out, self._lse = attn_ops.attention_with_lse(self.q, self.k, self.v, scale=self.scale)
+            if self._out is None:
+                self._out = out
+        return self._lse
+
+    def text_probs(self) -> torch.Tensor:
+        """Image-query → text-key probabilities in use, float32 (batch, heads, image tokens, text tokens)."""
+        if self._text_probs is None:
+            lse = self.lse()[:, :, self.image]
+            self._text_probs = attn_ops.key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale)
+        return self._text_probs
+
+    def set_output(self, out: torch.Tensor, text_probs: torch.Tensor | None = None) -> None:
+        """Replace the attention output; `text_probs` are the image→text probabilities that produced it."""
+        self._out, self._text_probs, self.modified = out, text_probs, True
+        self._lse = None
+
+
+class Controller:
+    """Base of every method and observer. Subclasses override what they need."""
+
+    observer = False  # observers run after the methods and never change the output
+
+    def attach(self, session: "Session") -> None:
+        """Validate inputs against the pipeline (sites, prompts) and prepare; raise UsageError on bad input."""
+
+    def wants(self, site: AttentionSite) -> bool:
+        return True
+
+    def begin_step(self, step: StepState) -> None:
+        """Called before every denoiser call."""
+
+    def __call__(self, call: AttentionCall) -> None:
+        """Inspect or modify one attention call."""
+
+    def detach(self) -> None:
+        """Called when the session ends."""
+
+
+class _ContextState(BaseState):
+    def reset(self, *args, **kwargs):
+        pass
+
+
+class _StepHook(ModelHook):
+    """Reads the step and batch layout before each denoiser call. Stateful so that diffusers tells it the cache
+    context ("cond"/"uncond") that pipelines with separate guidance passes (FLUX true CFG) set."""
+
+    _is_stateful = True
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.contexts = StateManager(_ContextState)
+
+    def pre_forward(self, module, *args, **kwargs):
+        context = self.contexts._context
+        self.session._begin_call(args, kwargs, context.name if context is not None else None)
+        return args, kwargs
+
+    def reset_state(self, module):
+        self.contexts.reset()
+        return module
+
+
+@dataclass
+class Session:
+    pipe: object
+    controllers: list[Controller]
+    prompts: list[PromptTokens] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        if self.denoiser is None:
+            raise UsageError("the pipeline has neither a `unet` nor a `transformer`; attnctl needs a diffusers "
+                             "text-to-image pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)")
+        self.family = family_of(self.denoiser)
+        self.sites: list[AttentionSite] = self.family.discover(self.denoiser)
+        self.step: StepState | None = None
+        self._originals: dict[str, object] = {}
+        self._active: dict[str, list[Controller]] = {}
+        self._warned_mask = False
+        self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
+        self._had_forward = "forward" in self.denoiser.__dict__
+
+    # --- public helpers for controllers -------------------------------------------------------------
+    def site(self, name: str) -> AttentionSite:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self.controllers = [c for c in self.controllers if not c.observer] + [c for c in self.controllers if c.observer]
+        for c in self.controllers:
+            c.attach(self)
+        modules = dict(self.denoiser.named_modules())
+        for s in self.sites:
+            wanting = [c for c in self.controllers if c.wants(s)]
+            if not wanting:
+                continue
+            module = modules[s.name]
+            self.family.check_processor(s, module.processor)
+            self._originals[s.name] = module.processor
+            self._active[s.name] = wanting
+            module.set_processor(self.family.make_processor(s, self))
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(_StepHook(self), HOOK_NAME)
+
+    def detach(self) -> None:
+        modules = dict(self.denoiser.named_modules())
+        for name, original in self._originals.items():
+            modules[name].set_processor(original)
+        self._originals.clear()
+        registry = getattr(self.denoiser, "_diffusers_hook", None)
+        if registry is not None:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if not self._had_registry and not registry.hooks:
+                del self.denoiser._diffusers_hook
+        if not self._had_forward:
+            self.denoiser.__dict__.pop("forward", None)
+        for c in self.controllers:
+            c.detach()
+
+    # --- called by the hook and the processors ------------------------------------------------------
+    def _begin_call(self, args, kwargs, context_name) -> None:
+        scheduler = self.pipe.scheduler
+        timesteps = scheduler.timesteps
+        index = _step_index(scheduler, self.family.timestep(args, kwargs))
+        batch = self.family.batch_size(args, kwargs)
+        if context_name == "uncond":
+            cond = slice(0, 0)
+        elif getattr(self.pipe, "do_classifier_free_guidance", False) and batch % 2 == 0:
+            cond = slice(batch // 2, batch)
+        else:
+            cond = slice(0, batch)
+        n_cond = cond.stop - cond.start
+        per_prompt = max(1, n_cond // max(1, len(self.prompts)))
+        self.step = StepState(
+            index=index,
+            num_steps=len(timesteps),
+            timestep=float(timesteps[min(index, len(timesteps) - 1)]),
+            batch_size=batch,
+            cond_rows=cond,
+            token_grid=self.family.token_grid(self.denoiser, args, kwargs),
+            text_len=self.family.text_len(args, kwargs),
+            images_per_prompt=per_prompt,
+        )
+        for c in self.controllers:
+            c.begin_step(self.step)
+
+    def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:
+        """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out."""
+        if mask is not None:
+            if not self._warned_mask:
+                warnings.warn(f"{site.name}: an attention mask is in use; attnctl leaves masked calls unchanged")
+                self._warned_mask = True
+            return attn_ops.attention(q, k, v, mask=mask)
+        grid = grid_of(image.stop - image.start, self.step.token_grid, site)
+        call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid)
+        for c in self._active[site.name]:
+            c(call)
+        return call.output()
+
+
+def grid_of(n_image: int, token_grid: tuple[int, int], site: AttentionSite) -> tuple[int, int]:
+    h, w = site.grid(token_grid)
+    if h * w == n_image:
+        return h, w
+    for factor in (1, 2, 4, 8, 16, 32, 64):  # the site runs at another resolution than its config says
+        h, w = token_grid
+        for _ in range(factor.bit_length() - 1):
+            h, w = -(-h // 2), -(-w // 2)
+        if h * w == n_image:
+            return h, w
+    raise RuntimeError(f"{site.name}: cannot place {n_image} image tokens on the token grid {token_grid}")
+
+
+def _step_index(scheduler, timestep) -> int:
+    """The step the scheduler is at. Schedulers that count steps say so; for the others, find the timestep."""
+    if hasattr(scheduler, "step_index"):
+        return scheduler.step_index or 0
+    t = torch.as_tensor(timestep, dtype=torch.float64).flatten()[0].item()
+    ts = scheduler.timesteps.double().cpu()
+    return int((ts - t).abs().argmin())
+
+
+@contextlib.contextmanager
+def apply(pipe, *controllers: Controller, prompt: str | list[str] | None = None):
+    """Attach `controllers` to `pipe` for the duration of the block; the pipeline is restored on exit.
+
+    `prompt` is the prompt (or list of prompts) that `pipe` will be called with: controllers need it to find the token
+    positions of the words they target. Controllers that carry their own prompt (a layout) may omit it.
+    """
+    if prompt is None:
+        prompt = next((c.prompt for c in controllers if getattr(c, "prompt", None)), None)
+    session = Session(pipe, list(controllers))
+    if prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        segments = session.family.text_segments(pipe)
+        session.prompts = [PromptTokens(p, segments) for p in prompts]
+    try:
+        session.attach()
+        yield session
+    finally:
+        session.detach()

@@ -1,0 +1,5 @@
+"""The one exception type users see: a problem with their input, worded with what to do about it."""
+
+
+class UsageError(ValueError):
+    """Bad input (a word not in the prompt, a layer that does not exist, ...). The CLI prints it without a traceback."""

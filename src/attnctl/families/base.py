@@ -1,0 +1,55 @@
+"""What every family adapter provides."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..sites import AttentionSite
+from ..tokens import TextSegment
+
+
+def argument(args, kwargs, name: str, position: int):
+    """A forward argument given by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class Family:
+    name: str = ""
+    denoiser_class: str = ""
+    known_processors: tuple[str, ...] = ()
+
+    def matches(self, denoiser) -> bool:
+        return type(denoiser).__name__ == self.denoiser_class
+
+    def discover(self, denoiser) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def make_processor(self, site: AttentionSite, session):
+        raise NotImplementedError
+
+    def check_processor(self, site: AttentionSite, processor) -> None:
+        name = type(processor).__name__
+        if name not in self.known_processors:
+            raise UsageError(
+                f"{site.name} uses the attention processor {name}, which attnctl cannot reproduce exactly "
+                f"(it knows {', '.join(self.known_processors)}). Reset it first, e.g. with "
+                "`pipe.unet.set_default_attn_processor()` or the transformer's equivalent, or detach the adapter "
+                "that installed it."
+            )
+
+    def text_segments(self, pipe) -> list[TextSegment]:
+        raise NotImplementedError
+
+    # step inputs, read from the denoiser's forward arguments
+    def timestep(self, args, kwargs):
+        raise NotImplementedError
+
+    def batch_size(self, args, kwargs) -> int:
+        raise NotImplementedError
+
+    def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def text_len(self, args, kwargs) -> int | None:
+        return None

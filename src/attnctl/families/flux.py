@@ -1,0 +1,84 @@
+"""FLUX.1: FluxTransformer2DModel. Double-stream blocks join [text; image] inside the processor; single-stream blocks
+get the already joined sequence, whose text length comes from the denoiser's inputs (the step state)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..sites import AttentionSite
+from ..tokens import TextSegment
+from .base import Family, argument
+
+
+class FluxJointProcessor:
+    """Computes what diffusers' FluxAttnProcessor computes, with the attention done by the session."""
+
+    def __init__(self, site: AttentionSite, session):
+        self.site, self.session = site, session
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        joint_inside = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint_inside:
+            if attn.fused_projections:
+                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                eq, ek, ev = (p(encoder_hidden_states) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        n_text = encoder_hidden_states.shape[1] if joint_inside else self.session.step.text_len
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = self.session.attend(
+            self.site, q, k, v, text=slice(0, n_text), image=slice(n_text, q.shape[2]), mask=attention_mask
+        )
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            text_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+            text_out = attn.to_add_out(text_out.contiguous())
+            return out, text_out
+        return out
+
+
+class FluxFamily(Family):
+    name = "flux"
+    denoiser_class = "FluxTransformer2DModel"
+    known_processors = ("FluxAttnProcessor",)
+
+    def discover(self, transformer) -> list[AttentionSite]:
+        double = len(transformer.transformer_blocks)
+        names = [(f"transformer_blocks.{i}.attn", "double") for i in range(double)]
+        names += [(f"single_transformer_blocks.{i}.attn", "single") for i in range(len(transformer.single_transformer_blocks))]
+        return [AttentionSite(n, self.name, "joint", i, len(names), stage, 1, True) for i, (n, stage) in enumerate(names)]
+
+    def make_processor(self, site, session):
+        return FluxJointProcessor(site, session)
+
+    def text_segments(self, pipe):
+        return [TextSegment(pipe.tokenizer_2, 0, 512)]
+
+    def timestep(self, args, kwargs):
+        # the pipeline passes t / 1000; the session reads the scheduler's own timestep for the step
+        return argument(args, kwargs, "timestep", 3) * 1000
+
+    def batch_size(self, args, kwargs):
+        return argument(args, kwargs, "hidden_states", 0).shape[0]
+
+    def token_grid(self, denoiser, args, kwargs):
+        ids = argument(args, kwargs, "img_ids", 4)
+        return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
+
+    def text_len(self, args, kwargs):
+        return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]

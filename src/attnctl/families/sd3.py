@@ -1,0 +1,92 @@
+"""SD3 / SD3.5: SD3Transformer2DModel joint attention. The sequence is [image; text]."""
+
+from __future__ import annotations
+
+import torch
+
+from ..sites import AttentionSite
+from ..tokens import TextSegment
+from .base import Family, argument
+
+
+def _heads(x, batch, heads, head_dim):
+    return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+
+class SD3JointProcessor:
+    """Computes what diffusers' JointAttnProcessor2_0 computes, with the attention done by the session."""
+
+    def __init__(self, site: AttentionSite, session):
+        self.site, self.session = site, session
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n_image = query.shape[2]
+        n_text = 0
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (
+                _heads(p(encoder_hidden_states), batch, attn.heads, head_dim)
+                for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            )
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
+            n_text = eq.shape[2]
+
+        out = self.session.attend(
+            self.site, query, key, value, text=slice(n_image, n_image + n_text), image=slice(0, n_image)
+        )
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, text_out = out[:, :n_image], out[:, n_image:]
+            if not attn.context_pre_only:
+                text_out = attn.to_add_out(text_out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, text_out) if encoder_hidden_states is not None else out
+
+
+class SD3Family(Family):
+    name = "sd3"
+    denoiser_class = "SD3Transformer2DModel"
+    known_processors = ("JointAttnProcessor2_0",)
+
+    def discover(self, transformer) -> list[AttentionSite]:
+        n = len(transformer.transformer_blocks)
+        return [
+            AttentionSite(f"transformer_blocks.{i}.attn", self.name, "joint", i, n, "joint", 1, False)
+            for i in range(n)
+        ]
+
+    def make_processor(self, site, session):
+        return SD3JointProcessor(site, session)
+
+    def text_segments(self, pipe):
+        clip = pipe.tokenizer
+        segments = [TextSegment(clip, 0, clip.model_max_length)]
+        if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
+            segments.append(TextSegment(pipe.tokenizer_3, clip.model_max_length, 256))
+        return segments
+
+    def timestep(self, args, kwargs):
+        return argument(args, kwargs, "timestep", 3)
+
+    def batch_size(self, args, kwargs):
+        return argument(args, kwargs, "hidden_states", 0).shape[0]
+
+    def token_grid(self, denoiser, args, kwargs):
+        h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
+        p = denoiser.config.patch_size
+        return h // p, w // p
+
+    def text_len(self, args, kwargs):
+        return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]

@@ -1,0 +1,1 @@
+"""Controllers: each method or observer is one `attnctl.control.Controller`."""

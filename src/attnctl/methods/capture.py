@@ -1,0 +1,93 @@
+"""Per-word attention maps: image→text probabilities of chosen words at every site and step.
+
+The probabilities come from the attention's row log-sum-exp (one fused pass) and one small matmul with the words'
+keys, so no N×N matrix is formed. A word's map is the sum over its sub-tokens of the probability a pixel gives to
+them (so it stays in [0, 1]); maps are averaged over heads and over the captured steps, per site.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..control import AttentionCall, Controller
+from ..errors import UsageError
+
+
+class Capture(Controller):
+    observer = True
+
+    def __init__(self, words: list[str], steps=None, sites=None):
+        """`words`: words of the prompt (`dog#2` for a repeat); `steps`: step indices to capture (all if None);
+        `sites`: site names or a predicate on a site (all if None)."""
+        if not words:
+            raise UsageError("name at least one word of the prompt to capture maps for")
+        self.words = list(words)
+        self.steps = None if steps is None else set(steps)
+        self.site_filter = sites
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.grids: dict[str, tuple[int, int]] = {}
+        self.site_info: dict[str, object] = {}
+
+    def attach(self, session):
+        if not session.prompts:
+            raise UsageError("Capture needs the prompt: pass prompt=... to attnctl.apply")
+        # per prompt: a (text positions × words) selection matrix, built lazily per text length
+        self.positions = [[p.word_positions(w) for w in self.words] for p in session.prompts]
+        self._selectors: dict[tuple[int, int], torch.Tensor] = {}
+
+    def wants(self, site):
+        f = self.site_filter
+        return f is None or (f(site) if callable(f) else site.name in f)
+
+    def _selector(self, prompt: int, n_text: int, device) -> torch.Tensor:
+        key = (prompt, n_text)
+        if key not in self._selectors:
+            sel = torch.zeros(n_text, len(self.words))
+            for j, positions in enumerate(self.positions[prompt]):
+                sel[[p for p in positions if p < n_text], j] = 1.0
+            self._selectors[key] = sel
+        return self._selectors[key].to(device)
+
+    def __call__(self, call: AttentionCall) -> None:
+        rows = call.step.cond_rows
+        if rows.stop == rows.start or (self.steps is not None and call.step.index not in self.steps):
+            return
+        probs = call.text_probs()[rows].mean(dim=1)  # (cond rows, image tokens, text tokens)
+        n_text = probs.shape[-1]
+        maps = torch.stack([
+            probs[r] @ self._selector(call.step.prompt_of_row(r), n_text, probs.device) for r in range(probs.shape[0])
+        ])  # (cond rows, image tokens, words)
+        maps = maps.transpose(1, 2).reshape(maps.shape[0], len(self.words), *call.grid).double().cpu()
+        name = call.site.name
+        if name in self.sums and self.sums[name].shape == maps.shape:
+            self.sums[name] += maps
+            self.counts[name] += 1
+        else:
+            self.sums[name], self.counts[name] = maps, 1
+        self.grids[name], self.site_info[name] = call.grid, call.site
+
+    def maps(self) -> dict[str, torch.Tensor]:
+        """Per site: (images, words, h, w) probabilities, mean over heads and captured steps."""
+        return {name: (s / self.counts[name]).float() for name, s in self.sums.items()}
+
+    def grouped(self, bands: int = 4) -> dict[str, torch.Tensor]:
+        """Maps averaged within groups of sites: by grid size for cross-attention sites, by depth band for joint
+        sites; each group at its largest grid. Keys are display labels."""
+        groups: dict[str, list[torch.Tensor]] = {}
+        for name, m in self.maps().items():
+            site = self.site_info[name]
+            if site.kind == "cross":
+                label = "x".join(map(str, self.grids[name]))
+            else:
+                band = min(int(site.depth * bands), bands - 1)
+                label = f"depth {band / bands:.2f}-{(band + 1) / bands:.2f}"
+            groups.setdefault(label, []).append(m)
+        out = {}
+        for label, ms in groups.items():
+            size = max((m.shape[-2:] for m in ms), key=lambda s: s[0] * s[1])
+            out[label] = torch.stack([F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+                                      if tuple(m.shape[-2:]) != tuple(size) else m for m in ms]).mean(0)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1].shape[-1] * kv[1].shape[-2]
+                           if kv[0][0].isdigit() else 0)) if all(k[0].isdigit() for k in out) else dict(sorted(out.items()))

@@ -1,0 +1,229 @@
+"""Model specs for `--model`: what users load, and random-weight stand-ins for tests and timing.
+
+- `builtin:shapes-unet`, `builtin:shapes-mmdit`: the small models trained on the shapes world, shipped in the package.
+- a hub id (`stabilityai/stable-diffusion-2-base`) or a local diffusers folder: `DiffusionPipeline.from_pretrained`.
+- `random:<family>-tiny` (sd15, sdxl, sd3, flux): tiny configs, seconds on a CPU, for tests.
+- `random:<family>`: the full-size denoiser architecture with random weights, for timing. Text encoders and VAE are
+  small (their cost is the same with or without attention control). Reduced depth: `random:flux?double=2&single=4`,
+  `random:sd3?layers=4`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import torch
+
+from .errors import UsageError
+from .offline_tokenizers import clip_tokenizer, t5_like_tokenizer
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DEFAULT_MODEL = "builtin:shapes-unet"
+DEFAULT_JOINT_MODEL = "builtin:shapes-mmdit"
+RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "sd15", "sdxl", "sd3", "flux")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`."""
+    if spec.startswith("random:"):
+        name, _, query = spec[len("random:"):].partition("?")
+        if name not in RANDOM_SPECS:
+            raise UsageError(f"unknown random model {name!r}; choose one of: " + ", ".join(f"random:{s}" for s in RANDOM_SPECS))
+        options = {k: int(v) for k, v in parse_qsl(query)}
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            pipe = _RANDOM_BUILDERS[name.removesuffix("-tiny")](tiny=name.endswith("-tiny"), **options)
+    elif spec.startswith("builtin:"):
+        folder = BUILTIN_DIR / spec[len("builtin:"):]
+        if not (folder / "model_index.json").exists():
+            known = sorted(p.name for p in BUILTIN_DIR.glob("*") if (p / "model_index.json").exists())
+            raise UsageError(f"no built-in model {spec!r}; built-in models: {', '.join(known) or 'none installed'}")
+        pipe = _from_pretrained(str(folder))
+    else:
+        pipe = _from_pretrained(spec)
+    pipe.set_progress_bar_config(disable=not _show_progress())
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+def _show_progress() -> bool:
+    return os.environ.get("ATTNCTL_PROGRESS", "1") != "0"
+
+
+def _from_pretrained(spec: str):
+    from diffusers import DiffusionPipeline
+
+    local = Path(spec).expanduser()
+    if local.exists() and not (local / "model_index.json").exists():
+        raise UsageError(f"{spec} is a folder but not a diffusers pipeline folder (it has no model_index.json)")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec)
+    except (OSError, ValueError) as err:
+        if local.exists():
+            raise UsageError(f"could not load the pipeline folder {spec}: {err}") from None
+        raise UsageError(
+            f"the weights of {spec!r} are not available: it is not a local folder and could not be fetched from the "
+            f"Hugging Face Hub ({type(err).__name__}). Check the id and your network, or download it first with "
+            f"`huggingface-cli download {spec}` and pass the folder. For a model that needs no download use "
+            f"--model {DEFAULT_MODEL}, or a random:* spec for tests and timing."
+        ) from None
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    return pipe
+
+
+# --- random-weight pipelines ------------------------------------------------------------------------------------
+
+def _clip_text(hidden: int, layers: int = 2, heads: int = 2, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=77, projection_dim=projection or hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _t5(d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_like_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def _vae(latent_channels: int, levels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, **extra,
+    ).eval()
+
+
+def _sd15(tiny: bool):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    if tiny:
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
+            cross_attention_dim=32, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        text = _clip_text(32)
+    else:  # SD 1.5's UNet (the default UNet2DConditionModel config with SD 1.5's cross-attention width)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        text = _clip_text(768, layers=1, heads=12)
+    return StableDiffusionPipeline(
+        vae=_vae(4), text_encoder=text, tokenizer=clip_tokenizer(), unet=unet.eval(),
+        scheduler=DPMSolverMultistepScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sdxl(tiny: bool):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if tiny:
+        h1, h2, time_dim = 16, 16, 8
+        unet = UNet2DConditionModel(
+            sample_size=16, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=h1 + h2, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + h2,
+        )
+    else:  # SDXL base's UNet
+        h1, h2, time_dim = 768, 1280, 256
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=h1 + h2, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + h2,
+        )
+    tokenizer = clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=_vae(4), text_encoder=_clip_text(h1, layers=1 if not tiny else 2, heads=2),
+        text_encoder_2=_clip_text(h2, layers=1 if not tiny else 2, heads=2, projection=h2), tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet.eval(), scheduler=EulerDiscreteScheduler(steps_offset=1), force_zeros_for_empty_prompt=True,
+    )
+
+
+def _sd3(tiny: bool, layers: int | None = None):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    if tiny:
+        h1, h2, joint = 16, 16, 64
+        transformer = SD3Transformer2DModel(
+            sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=layers or 3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=joint, caption_projection_dim=16, pooled_projection_dim=h1 + h2,
+            pos_embed_max_size=32,
+        )
+        latent = 4
+    else:  # SD3-medium's transformer
+        h1, h2, joint = 768, 1280, 4096
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers or 24,
+            attention_head_dim=64, num_attention_heads=24, joint_attention_dim=joint, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=192,
+        )
+        latent = 16
+    t5, t5_tokenizer = _t5(joint)
+    tokenizer = clip_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(latent, shift_factor=0.0609, scaling_factor=1.5305), text_encoder=_clip_text(h1, projection=h1),
+        tokenizer=tokenizer, text_encoder_2=_clip_text(h2, projection=h2), tokenizer_2=tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+
+
+def _flux(tiny: bool, double: int | None = None, single: int | None = None):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    if tiny:
+        clip_hidden, joint, latent = 16, 32, 4
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=latent * 4, num_layers=double or 2, num_single_layers=single or 2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=joint,
+            pooled_projection_dim=clip_hidden, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        )
+    else:  # FLUX.1-dev's transformer
+        clip_hidden, joint, latent = 768, 4096, 16
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19 if double is None else double,
+            num_single_layers=38 if single is None else single, attention_head_dim=128, num_attention_heads=24,
+            joint_attention_dim=joint, pooled_projection_dim=clip_hidden, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+    t5, t5_tokenizer = _t5(joint)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(latent, shift_factor=0.1159,
+                                                                     scaling_factor=0.3611),
+        text_encoder=_clip_text(clip_hidden), tokenizer=clip_tokenizer(), text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer, transformer=transformer.eval(),
+    )
+
+
+_RANDOM_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}

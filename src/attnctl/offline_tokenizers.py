@@ -1,0 +1,104 @@
+"""Tokenizers that can be built without a download.
+
+- The real CLIP tokenizer of Stable Diffusion, rebuilt from OpenAI's BPE merges file that the `open-clip-torch` wheel
+  carries (install it with `pip install --no-deps open-clip-torch`; only its data file is read, the package is never
+  imported, so torchvision is not needed).
+- A small T5-style (SentencePiece unigram) tokenizer trained here on a fixed word list, for random-weight FLUX and
+  SD3 models in tests and timing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import UsageError
+
+CLIP_VOCAB_SIZE = 49408
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 stand-ins for bytes used by byte-level BPE, in vocabulary order: printable bytes (as themselves)
+    first, then the others, mapped to code points from 256 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def _clip_bpe_file() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+        if path.exists():
+            return path
+    raise UsageError(
+        "building the CLIP tokenizer offline needs OpenAI's BPE file from the open-clip-torch wheel: "
+        "run `pip install --no-deps open-clip-torch` (or load a real model folder, which carries its tokenizer)"
+    )
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("ATTNCTL_CACHE", Path.home() / ".cache" / "attnctl"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_files() -> tuple[str, str]:
+    """vocab.json and merges.txt of SD's CLIP tokenizer, written once into the cache folder."""
+    folder = _cache_dir() / "clip-bpe"
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab_path.exists() and merges_path.exists()):
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = gzip.open(_clip_bpe_file()).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]]
+        alphabet = _byte_alphabet()
+        tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+        tokens += ["<|startoftext|>", "<|endoftext|>"]
+        vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        merges_path.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    return str(vocab_path), str(merges_path)
+
+
+def clip_tokenizer(max_length: int = 77):
+    from transformers import CLIPTokenizer
+
+    vocab_path, merges_path = clip_tokenizer_files()
+    vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+    merges = [tuple(line.split()) for line in Path(merges_path).read_text(encoding="utf-8").splitlines()[1:] if line]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+_T5_WORDS = """a an the of and or with without on in at to from by for under over above below behind beside between
+near next left right top bottom front back small large big tiny huge red green blue yellow purple orange pink black
+white brown gray grey golden silver wooden metal glass cat dog bird horse cow sheep elephant bear zebra giraffe car bus
+truck bicycle boat train plane chair table bed sofa lamp clock vase cup bowl bottle apple banana orange cake pizza
+flower tree tree grass sky cloud sun moon mountain river lake sea beach city street house building room kitchen park
+forest snow rain night day man woman boy girl child person people photo painting drawing picture sketch style of a in
+circle square triangle star heart ball box hat glasses wearing sitting standing running flying holding playing two
+three four many one some is are has have""".split()
+
+
+@lru_cache(maxsize=1)
+def t5_like_tokenizer():
+    """A SentencePiece-unigram tokenizer with T5's special tokens (<pad>=0, </s>=1, <unk>=2): a fixed word list as
+    whole pieces, characters for everything else. Stands in for T5's tokenizer in random-weight models."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-#\"()"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(_T5_WORDS)]
+    pieces += [(c, -8.0) for c in chars] + [("\u2581" + c, -8.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )

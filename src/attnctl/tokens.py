@@ -1,0 +1,145 @@
+"""Words and phrases of a prompt -> token positions, for any tokenizer a pipeline carries.
+
+A text sequence seen by attention can be made of several tokenizers' outputs laid side by side (SD3: CLIP tokens then
+T5 tokens). `TextSegment` says where one tokenizer's tokens start in that sequence; `PromptTokens` answers "which
+positions hold this word" across all segments, and raises a `UsageError` that lists the prompt's tokens when the word
+is not there.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+_WORD = re.compile(r"[\w'-]+")
+_MARKERS = ("</w>", "\u2581", "\u0120", "##")
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """One tokenizer's tokens inside the attention's text sequence, starting at `offset`, `length` positions long."""
+
+    tokenizer: object
+    offset: int
+    length: int
+
+
+def _clean_piece(piece: str) -> str:
+    for marker in _MARKERS:
+        piece = piece.replace(marker, "")
+    return piece.lower()
+
+
+def _token_char_spans(tokenizer, prompt: str, length: int) -> tuple[list[int], list[tuple[int, int] | None]]:
+    """Token ids as the pipeline feeds them (special tokens included, cut to `length`) and each token's character
+    span in the prompt (None for special tokens)."""
+    enc = tokenizer(prompt, truncation=False, add_special_tokens=True)
+    ids = list(enc["input_ids"])
+    try:
+        offsets = tokenizer(prompt, truncation=False, return_offsets_mapping=True)["offset_mapping"]
+        spans = [None if a == b else (a, b) for a, b in offsets]
+    except (NotImplementedError, TypeError, KeyError, ValueError):
+        spans = _walk_spans(tokenizer, prompt, ids)
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    spans = [None if i in special else s for i, s in zip(ids, spans)]
+    return ids, spans
+
+
+def _walk_spans(tokenizer, prompt: str, ids: list[int]) -> list[tuple[int, int] | None]:
+    """Fallback for tokenizers without offsets: find each token's text in the prompt, left to right."""
+    lowered = prompt.lower()
+    cursor, spans = 0, []
+    for piece in tokenizer.convert_ids_to_tokens(ids):
+        text = _clean_piece(piece)
+        at = lowered.find(text, cursor) if text else -1
+        if at < 0:
+            spans.append(None)
+            continue
+        spans.append((at, at + len(text)))
+        cursor = at + len(text)
+    return spans
+
+
+@dataclass
+class PromptTokens:
+    """Token positions of one prompt in an attention text sequence."""
+
+    prompt: str
+    segments: list[TextSegment]
+
+    def __post_init__(self):
+        self._spans: list[tuple[int, tuple[int, int]]] = []  # (sequence position, char span)
+        self.token_strings: list[str] = []
+        for seg in self.segments:
+            ids, spans = _token_char_spans(seg.tokenizer, self.prompt, seg.length)
+            kept = ids[: seg.length]
+            if len(ids) > seg.length:
+                cut_chars = [s for s in spans[seg.length - 1 :] if s is not None]
+                cut = self.prompt[cut_chars[0][0] :] if cut_chars else ""
+                warnings.warn(
+                    f"the prompt is longer than the text encoder's limit of {seg.length} tokens; "
+                    f"this part was cut and has no effect: {cut!r}",
+                    stacklevel=2,
+                )
+                # the tokenizer keeps its end token in the last kept position
+                spans = spans[: seg.length - 1] + [None]
+            for pos, span in enumerate(spans[: len(kept)]):
+                if span is not None:
+                    self._spans.append((seg.offset + pos, span))
+            if seg is self.segments[0]:
+                self.token_strings = [_clean_piece(p) for p in seg.tokenizer.convert_ids_to_tokens(kept)]
+
+    def words(self) -> list[tuple[str, int, int]]:
+        """(word, start, end) for every word of the prompt."""
+        return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(self.prompt)]
+
+    def span_positions(self, start: int, end: int) -> list[int]:
+        """Sequence positions of every token overlapping characters [start, end) of the prompt."""
+        return sorted({pos for pos, (a, b) in self._spans if a < end and b > start})
+
+    def word_positions(self, spec: str) -> list[int]:
+        """Positions of a word given as `word` (first occurrence) or `word#n` (n-th occurrence, from 1)."""
+        word, occurrence = _parse_occurrence(spec)
+        matches = [(s, e) for w, s, e in self.words() if w.lower() == word.lower()]
+        return self._positions_of(spec, matches, occurrence, what="word")
+
+    def phrase_positions(self, phrase: str, occurrence: int = 1) -> list[int]:
+        """Positions of a verbatim part of the prompt (case-insensitive), its `occurrence`-th appearance."""
+        lowered, needle = self.prompt.lower(), phrase.strip().lower()
+        matches, at = [], lowered.find(needle)
+        while needle and at >= 0:
+            matches.append((at, at + len(needle)))
+            at = lowered.find(needle, at + 1)
+        return self._positions_of(phrase, matches, occurrence, what="phrase")
+
+    def _positions_of(self, spec, matches, occurrence, what) -> list[int]:
+        if not matches:
+            raise UsageError(
+                f"{what} {spec!r} is not in the prompt {self.prompt!r}. "
+                f"The prompt's words are: {', '.join(w for w, _, _ in self.words())}; "
+                f"its tokens are: {' '.join(self.token_strings)}"
+            )
+        if occurrence > len(matches):
+            raise UsageError(
+                f"{what} {spec!r}: asked for occurrence {occurrence} but the prompt has it {len(matches)} time(s)"
+            )
+        start, end = matches[occurrence - 1]
+        positions = self.span_positions(start, end)
+        if not positions:
+            raise UsageError(
+                f"{what} {spec!r} lies beyond the text encoder's token limit and was cut from the prompt; "
+                "shorten the prompt or pick an earlier word"
+            )
+        return positions
+
+
+def _parse_occurrence(spec: str) -> tuple[str, int]:
+    word, sep, count = spec.partition("#")
+    if not sep:
+        return spec.strip(), 1
+    if not count.isdigit() or int(count) < 1:
+        raise UsageError(f"{spec!r}: write a repeated word's occurrence as word#N with N >= 1, e.g. dog#2")
+    return word.strip(), int(count)
