@@ -1,0 +1,274 @@
+"""Exact scoring of shapes-world images: colour segmentation + shape classification.
+
+``score_image(image, expected)`` finds every flat-coloured blob in the image (pixels assigned to the
+nearest palette colour, white and off-palette pixels dropped, 4-connected components, specks
+removed), classifies each blob's shape from its silhouette, and matches the expected objects to
+blobs. Per expected object it reports whether its shape is there (``present``), whether a blob of
+that shape has the expected colour (``bound``), and, when a region is given, the IoU of the matched
+blob with it and the share of the blob inside it. ``count`` is the number of blobs in the image.
+
+It is written for the generator in :mod:`attnctl.shapes.data` and tolerates the mild blur, noise
+and colour drift of images sampled from a small generative model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import PALETTE, SHAPES
+
+_NAMES = list(PALETTE)
+_REFS = np.array([(255, 255, 255)] + [PALETTE[c] for c in _NAMES], dtype=np.float32)
+
+#: A pixel farther than this (RGB Euclidean) from white and from every palette colour is "other".
+MAX_COLOUR_DISTANCE = 110.0
+#: Blobs smaller than this fraction of the image are specks (edge fringes, noise) and ignored.
+MIN_AREA_FRACTION = 0.012
+
+
+@dataclass
+class Blob:
+    colour: str
+    shape: str
+    mask: np.ndarray  # (H, W) bool
+    area: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (half-open)
+    features: dict = field(default_factory=dict)
+
+    @property
+    def centroid(self) -> tuple[float, float]:
+        ys, xs = np.nonzero(self.mask)
+        return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+
+
+@dataclass
+class ObjectScore:
+    colour: str
+    shape: str
+    present: bool  # a blob of the expected shape was matched to this object
+    bound: bool  # ... and it has the expected colour
+    colour_present: bool  # some blob has the expected colour (any shape)
+    matched: Blob | None = None
+    iou: float | None = None  # IoU of the matched blob with the given region
+    inside_fraction: float | None = None  # share of the matched blob's pixels inside the region
+
+    @property
+    def inside(self) -> bool | None:
+        return None if self.inside_fraction is None else self.inside_fraction >= 0.5
+
+    @property
+    def correct(self) -> bool:
+        """Bound, and inside its region when one was given."""
+        return self.bound and (self.inside is None or bool(self.inside))
+
+
+@dataclass
+class SceneScore:
+    objects: list[ObjectScore]
+    blobs: list[Blob]
+
+    @property
+    def count(self) -> int:
+        return len(self.blobs)
+
+    @property
+    def all_bound(self) -> bool:
+        return all(o.bound for o in self.objects)
+
+    @property
+    def exact(self) -> bool:
+        """Every object correct and nothing else in the image."""
+        return all(o.correct for o in self.objects) and self.count == len(self.objects)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def to_rgb_array(image) -> np.ndarray:
+    """PIL image, (H, W, 3) uint8/float array (0-255 or 0-1) or (3, H, W) tensor -> (H, W, 3) float32 0-255."""
+    if hasattr(image, "convert"):
+        image = np.asarray(image.convert("RGB"))
+    elif hasattr(image, "detach"):
+        image = image.detach().cpu().float().numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"expected an RGB image, got shape {arr.shape}")
+    arr = arr.astype(np.float32)
+    if arr.dtype.kind == "f" and arr.max() <= 1.0 + 1e-6 and np.asarray(image).dtype != np.uint8:
+        arr = arr * 255.0
+    return arr
+
+
+def colour_labels(rgb: np.ndarray) -> np.ndarray:
+    """Per pixel: -1 background (white) or other, else index into the palette colour names."""
+    d = np.linalg.norm(rgb[:, :, None, :] - _REFS[None, None], axis=-1)  # (H, W, 1 + colours)
+    best = d.argmin(-1)
+    labels = best - 1
+    labels[d.min(-1) > MAX_COLOUR_DISTANCE] = -1
+    return labels
+
+
+def connected_components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask, each as an (N, 2) array of (y, x)."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    comps = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, pix = deque([(y0, x0)]), []
+        while queue:
+            y, x = queue.popleft()
+            pix.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        comps.append(np.array(pix))
+    return comps
+
+
+def shape_features(mask: np.ndarray, box: tuple[int, int, int, int]) -> dict:
+    x0, y0, x1, y1 = box
+    m = mask[y0:y1, x0:x1].astype(np.float32)
+    h, w = m.shape
+    ys, xs = (np.mgrid[0:h, 0:w] + 0.5) / np.array([h, w]).reshape(2, 1, 1)
+    fill = float(m.mean())
+    top, bottom = m[ys < 0.5].sum(), m[ys >= 0.5].sum()
+    leg = 0.25
+    corner = ((xs + ys) <= leg) | (((1 - xs) + ys) <= leg) | ((xs + (1 - ys)) <= leg) | (((1 - xs) + (1 - ys)) <= leg)
+    top_corner = (((xs + ys) <= leg) | (((1 - xs) + ys) <= leg))
+    return {
+        "fill": fill,
+        "top_bottom": float(top / max(bottom, 1.0)),
+        "corner_fill": float(m[corner].mean()) if corner.any() else 0.0,
+        "top_corner_fill": float(m[top_corner].mean()) if top_corner.any() else 0.0,
+        "aspect": w / max(h, 1),
+    }
+
+
+def classify_shape(f: dict) -> str:
+    if f["top_bottom"] < 0.65 and f["top_corner_fill"] < 0.3:
+        return "triangle"
+    if f["corner_fill"] >= 0.5 or f["fill"] >= 0.9:
+        return "square"
+    return "circle"
+
+
+def find_blobs(image, min_area_fraction: float = MIN_AREA_FRACTION) -> list[Blob]:
+    rgb = to_rgb_array(image)
+    labels = colour_labels(rgb)
+    h, w = labels.shape
+    min_area = max(4, int(round(min_area_fraction * h * w)))
+    blobs = []
+    for ci, name in enumerate(_NAMES):
+        for pix in connected_components(labels == ci):
+            if len(pix) < min_area:
+                continue
+            mask = np.zeros((h, w), dtype=bool)
+            mask[pix[:, 0], pix[:, 1]] = True
+            box = (int(pix[:, 1].min()), int(pix[:, 0].min()), int(pix[:, 1].max()) + 1, int(pix[:, 0].max()) + 1)
+            feats = shape_features(mask, box)
+            blobs.append(Blob(name, classify_shape(feats), mask, len(pix), box, feats))
+    return blobs
+
+
+def region_mask(region, shape: tuple[int, int]) -> np.ndarray | None:
+    """A region given as a boolean mask (any size; resized by nearest) or a box (x0, y0, x1, y1).
+
+    Box coordinates are pixels of the scored image; if all four are <= 1 they are fractions of it.
+    """
+    if region is None:
+        return None
+    h, w = shape
+    arr = np.asarray(region)
+    if arr.ndim == 2:
+        if arr.shape != (h, w):
+            yi = (np.arange(h) * arr.shape[0] // h)
+            xi = (np.arange(w) * arr.shape[1] // w)
+            arr = arr[yi][:, xi]
+        return arr.astype(bool)
+    x0, y0, x1, y1 = [float(v) for v in arr.reshape(-1)]
+    if max(x0, y0, x1, y1) <= 1.0:
+        x0, x1, y0, y1 = x0 * w, x1 * w, y0 * h, y1 * h
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+def _parse_expected(obj):
+    """(colour, shape), (colour, shape, region), a dict, or anything with .colour/.shape(/.box)."""
+    if isinstance(obj, dict):
+        return obj["colour"], obj["shape"], obj.get("region", obj.get("mask", obj.get("box")))
+    if hasattr(obj, "colour") and hasattr(obj, "shape"):
+        return obj.colour, obj.shape, getattr(obj, "box", None)
+    obj = tuple(obj)
+    return obj[0], obj[1], (obj[2] if len(obj) > 2 else None)
+
+
+def score_image(image, expected, min_area_fraction: float = MIN_AREA_FRACTION) -> SceneScore:
+    """Score ``image`` against the expected objects (see the module docstring)."""
+    rgb = to_rgb_array(image)
+    blobs = find_blobs(rgb, min_area_fraction)
+    exp = [_parse_expected(o) for o in expected]
+    for c, s, _ in exp:
+        if c not in PALETTE or s not in SHAPES:
+            raise ValueError(f"unknown object {c!r} {s!r}; colours {list(PALETTE)}, shapes {list(SHAPES)}")
+    regions = [region_mask(r, rgb.shape[:2]) for _, _, r in exp]
+
+    # Greedy matching, best pairs first: colour+shape > shape > colour; ties by overlap with the region.
+    cands = []
+    for i, (c, s, _) in enumerate(exp):
+        for j, b in enumerate(blobs):
+            level = 2 * (b.shape == s) + (b.colour == c) + (b.shape == s and b.colour == c)
+            if level == 0:
+                continue
+            overlap = 0.0 if regions[i] is None else float((b.mask & regions[i]).sum()) / b.area
+            cands.append((level, overlap, b.area, i, j))
+    cands.sort(key=lambda t: (-t[0], -t[1], -t[2]))
+    match: dict[int, int] = {}
+    used: set[int] = set()
+    for level, _, _, i, j in cands:
+        if i in match or j in used or level < 2:  # colour alone is not a match
+            continue
+        match[i] = j
+        used.add(j)
+
+    scores = []
+    for i, (c, s, _) in enumerate(exp):
+        b = blobs[match[i]] if i in match else None
+        iou = inside = None
+        if regions[i] is not None:
+            if b is None:
+                iou, inside = 0.0, 0.0
+            else:
+                inter = float((b.mask & regions[i]).sum())
+                iou = inter / float((b.mask | regions[i]).sum())
+                inside = inter / b.area
+        scores.append(ObjectScore(
+            colour=c, shape=s, present=b is not None, bound=b is not None and b.colour == c,
+            colour_present=any(bb.colour == c for bb in blobs), matched=b, iou=iou, inside_fraction=inside,
+        ))
+    return SceneScore(scores, blobs)
+
+
+def relation_holds(a: ObjectScore, b: ObjectScore, relation: str) -> bool:
+    """Whether matched object ``a`` stands in ``relation`` ("to the left of", ...) to ``b``."""
+    if a.matched is None or b.matched is None:
+        return False
+    (ax, ay), (bx, by) = a.matched.centroid, b.matched.centroid
+    dx, dy = bx - ax, by - ay
+    if relation == "to the left of":
+        return dx > 0 and abs(dx) >= abs(dy)
+    if relation == "to the right of":
+        return dx < 0 and abs(dx) >= abs(dy)
+    if relation == "above":
+        return dy > 0 and abs(dy) >= abs(dx)
+    if relation == "below":
+        return dy < 0 and abs(dy) >= abs(dx)
+    raise ValueError(f"unknown relation {relation!r}")
