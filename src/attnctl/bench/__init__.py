@@ -1,0 +1,138 @@
+"""Side-by-side measurements: a method against the plain pipeline, in one process, one model load.
+
+Times: every variant runs once to warm up, then the variants take turns (`repeats` rounds, order rotated each
+round), and each variant's median is compared with the plain pipeline's median of the same rounds, so machine noise
+hits all variants alike. Memory: on CUDA, `max_memory_allocated`; on CPU, the bytes in use by the C allocator
+(glibc's mallinfo2, which counts torch's CPU tensors), sampled every millisecond by a thread during the call. Both are
+reported as the peak of everything held (weights included, `peak_memory_ratio`) and as the peak growth during the call
+(`working_memory_ratio`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import statistics
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from ..control import apply
+
+# A variant: (pipe, prompt) -> controllers to attach (empty for the plain pipeline).
+Variant = Callable[[object, str], list]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _cpu_bytes_reader():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+
+        def in_use():
+            info = libc.mallinfo2()
+            return info.uordblks + info.hblkhd
+        return in_use
+
+    def resident():  # not glibc: resident set size, which only approximates freed memory
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    return resident
+
+
+class PeakMemory:
+    """Context manager measuring (held before, peak during) bytes on `device`."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.read = None if self.cuda else _cpu_bytes_reader()
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return self
+        self.before = self.peak = self.read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.read())
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict, repeats: int = 3,
+            device: str = "cpu", dtype=torch.float32, seed: int = 0) -> dict:
+    """Run each variant of `variants` (one must be named "plain" and attach nothing) side by side.
+
+    `model` is a spec for `load_pipeline` or a pipeline. Returns, per variant, median seconds, peak bytes held and
+    peak working bytes, and the ratios to "plain".
+    """
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(model, device=device, dtype=dtype) if isinstance(model, str) else model
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(name, measure_memory=False):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with apply(pipe, *variants[name](pipe, prompt), prompt=prompt):
+            _sync(device)
+            start = time.perf_counter()
+            if measure_memory:
+                with PeakMemory(device) as mem:
+                    pipe(prompt, generator=generator, **call_kwargs)
+                return mem.before, mem.peak
+            pipe(prompt, generator=generator, **call_kwargs)
+            _sync(device)
+            return time.perf_counter() - start
+
+    names = list(variants)
+    times = {n: [] for n in names}
+    memory = {}
+    run(names[0])  # warm-up: one-time allocations and kernel selection
+    for n in names:  # the sampling thread stays out of the timed runs
+        memory[n] = run(n, measure_memory=True)
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            times[n].append(run(n))
+
+    results = {}
+    for n in names:
+        before, peak = memory[n]
+        results[n] = {"time_s": statistics.median(times[n]), "times_s": times[n], "peak_bytes": peak,
+                      "working_bytes": peak - before}
+    plain = results["plain"]
+    for n in names:
+        results[n]["time_ratio"] = results[n]["time_s"] / plain["time_s"]
+        results[n]["peak_memory_ratio"] = results[n]["peak_bytes"] / plain["peak_bytes"]
+        results[n]["working_memory_ratio"] = results[n]["working_bytes"] / max(1, plain["working_bytes"])
+    return results
+
+
+def plain(pipe, prompt) -> list:
+    return []

@@ -1,0 +1,278 @@
+"""The `attnctl` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import UsageError
+
+# method name -> module providing add_cli_arguments(parser) and controller_from_args(args, prompt)
+METHODS = {"regulation": "attnctl.methods.regulation", "ast": "attnctl.methods.ast"}
+BENCHES = ("capture", "regulation", "ast")
+
+
+def _method_module(name: str):
+    try:
+        return importlib.import_module(METHODS[name])
+    except ImportError as err:
+        raise UsageError(f"the method {name!r} is not available in this installation ({err})") from None
+
+
+def _common(p: argparse.ArgumentParser, default_model: str) -> None:
+    g = p.add_argument_group("model and sampling")
+    g.add_argument("--model", default=default_model,
+                   help="builtin:NAME, a hub id or local diffusers folder, or random:SPEC (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's usual count)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+
+
+def _words(text: str | None) -> list[str]:
+    return [w.strip() for w in (text or "").split(",") if w.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="attnctl", description=__doc__ + " Training-free attention control for "
+                                     "diffusers pipelines: Attention Regulation, AST, token maps, analysis.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sites", help="list a model's attention sites")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+
+    p = sub.add_parser("maps", help="generate an image and the attention maps of chosen words")
+    _common(p, DEFAULT_MODEL)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--words", required=True, help="comma-separated words of the prompt; word#2 for a repeat")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("generate", help="generate images with an attention-control method")
+    _common(p, DEFAULT_MODEL)
+    p.add_argument("--method", choices=["none", *METHODS], default="regulation")
+    p.add_argument("--prompt", default=None, help="the prompt (AST takes it from the layout)")
+    p.add_argument("--maps", action="store_true",
+                   help="also write the token maps of the targets with and without the method (same seed)")
+    p.add_argument("--out", required=True, type=Path)
+    for name in METHODS:
+        try:
+            _method_module(name).add_cli_arguments(p.add_argument_group(f"{name} options"))
+        except UsageError:
+            pass
+
+    try:
+        analysis = importlib.import_module("attnctl.analysis")
+        p = sub.add_parser("analyze", help="layer-wise hierarchy analysis of joint attention for a layout")
+        _common(p, "builtin:shapes-mmdit")
+        p.add_argument("--out", required=True, type=Path)
+        analysis.add_cli_arguments(p)
+    except ImportError:
+        pass
+
+    p = sub.add_parser("bench", help="time and memory of a method against the plain pipeline, side by side")
+    p.add_argument("what", choices=BENCHES)
+    p.add_argument("--quick", action="store_true", help="a small run (under a minute)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--device", default="cpu")
+
+    try:
+        importlib.import_module("attnctl.shapes.cli").add_shapes_parser(sub)
+    except ImportError:
+        pass
+    try:
+        importlib.import_module("attnctl.eval").add_eval_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _call_kwargs(args, pipe) -> dict:
+    kwargs = {"num_images_per_prompt": args.num_images}
+    for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
+                      ("width", "width")):
+        if getattr(args, name) is not None:
+            kwargs[key] = getattr(args, name)
+    for name in ("height", "width"):
+        multiple = getattr(pipe, "vae_scale_factor", 8) * (2 if hasattr(pipe, "transformer") else 1)
+        if name in kwargs and kwargs[name] % multiple:
+            raise UsageError(f"--{name} {kwargs[name]} must be a multiple of {multiple} for this model")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    return kwargs
+
+
+def _load(args):
+    from .models import load_pipeline, parse_dtype
+
+    return load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+
+
+def _generate(pipe, prompt, args, controllers=()):
+    import torch
+
+    from .control import apply
+
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    with apply(pipe, *controllers, prompt=prompt):
+        return pipe(prompt, generator=generator, **_call_kwargs(args, pipe)).images
+
+
+def _save_images(images, out: Path, stem: str = "image") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / (f"{stem}.png" if len(images) == 1 else f"{stem}_{i}.png") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def _write_maps(capture, images, words, out: Path, stem: str, title: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"site/{name}": m.contiguous() for name, m in capture.maps().items()}
+    grouped = capture.grouped()
+    tensors.update({f"group/{label}": m.contiguous() for label, m in grouped.items()})
+    save_file(tensors, str(out / f"{stem}.safetensors"), metadata={"words": json.dumps(words)})
+    from .viz import maps_figure
+
+    for i, image in enumerate(images):
+        rows = {label: m[i] for label, m in grouped.items()}
+        maps_figure(image, rows, words, out / (f"{stem}.png" if i == 0 else f"{stem}_{i}.png"), title=title)
+
+
+def cmd_sites(args):
+    from .control import Session
+    from .models import load_pipeline
+    from .sites import site_table
+
+    pipe = load_pipeline(args.model)
+    session = Session(pipe, [])
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(session.denoiser.config, "sample_size", 64)
+    height, width = args.height or sample * scale, args.width or sample * scale
+    patch = getattr(session.denoiser.config, "patch_size", 1) or 1
+    if session.family.name == "flux":
+        patch = 2  # FLUX packs 2x2 latent patches into one token
+    grid = (height // scale // patch, width // scale // patch)
+    print(f"{args.model}: {len(session.sites)} attention sites ({session.family.name}), token grids at "
+          f"{height}x{width}")
+    print(site_table(session.sites, grid))
+
+
+def cmd_maps(args):
+    from .methods.capture import Capture
+
+    words = _words(args.words)
+    pipe = _load(args)
+    capture = Capture(words)
+    images = _generate(pipe, args.prompt, args, [capture])
+    _save_images(images, args.out)
+    _write_maps(capture, images, words, args.out, "maps", args.prompt)
+    print(f"wrote {args.out}/image.png, maps.png, maps.safetensors")
+
+
+def cmd_generate(args):
+    from .methods.capture import Capture
+
+    pipe = _load(args)
+    if args.method == "none":
+        if not args.prompt:
+            raise UsageError("--prompt is required with --method none")
+        method, prompt = None, args.prompt
+    elif args.method == "ast":
+        method = _method_module("ast").controller_from_args(args)
+        prompt = method.prompt
+    else:
+        if not args.prompt:
+            raise UsageError("--prompt is required with --method regulation")
+        prompt = args.prompt
+        method = _method_module(args.method).controller_from_args(args, prompt)
+    controllers = [method] if method else []
+    words = list(getattr(method, "target_words", None) or _words(getattr(args, "targets", None)))
+    capture = Capture(words) if args.maps and words else None
+    images = _generate(pipe, prompt, args, controllers + ([capture] if capture else []))
+    paths = _save_images(images, args.out)
+    if args.method == "ast":
+        from .layout import overlay
+
+        for image, path in zip(images, paths):
+            overlay(image, method.layout).save(path.with_name(path.stem + "_layout.png"))
+    if capture:
+        _write_maps(capture, images, words, args.out, f"maps_{args.method}", f"{args.method}: {prompt}")
+        if method is not None:
+            plain_capture = Capture(words)
+            plain = _generate(pipe, prompt, args, [plain_capture])
+            _save_images(plain, args.out, "plain")
+            _write_maps(plain_capture, plain, words, args.out, "maps_plain", f"plain: {prompt}")
+    elif args.maps:
+        print("attnctl: no target words to map; pass --targets", file=sys.stderr)
+    print(f"wrote {len(paths)} image(s) to {args.out}")
+
+
+def cmd_analyze(args):
+    from . import analysis
+
+    analysis.run_from_args(args, _load(args))
+
+
+def cmd_bench(args):
+    module = importlib.import_module(f"attnctl.bench.{args.what}")
+    results = module.run(quick=args.quick, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print(f"{args.what}: time ratio {results['time_ratio']:.3f}, peak memory ratio "
+              f"{results['peak_memory_ratio']:.3f} (method / plain pipeline)")
+
+
+COMMANDS = {"sites": cmd_sites, "maps": cmd_maps, "generate": cmd_generate, "analyze": cmd_analyze,
+            "bench": cmd_bench}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = lambda message, *a, **k: print(f"attnctl: warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    try:
+        _quiet_libraries()
+        args = build_parser().parse_args(argv)
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+        handler(args)
+        return 0
+    except UsageError as err:
+        print(f"attnctl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnctl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not bad input: say so briefly; the traceback on request
+        if os.environ.get("ATTNCTL_DEBUG"):
+            raise
+        print(f"attnctl: internal error: {type(err).__name__}: {err} (set ATTNCTL_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

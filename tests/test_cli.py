@@ -1,0 +1,65 @@
+"""The command line: outputs written, bad input answered with a clear message and a non-zero exit, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+ENV = {**os.environ, "ATTNCTL_PROGRESS": "0"}
+
+
+def attnctl(*args):
+    return subprocess.run([sys.executable, "-m", "attnctl.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+def test_maps_writes_image_plot_and_raw_probabilities(tmp_path):
+    res = attnctl("maps", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog", "--words", "cat,dog",
+                  "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert {"image.png", "maps.png", "maps.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    with safe_open(str(tmp_path / "maps.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["words"]) == ["cat", "dog"]
+        keys = list(f.keys())
+        assert any(k.startswith("site/") for k in keys) and any(k.startswith("group/") for k in keys)
+        for k in keys:
+            t = f.get_tensor(k)
+            assert t.shape[1] == 2 and float(t.min()) >= 0 and float(t.max()) <= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["maps", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog", "--words", "bird"],
+     "'bird' is not in the prompt"),
+    (["maps", "--model", "random:nothing", "--prompt", "a cat", "--words", "cat"], "unknown random model"),
+    (["maps", "--model", "/no/such/folder-or-hub-id", "--prompt", "a cat", "--words", "cat"], "not available"),
+    (["maps", "--model", "random:sd15-tiny", "--prompt", "a cat", "--words", "cat", "--height", "60"],
+     "multiple of 8"),
+    (["maps", "--model", "random:sd15-tiny", "--prompt", "a cat", "--words", "cat", "--dtype", "float8"],
+     "unknown dtype"),
+])
+def test_bad_input_exits_cleanly(tmp_path, args, message):
+    res = attnctl(*args, "--out", str(tmp_path))
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_long_prompt_warns_what_was_cut(tmp_path):
+    prompt = "a cat " + "very " * 80 + "fluffy"
+    res = attnctl("maps", "--model", "random:sd15-tiny", "--prompt", prompt, "--words", "cat", "--steps", "1",
+                  "--height", "64", "--width", "64", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "warning" in res.stderr and "cut" in res.stderr and "fluffy" in res.stderr
+
+
+def test_sites_table():
+    res = attnctl("sites", "--model", "random:flux-tiny", "--height", "64", "--width", "64")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "4 attention sites (flux)" in lines[0]
+    assert lines[2].split()[:4] == ["0", "transformer_blocks.0.attn", "joint", "double"]
+    assert lines[-1].split()[:4] == ["3", "single_transformer_blocks.1.attn", "joint", "single"]
+    assert lines[-1].split()[5] == "4x4"

@@ -1,0 +1,60 @@
+import warnings
+
+import pytest
+
+from attnctl import UsageError
+from attnctl.offline_tokenizers import clip_tokenizer, t5_like_tokenizer
+from attnctl.tokens import PromptTokens, TextSegment
+
+
+def clip_tokens(prompt):
+    tok = clip_tokenizer()
+    return PromptTokens(prompt, [TextSegment(tok, 0, 77)])
+
+
+def test_offline_clip_tokenizer_matches_stable_diffusion():
+    ids = clip_tokenizer()("a painting of an elephant with glasses").input_ids
+    assert ids == [49406, 320, 3086, 539, 550, 10299, 593, 6116, 49407]
+
+
+def test_word_positions_cover_every_subtoken():
+    pt = clip_tokens("a photo of an astronaut riding a horse")
+    tok = clip_tokenizer()
+    ids = tok("a photo of an astronaut riding a horse").input_ids
+    positions = pt.word_positions("astronaut")
+    pieces = tok.convert_ids_to_tokens([ids[p] for p in positions])
+    assert "".join(pieces).replace("</w>", "") == "astronaut"
+    assert pt.word_positions("horse") == [len(ids) - 2]
+
+
+def test_repeated_word_by_occurrence():
+    pt = clip_tokens("a dog chasing a cat and a dog")
+    assert pt.word_positions("dog") == [2]
+    assert pt.word_positions("dog#2") == [8]
+    with pytest.raises(UsageError, match="occurrence 3"):
+        pt.word_positions("dog#3")
+
+
+def test_missing_word_lists_the_prompt_tokens():
+    pt = clip_tokens("a red cube")
+    with pytest.raises(UsageError) as err:
+        pt.word_positions("sphere")
+    assert "'sphere'" in str(err.value) and "a red cube" in str(err.value) and "red" in str(err.value)
+
+
+def test_segments_offset_positions():
+    t5 = t5_like_tokenizer()
+    pt = PromptTokens("a red cat", [TextSegment(clip_tokenizer(), 0, 77), TextSegment(t5, 77, 256)])
+    # CLIP: <sot> a red cat <eot> -> red at 2; T5: ▁a ▁red ▁cat </s> -> red at 77 + 1
+    assert pt.word_positions("red") == [2, 78]
+
+
+def test_long_prompt_warns_and_cut_words_raise():
+    prompt = " ".join(["word"] * 80) + " zebra"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pt = clip_tokens(prompt)
+    assert any("cut" in str(w.message) and "zebra" in str(w.message) for w in caught)
+    with pytest.raises(UsageError, match="cut"):
+        pt.word_positions("zebra")
+    assert pt.word_positions("word") == [1]
