@@ -1,0 +1,201 @@
+"""AST's tuned joint attention, computed three ways: the formula, a direct path and a fast path.
+
+With S = q kᵀ·scale and P = softmax(S) row-wise, AST computes softmax(S + B)·V where, on the tuned blocks X of the
+joint attention matrix (image→image, image→text, text→text; text→image is never touched),
+    B_X[r, c] = α_X[r] · (M_X[r, c] − P[r, c]),     α_X[r] = w_X · ρ_X[r] · τ(t),
+and B = 0 elsewhere. This equals the reference's "P_X ← P_X · exp(B_X), then renormalise every row". The targets M
+are label equalities, so no N×N table is ever stored:
+    I2I: M[p, q] = [img_label[p] == img_label[q]]           (same region, background included)
+    I2T: M[p, j] = [img_label[p] == i2t_label[j]]          (token j has a selected role of pixel p's region)
+    T2T: M[i, j] = [t2t_label[i] == t2t_label[j]]          (same phrase; unique labels elsewhere give the identity)
+
+- `reference_attention`: the formula with the whole N×N matrices, in float64. Tests compare the others to it.
+- `direct_attention`: the formula, query chunk by query chunk (memory: chunk × N per batch row and head).
+- `fast_attention`: two passes and memory O(N·head_dim): the row log-sum-exp L comes from the fused attention kernel
+  (first pass, no N×N), then per small query chunk P = exp(S − L) is recomputed on the tuned key blocks only, the bias
+  is added in place, and exp(S + B − L − max|α|)·V and its row sums give the output without a softmax pass (the shift
+  is an upper bound of the row maximum, so nothing overflows). Chunks hold at most `budget` scores (default: twice the
+  size of q), so extra memory grows like q, not like N².
+- `approximate=True` (fast path only): B = α·M without the −α·P term, a single fused pass per chunk (SDPA with an
+  additive mask); not exact, see `attnctl.methods.ast` for its measured deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import attention as attn_ops
+
+DIRECT_CHUNK = 1024
+
+
+@dataclass
+class TuningTables:
+    """What AST needs to know about one attention call, per batch row (B = the rows being tuned).
+
+    `alpha_*` are None for blocks that are not tuned at this site; they already include w · ρ · τ."""
+
+    text: slice  # positions of the text tokens in the joint sequence
+    image: slice  # positions of the image tokens
+    img_label: torch.Tensor  # long (B, I): region of each image token, 0 = background
+    i2t_label: torch.Tensor  # long (B, T): region whose selected-role tokens include token j, -1 if none
+    t2t_label: torch.Tensor  # long (B, T): phrase of token j; a unique negative label for tokens in no phrase
+    alpha_i2i: torch.Tensor | None  # (B, I)
+    alpha_i2t: torch.Tensor | None  # (B, I)
+    alpha_t2t: torch.Tensor | None  # (B, T)
+
+    def groups(self):
+        """(query slice, [(key slice, alpha (B, rows), query labels (B, rows), key labels (B, keys))])."""
+        image_keys = []
+        if self.alpha_i2i is not None:
+            image_keys.append((self.image, self.alpha_i2i, self.img_label, self.img_label))
+        if self.alpha_i2t is not None:
+            image_keys.append((self.text, self.alpha_i2t, self.img_label, self.i2t_label))
+        text_keys = []
+        if self.alpha_t2t is not None:
+            text_keys.append((self.text, self.alpha_t2t, self.t2t_label, self.t2t_label))
+        return [(self.image, image_keys), (self.text, text_keys)]
+
+    def to(self, device) -> "TuningTables":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TuningTables(self.text, self.image, move(self.img_label), move(self.i2t_label), move(self.t2t_label),
+                            move(self.alpha_i2i), move(self.alpha_i2t), move(self.alpha_t2t))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _local(s: slice, start: int) -> slice:
+    return slice(s.start - start, s.stop - start)
+
+
+def reference_attention(q, k, v, scale, tables: TuningTables):
+    """softmax(S + B)·V with every matrix materialised, in float64; also the image→text probabilities after tuning.
+    For tests and small inputs only."""
+    q, k, v = q.double(), k.double(), v.double()
+    S = (q @ k.transpose(-1, -2)) * scale
+    P = torch.softmax(S, dim=-1)
+    batch, n = S.shape[0], S.shape[-1]
+    M = torch.zeros(batch, 1, n, n, dtype=torch.float64)
+    A = torch.zeros(batch, 1, n, n, dtype=torch.float64)
+    for rows, blocks in tables.groups():
+        for keys, alpha, q_lab, k_lab in blocks:
+            M[:, 0, rows, keys] = (q_lab[:, :, None] == k_lab[:, None, :]).double()
+            A[:, 0, rows, keys] = alpha.double()[:, :, None].expand(-1, -1, keys.stop - keys.start)
+    tuned = torch.softmax(S + A * (M - P), dim=-1)
+    return tuned @ v, tuned[:, :, tables.image, tables.text].float()
+
+
+def _chunks(rows: slice, size: int):
+    for start in range(rows.start, rows.stop, size):
+        yield slice(start, min(start + size, rows.stop))
+
+
+def direct_attention(q, k, v, scale, tables: TuningTables, chunk: int = DIRECT_CHUNK, want_text_probs: bool = False):
+    """The formula per query chunk: P = softmax(S), B, softmax(S + B)·V. Returns (out, text probs or None)."""
+    cdt = _compute_dtype(q.dtype)
+    kc, vc = k.to(cdt), v.to(cdt)
+    out = torch.empty(q.shape, dtype=cdt, device=q.device)
+    probs = _text_probs_buffer(q, tables) if want_text_probs else None
+    for rows, blocks in tables.groups():
+        for c in _chunks(rows, chunk):
+            S = (q[:, :, c].to(cdt) @ kc.transpose(-1, -2)) * scale
+            P = torch.softmax(S, dim=-1)
+            B = torch.zeros_like(S)
+            local = _local(c, rows.start)
+            for keys, alpha, q_lab, k_lab in blocks:
+                M = (q_lab[:, local, None] == k_lab[:, None, :]).to(cdt)[:, None]
+                a = alpha[:, local].to(cdt)[:, None, :, None]
+                B[..., keys] = a * (M - P[..., keys])
+            T = torch.softmax(S + B, dim=-1)
+            out[:, :, c] = T @ vc
+            if probs is not None and rows == tables.image:
+                probs[:, :, local] = T[..., tables.text].float()
+    return out.to(q.dtype), probs
+
+
+def _text_probs_buffer(q, tables):
+    n_img = tables.image.stop - tables.image.start
+    n_txt = tables.text.stop - tables.text.start
+    return torch.empty(q.shape[0], q.shape[1], n_img, n_txt, dtype=torch.float32, device=q.device)
+
+
+def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int | None = None,
+                   want_text_probs: bool = False, approximate: bool = False):
+    """Exact two-pass AST attention with memory O(N·head_dim) (see the module doc). `lse`: the rows' log-sum-exp of
+    the plain logits if already known (float32 (B, H, N)). Returns (out, text probs or None)."""
+    cdt = _compute_dtype(q.dtype)
+    if approximate:
+        return _approximate_attention(q, k, v, scale, tables, budget, want_text_probs)
+    if lse is None:
+        lse = row_lse(q, k, v, scale)
+    batch, heads, n, _ = q.shape
+    budget = budget or max(1 << 20, 2 * q.numel())
+    size = max(16, budget // max(1, batch * heads * n))
+    kt, vc = k.to(cdt).transpose(-1, -2), v.to(cdt)
+    out = torch.empty(q.shape, dtype=cdt, device=q.device)
+    probs = _text_probs_buffer(q, tables) if want_text_probs else None
+    for rows, blocks in tables.groups():
+        for c in _chunks(rows, size):
+            local = _local(c, rows.start)
+            L = lse[:, :, c].to(cdt)[..., None]  # (B, H, c, 1)
+            S = torch.matmul(q[:, :, c].to(cdt), kt).mul_(scale)  # (B, H, c, N)
+            shift = L
+            if blocks:
+                bound = torch.zeros(batch, 1, c.stop - c.start, 1, dtype=cdt, device=q.device)
+                for keys, alpha, q_lab, k_lab in blocks:
+                    a = alpha[:, local].to(cdt)[:, None, :, None]  # (B, 1, c, 1)
+                    Sk = S[..., keys]
+                    bias = (Sk - L).exp_().mul_(a.neg())  # −α·P on this key block
+                    bias.add_((q_lab[:, local, None] == k_lab[:, None, :])[:, None] * a)  # + α·M
+                    Sk.add_(bias)
+                    del bias
+                    bound = torch.maximum(bound, a.abs())
+                shift = L + bound
+            E = S.sub_(shift).exp_()  # exp(S + B − shift), ≤ 1
+            denom = E.sum(dim=-1, keepdim=True)
+            out[:, :, c] = torch.matmul(E, vc).div_(denom)
+            if probs is not None and rows == tables.image:
+                probs[:, :, local] = (E[..., tables.text] / denom).float()
+            del S, E
+    return out.to(q.dtype), probs
+
+
+def row_lse(q, k, v, scale) -> torch.Tensor:
+    """Row log-sum-exp of the plain logits from the fused kernel (float32; float64 for float64 inputs on CPU)."""
+    if q.dtype == torch.float64 and q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[1]
+    return attn_ops.attention_with_lse(q, k, v, scale=scale)[1]
+
+
+def _approximate_attention(q, k, v, scale, tables, budget, want_text_probs):
+    """softmax(S + α·M)·V (no −α·P term), one fused SDPA pass per query chunk with an additive (B, 1, c, N) mask."""
+    batch, heads, n, _ = q.shape
+    budget = budget or max(1 << 20, 2 * q.numel())
+    size = max(16, (budget * heads) // max(1, batch * n))  # the mask has no head axis
+    out = torch.empty_like(q)
+    probs = _text_probs_buffer(q, tables) if want_text_probs else None
+    for rows, blocks in tables.groups():
+        for c in _chunks(rows, size):
+            local = _local(c, rows.start)
+            if not blocks:
+                out[:, :, c] = attn_ops.attention(q[:, :, c], k, v, scale=scale)
+                mask = None
+            else:
+                mask = torch.zeros(batch, 1, c.stop - c.start, n, dtype=q.dtype, device=q.device)
+                for keys, alpha, q_lab, k_lab in blocks:
+                    m = (q_lab[:, local, None] == k_lab[:, None, :])[:, None]
+                    mask[..., keys] = (m * alpha[:, local][:, None, :, None]).to(q.dtype)
+                out[:, :, c] = attn_ops.attention(q[:, :, c], k, v, mask=mask, scale=scale)
+            if probs is not None and rows == tables.image:
+                S = (q[:, :, c].float() @ k[:, :, tables.text].float().transpose(-1, -2)) * scale
+                full = (q[:, :, c].float() @ k.float().transpose(-1, -2)) * scale
+                if mask is not None:
+                    S = S + mask[..., tables.text].float()
+                    full = full + mask.float()
+                probs[:, :, local] = torch.exp(S - torch.logsumexp(full, dim=-1, keepdim=True))
+    return out, probs

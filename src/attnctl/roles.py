@@ -1,0 +1,125 @@
+"""Token roles of a region's phrase: attribute words (modifiers of the head noun) and instance words (the rest).
+
+AST tunes image→text attention towards different roles at different depths, so every instance phrase is split in two:
+- attribute: adjective / compound / conjunct modifiers of the head noun of the phrase's first noun chunk, taken as the
+  contiguous span from the first to the last such modifier ("a *fluffy white* cat", "a *teddy* bear");
+- instance: every other word of the phrase (determiner, head noun, anything after it).
+The background phrase has the background role as a whole.
+
+Two ways to find the attribute span, chosen by `parser`:
+- "spacy": a dependency parse with spaCy (the reference's way; `pip install attnctl[nlp]` and a model such as
+  `python -m spacy download en_core_web_sm`);
+- "rules": the built-in fallback, used when spaCy or its English model is not installed. The phrase's first chunk is
+  the words before the first preposition or conjunction ("a red dog *with* a hat" → "a red dog"); its last word is the
+  head noun; the words between the leading determiners / numbers / possessives and the head noun are the attribute.
+  This matches the parse on the plain "det adj* noun+" phrases that layouts usually carry; for unusual phrases give
+  the split explicitly (`"attribute": "red"` in the layout), which always wins.
+- "auto" (default): spaCy when it loads, the rules otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from .errors import UsageError
+
+ATTRIBUTE, INSTANCE, BACKGROUND = "attribute", "instance", "background"
+ROLES = (INSTANCE, ATTRIBUTE, BACKGROUND)
+
+_WORD = re.compile(r"[\w'-]+")
+_LEADING = {
+    "a", "an", "the", "this", "that", "these", "those", "some", "many", "several", "few", "one", "two", "three",
+    "four", "five", "six", "seven", "eight", "nine", "ten", "my", "your", "his", "her", "its", "our", "their", "no",
+    "each", "every", "another", "other", "any", "all", "both",
+}
+_CHUNK_END = {
+    "with", "of", "in", "on", "at", "by", "for", "from", "to", "under", "over", "above", "below", "behind", "beside",
+    "near", "next", "inside", "outside", "into", "onto", "and", "or", "but", "while", "that", "which", "who",
+    "holding", "wearing", "sitting", "standing", "lying", "is", "are", "was", "were", "between", "against", "across",
+    "along", "around", "through", "beneath", "among", "like", "as",
+}
+
+
+def attribute_spans(phrase: str, parser: str = "auto") -> list[tuple[int, int]]:
+    """Character spans (within `phrase`) of its attribute words: one contiguous span, or none."""
+    if parser not in ("auto", "spacy", "rules"):
+        raise UsageError(f"unknown role parser {parser!r}; use auto, spacy or rules")
+    if parser in ("auto", "spacy"):
+        nlp = _spacy_model()
+        if nlp is not None:
+            return _spacy_spans(nlp, phrase)
+        if parser == "spacy":
+            raise UsageError(
+                "the spaCy role parser was asked for but spaCy or its English model is not installed: "
+                "`pip install 'attnctl[nlp]' && python -m spacy download en_core_web_sm`, or use parser='rules', "
+                "or give each region's attribute words explicitly in the layout"
+            )
+    return _rule_spans(phrase)
+
+
+def parser_in_use(parser: str = "auto") -> str:
+    """Which parser `attribute_spans(..., parser)` will use here: "spacy" or "rules"."""
+    if parser == "rules":
+        return "rules"
+    return "spacy" if _spacy_model() is not None else "rules"
+
+
+def explicit_spans(phrase: str, attribute: str | list[str], where: str) -> list[tuple[int, int]]:
+    """Spans of user-given attribute words: each a verbatim part of `phrase` (first match, case-insensitive)."""
+    words = [attribute] if isinstance(attribute, str) else list(attribute)
+    spans, lowered = [], phrase.lower()
+    for word in words:
+        if not isinstance(word, str):
+            raise UsageError(f"{where}: 'attribute' must be a string or a list of strings, got {word!r}")
+        needle = word.strip().lower()
+        if not needle:
+            continue
+        at = lowered.find(needle)
+        if at < 0:
+            raise UsageError(f"{where}: attribute {word!r} is not part of its phrase {phrase!r}")
+        spans.append((at, at + len(needle)))
+    return spans
+
+
+def _rule_spans(phrase: str) -> list[tuple[int, int]]:
+    words = [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(phrase)]
+    chunk = []
+    for word in words:
+        if chunk and word[0].lower() in _CHUNK_END:
+            break
+        chunk.append(word)
+    start = 0
+    while start < len(chunk) and chunk[start][0].lower() in _LEADING:
+        start += 1
+    modifiers = chunk[start:-1]  # words between the leading determiners and the head noun
+    if not modifiers:
+        return []
+    return [(modifiers[0][1], modifiers[-1][2])]
+
+
+@lru_cache(maxsize=1)
+def _spacy_model():
+    try:
+        import spacy
+    except ImportError:
+        return None
+    for name in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"):
+        try:
+            return spacy.load(name)
+        except OSError:
+            continue
+    return None
+
+
+def _spacy_spans(nlp, phrase: str) -> list[tuple[int, int]]:
+    doc = nlp(phrase)
+    chunks = list(doc.noun_chunks)
+    if not chunks:
+        return []
+    chunk = chunks[0]
+    root = chunk.root
+    modifiers = [t for t in chunk if t.dep_ in ("amod", "conj", "compound") and t.head == root and t.pos_ in ("ADJ", "NOUN")]
+    if not modifiers:
+        return []
+    return [(min(t.idx for t in modifiers), max(t.idx + len(t.text) for t in modifiers))]
