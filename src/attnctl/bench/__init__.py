@@ -1,6 +1,6 @@
 """Side-by-side measurements: a method against the plain pipeline, in one process, one model load.
 
-Times: every variant runs once to warm up, then the variants take turns (`repeats` rounds, order rotated each
+Times: after a warm-up call, every variant runs once for its memory figure, then the variants take turns (`repeats` rounds, order rotated each
 round), and each variant's median is compared with the plain pipeline's median of the same rounds, so machine noise
 hits all variants alike. Memory: on CUDA, `max_memory_allocated`; on CPU, the bytes in use by the C allocator
 (glibc's mallinfo2, which counts torch's CPU tensors), sampled every millisecond by a thread during the call. Both are
@@ -87,7 +87,7 @@ def _sync(device):
 
 
 def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict, repeats: int = 3,
-            device: str = "cpu", dtype=torch.float32, seed: int = 0) -> dict:
+            device: str = "cpu", dtype=torch.float32, seed: int = 0, warmup: bool = True) -> dict:
     """Run each variant of `variants` (one must be named "plain" and attach nothing) side by side.
 
     `model` is a spec for `load_pipeline` or a pipeline. Returns, per variant, median seconds, peak bytes held and
@@ -114,7 +114,8 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
     names = list(variants)
     times = {n: [] for n in names}
     memory = {}
-    run(names[0])  # warm-up: one-time allocations and kernel selection
+    if warmup:  # one-time allocations and kernel selection stay out of the measurements
+        run(names[0])
     for n in names:  # the sampling thread stays out of the timed runs
         memory[n] = run(n, measure_memory=True)
     for r in range(repeats):
