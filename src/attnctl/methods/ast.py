@@ -31,7 +31,6 @@ Choices where the specification leaves room, stated:
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from .. import attention as attn_ops
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
@@ -274,35 +272,41 @@ class AST(Controller):
 
 # --- command line ------------------------------------------------------------------------------------------------
 
-def add_hyperparameter_arguments(parser: argparse.ArgumentParser) -> None:
-    """AST's hyperparameters as options, with the specification's defaults."""
-    g = parser.add_argument_group("AST")
-    g.add_argument("--w-t2t", type=float, default=DEFAULTS["w_t2t"], help="text→text tuning weight (default 3.5)")
-    g.add_argument("--w-i2t", type=float, default=DEFAULTS["w_i2t"], help="image→text tuning weight (default 5.0)")
-    g.add_argument("--w-i2i", type=float, default=DEFAULTS["w_i2i"], help="image→image tuning weight (default 3.5)")
-    g.add_argument("--gamma", type=float, default=DEFAULTS["gamma"], help="time factor exponent: (t/1000)^gamma (default 3)")
-    g.add_argument("--tuned-steps", type=int, default=DEFAULTS["n_mod"], help="tune the first N steps (default 16)")
-    g.add_argument("--a-img", type=float, default=DEFAULTS["a_img"], help="image area term (default 1.0)")
-    g.add_argument("--a-txt", type=float, default=DEFAULTS["a_txt"], help="text area term (default 4.0)")
-    g.add_argument("--schedule", default=None,
-                   help="layer schedule override: JSON list (or file) of {from, to, blocks, roles} on relative depth")
-    g.add_argument("--ast-path", choices=PATHS, default="fast", help="fast (exact, O(N) memory), direct, reference")
-    g.add_argument("--approximate", action="store_true", help="drop the -P term of the bias (one pass; not exact)")
-    g.add_argument("--roles", choices=("auto", "spacy", "rules"), default="auto",
-                   help="how attribute words are found (auto: spaCy if installed, else the built-in rules)")
-    g.add_argument("--i2t-area", choices=("region", "reference"), default="region",
-                   help="I2T area term: every pixel's region (spec) or the reference code's variant")
+def add_hyperparameter_arguments(parser) -> None:
+    """AST's hyperparameters as options (all prefixed --ast-), with the specification's defaults."""
+    parser.add_argument("--ast-w-t2t", type=float, default=DEFAULTS["w_t2t"], help="text→text weight (default 3.5)")
+    parser.add_argument("--ast-w-i2t", type=float, default=DEFAULTS["w_i2t"], help="image→text weight (default 5.0)")
+    parser.add_argument("--ast-w-i2i", type=float, default=DEFAULTS["w_i2i"], help="image→image weight (default 3.5)")
+    parser.add_argument("--ast-gamma", type=float, default=DEFAULTS["gamma"],
+                        help="time factor (t/1000)^gamma (default 3)")
+    parser.add_argument("--ast-steps", type=int, default=DEFAULTS["n_mod"], help="tune the first N steps (default 16)")
+    parser.add_argument("--ast-a-img", type=float, default=DEFAULTS["a_img"], help="image area term (default 1.0)")
+    parser.add_argument("--ast-a-txt", type=float, default=DEFAULTS["a_txt"], help="text area term (default 4.0)")
+    parser.add_argument("--ast-schedule", default=None,
+                        help="layer schedule: JSON list (or file) of {from, to, blocks, roles} on relative depth "
+                             "(default: the reference's FLUX.1 schedule, by relative depth)")
+    parser.add_argument("--ast-path", choices=PATHS, default="fast",
+                        help="fast (exact, O(N) memory; default), direct (formula, query-chunked), reference")
+    parser.add_argument("--ast-approximate", action="store_true",
+                        help="drop the -P term of the bias (one fused pass; not exact)")
+    parser.add_argument("--ast-roles", choices=("auto", "spacy", "rules"), default="auto",
+                        help="how attribute words are found (auto: spaCy if installed, else the built-in rules)")
+    parser.add_argument("--ast-i2t-area", choices=("region", "reference"), default="region",
+                        help="I2T area term: each pixel's region (specification) or the reference code's variant")
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+def add_cli_arguments(parser) -> None:
     """`--layout` and AST's hyperparameters (for `attnctl generate --method ast`)."""
-    parser.add_argument("--layout", required=True, help="layout JSON: prompt, background, regions (see attnctl.layout)")
+    parser.add_argument("--layout", default=None,
+                        help="AST: layout JSON with prompt, background and regions (see attnctl.layout)")
     add_hyperparameter_arguments(parser)
 
 
 def controller_from_args(args) -> AST:
+    if not getattr(args, "layout", None):
+        raise UsageError("AST needs a layout: pass --layout L.json (prompt, background and regions; see examples/)")
     return AST(
-        args.layout, w_t2t=args.w_t2t, w_i2t=args.w_i2t, w_i2i=args.w_i2i, gamma=args.gamma, n_mod=args.tuned_steps,
-        a_img=args.a_img, a_txt=args.a_txt, schedule=args.schedule, path=args.ast_path,
-        approximate=args.approximate, roles=args.roles, i2t_area=args.i2t_area,
+        args.layout, w_t2t=args.ast_w_t2t, w_i2t=args.ast_w_i2t, w_i2i=args.ast_w_i2i, gamma=args.ast_gamma,
+        n_mod=args.ast_steps, a_img=args.ast_a_img, a_txt=args.ast_a_txt, schedule=args.ast_schedule,
+        path=args.ast_path, approximate=args.ast_approximate, roles=args.ast_roles, i2t_area=args.ast_i2t_area,
     )
