@@ -42,6 +42,20 @@ def _words(text: str | None) -> list[str]:
     return [w.strip() for w in (text or "").split(",") if w.strip()]
 
 
+def _steps(text: str | None) -> list[int] | None:
+    """'0-9' or '0,5,10' -> step indices."""
+    if not text:
+        return None
+    steps = []
+    try:
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            steps += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise UsageError(f"--map-steps {text!r}: write steps as 0-9 or 0,5,10") from None
+    return steps
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
 
@@ -58,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, DEFAULT_MODEL)
     p.add_argument("--prompt", required=True)
     p.add_argument("--words", required=True, help="comma-separated words of the prompt; word#2 for a repeat")
+    p.add_argument("--map-steps", default=None, help="steps to average, e.g. 0-9 or 0,5,10 (default: all)")
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("generate", help="generate images with an attention-control method")
@@ -176,8 +191,10 @@ def cmd_maps(args):
 
     words = _words(args.words)
     pipe = _load(args)
-    capture = Capture(words)
+    capture = Capture(words, steps=_steps(args.map_steps))
     images = _generate(pipe, args.prompt, args, [capture])
+    if not capture.sums:
+        raise UsageError(f"--map-steps {args.map_steps} selects none of the {args.steps or 'default'} steps run")
     _save_images(images, args.out)
     _write_maps(capture, images, words, args.out, "maps", args.prompt)
     print(f"wrote {args.out}/image.png, maps.png, maps.safetensors")
