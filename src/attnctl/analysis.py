@@ -1,0 +1,201 @@
+"""The hierarchy analysis behind AST: per attention block and step, how much of each token role's attention falls
+inside its region.
+
+For a layout (regions with phrases, a background phrase) and each role — instance words, attribute words, background
+words (`attnctl.roles`) — the observer takes the image→text probabilities actually used at every site and step
+(conditional rows, mean over heads), and for every region r the attention mass the image gives to r's tokens of that
+role, A_r(p) = Σ_{j ∈ tokens(r, role)} P[p, j]. Then
+
+    share(role) = Σ_r Σ_{p ∈ region r} A_r(p) / Σ_r Σ_p A_r(p)
+
+the fraction of the role's attention that lands where the layout puts it (1 = all of it, the area of the regions =
+what spatially uniform attention would give). Also recorded: `area` (that uniform baseline) and `mass` (the mean
+probability a pixel gives to the role's tokens: which role dominates a block). The paper's observation is that on
+FLUX instance words localise in early blocks, background words in middle ones and attribute words late; the curves
+over depth show whether a model (any model: joint or cross attention) behaves so.
+
+    hierarchy = Hierarchy(layout)
+    with attnctl.apply(pipe, hierarchy):                      # optionally with AST(layout) too
+        pipe(layout.prompt, ...)
+    hierarchy.write_csv("hierarchy.csv"); hierarchy.plot("hierarchy.png")
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .control import AttentionCall, Controller
+from .errors import UsageError
+from .layout import Layout, load_layout
+from .roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
+
+COLUMNS = ("step", "timestep", "block", "site", "stage", "depth", "role", "share", "area", "mass")
+
+
+class Hierarchy(Controller):
+    """Observer recording, per site and step, each token role's in-region share of attention (see the module doc)."""
+
+    observer = True
+
+    def __init__(self, layout, steps=None, roles: str = "auto"):
+        self.layout: Layout = load_layout(layout)
+        self.prompt = self.layout.prompt
+        self.steps = None if steps is None else set(steps)
+        self.role_parser = roles
+        self.rows: list[dict] = []
+
+    def attach(self, session) -> None:
+        if not session.prompts:
+            raise UsageError("the hierarchy analysis needs the prompt: pass prompt=... to attnctl.apply")
+        self.bound = [self.layout.bind(p, self.role_parser) for p in session.prompts]
+        self.rows = []
+
+    def __call__(self, call: AttentionCall) -> None:
+        step = call.step
+        rows = step.cond_rows
+        if rows.stop <= rows.start or (self.steps is not None and step.index not in self.steps):
+            return
+        probs = call.text_probs()[rows].mean(dim=1)  # (cond rows, image tokens, text tokens)
+        n_text = probs.shape[-1]
+        labels = self.layout.labels(call.grid).flatten().to(probs.device)
+        n_img = labels.numel()
+        per_role = defaultdict(lambda: torch.zeros(3, dtype=torch.float64))  # inside, total, area·total
+        for b in range(probs.shape[0]):
+            bound = self.bound[min(step.prompt_of_row(b), len(self.bound) - 1)]
+            groups = [(INSTANCE, r + 1, t.instance) for r, t in enumerate(bound.regions)]
+            groups += [(ATTRIBUTE, r + 1, t.attribute) for r, t in enumerate(bound.regions)]
+            groups.append((BACKGROUND, 0, bound.background))
+            for role, region, positions in groups:
+                positions = [p for p in positions if p < n_text]
+                if not positions:
+                    continue
+                mass = probs[b][:, positions].sum(-1).double()  # (image tokens,)
+                inside = labels == region
+                total = mass.sum()
+                acc = per_role[role]
+                acc[0] += mass[inside].sum()
+                acc[1] += total
+                acc[2] += total * inside.double().mean()
+        for role in ROLES:
+            if role not in per_role:
+                continue
+            inside, total, area = per_role[role].tolist()
+            pixels = n_img * probs.shape[0]
+            self.rows.append({
+                "step": step.index, "timestep": round(float(step.timestep), 3), "block": call.site.block,
+                "site": call.site.name, "stage": call.site.stage, "depth": round(call.site.depth, 6), "role": role,
+                "share": inside / total if total > 0 else float("nan"),
+                "area": area / total if total > 0 else float("nan"),
+                "mass": total / pixels,
+            })
+
+    # --- results ----------------------------------------------------------------------------------------------
+    def by_depth(self) -> dict[str, list[tuple[float, float, float, float]]]:
+        """Per role: (depth, mean share over steps, mean area, mean mass), one entry per site, by depth."""
+        acc: dict = defaultdict(lambda: defaultdict(list))
+        for r in self.rows:
+            acc[r["role"]][r["depth"]].append((r["share"], r["area"], r["mass"]))
+        out = {}
+        for role, sites in acc.items():
+            out[role] = [(d, *(sum(v[i] for v in vals) / len(vals) for i in range(3))) for d, vals in sorted(sites.items())]
+        return out
+
+    def write_csv(self, path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def plot(self, path, title: str | None = None) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        curves = self.by_depth()
+        colors = {INSTANCE: "tab:blue", ATTRIBUTE: "tab:red", BACKGROUND: "tab:green"}
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+        for role in ROLES:
+            if role not in curves:
+                continue
+            depth, share, area, mass = zip(*curves[role])
+            top.plot(depth, share, "o-", ms=3, color=colors[role], label=f"{role} words")
+            top.plot(depth, area, ":", color=colors[role], alpha=0.7)
+            bottom.plot(depth, mass, "o-", ms=3, color=colors[role], label=f"{role} words")
+        top.set_ylabel("share of the role's attention\ninside its region")
+        top.set_ylim(0, 1)
+        top.set_title(title or f"attention hierarchy: {self.layout.prompt}", fontsize=9)
+        top.legend(fontsize=8, loc="best")
+        top.text(0.99, 0.02, "dotted: uniform attention (region area)", transform=top.transAxes, ha="right",
+                 fontsize=7, color="grey")
+        bottom.set_ylabel("mean attention per pixel\nto the role's words")
+        bottom.set_xlabel("relative depth (block / number of blocks), mean over the recorded steps")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+def add_cli_arguments(parser) -> None:
+    """Options of `attnctl analyze` (the CLI adds the model and sampling options and --out)."""
+    from .methods.ast import add_hyperparameter_arguments
+
+    parser.add_argument("--layout", required=True, help="layout JSON: prompt, background and regions")
+    parser.add_argument("--with-ast", action="store_true", help="measure with AST attached (default: the plain model)")
+    parser.add_argument("--analyze-steps", default=None,
+                        help="comma-separated step indices to record (default: every step)")
+    add_hyperparameter_arguments(parser)
+
+
+def run_from_args(args, pipe) -> None:
+    """Run the pipeline once with the observer (and AST with --with-ast); write hierarchy.csv, hierarchy.png and the
+    image with its layout overlay to args.out."""
+    from .control import apply
+    from .layout import overlay
+
+    layout = Layout.load(args.layout)
+    steps = None
+    if getattr(args, "analyze_steps", None):
+        try:
+            steps = [int(s) for s in args.analyze_steps.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError("--analyze-steps takes comma-separated step indices, e.g. 0,1,2") from None
+    hierarchy = Hierarchy(layout, steps=steps, roles=getattr(args, "ast_roles", "auto"))
+    controllers = [hierarchy]
+    if getattr(args, "with_ast", False):
+        from .methods.ast import controller_from_args
+
+        controllers.insert(0, controller_from_args(args))
+    kwargs = _call_kwargs(args, pipe)
+    generator = torch.Generator(device="cpu").manual_seed(getattr(args, "seed", 0))
+    with apply(pipe, *controllers, prompt=layout.prompt):
+        images = pipe(layout.prompt, generator=generator, **kwargs).images
+    if not hierarchy.rows:
+        raise UsageError("nothing was recorded: check --analyze-steps against --steps")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hierarchy.write_csv(out / "hierarchy.csv")
+    label = "with AST" if getattr(args, "with_ast", False) else "plain"
+    hierarchy.plot(out / "hierarchy.png", title=f"{getattr(args, 'model', '')} ({label}): {layout.prompt}")
+    for i, image in enumerate(images):
+        stem = "image" if len(images) == 1 else f"image_{i}"
+        image.save(out / f"{stem}.png")
+        overlay(image, layout).save(out / f"{stem}_layout.png")
+    print(f"wrote {out}/hierarchy.csv ({len(hierarchy.rows)} rows), hierarchy.png and the image(s)")
+
+
+def _call_kwargs(args, pipe) -> dict:
+    kwargs = {"num_images_per_prompt": getattr(args, "num_images", 1) or 1}
+    for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
+                      ("width", "width")):
+        if getattr(args, name, None) is not None:
+            kwargs[key] = getattr(args, name)
+    if getattr(args, "max_sequence_length", None):
+        kwargs["max_sequence_length"] = args.max_sequence_length
+    return kwargs
