@@ -272,3 +272,67 @@ def relation_holds(a: ObjectScore, b: ObjectScore, relation: str) -> bool:
     if relation == "below":
         return dy < 0 and abs(dy) >= abs(dx)
     raise ValueError(f"unknown relation {relation!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a pipeline
+
+
+def evaluation_prompts(kind: str) -> list[tuple[str, list[tuple[str, str]], str | None]]:
+    """(prompt, expected objects, relation) for ``kind`` in single | pairs | heldout | relations."""
+    from . import data
+
+    if kind == "single":
+        return [(p, list(objs), None) for p, objs in data.single_object_prompts()]
+    if kind in ("pairs", "heldout"):
+        split = "train" if kind == "pairs" else "heldout"
+        return [(p, list(objs), None) for p, objs in data.pair_prompts(split)]
+    if kind == "relations":
+        out = []
+        for rel in data.RELATIONS:
+            out += [(p, list(objs), rel) for p, objs in data.pair_prompts("train", relation=rel)]
+        return out
+    raise ValueError(f"unknown prompt kind {kind!r}")
+
+
+def evaluate_pipeline(pipe, kind: str = "single", seeds=(0, 1, 2, 3), steps: int = 25, guidance: float = 5.0,
+                      max_prompts: int | None = None, batch_size: int = 16, **call_kwargs) -> dict:
+    """Sample every prompt of ``kind`` with each seed and score the images.
+
+    Returns rates: ``bound`` (every expected object has a blob of its shape and colour),
+    ``present`` (every expected shape is there), ``exact`` (bound and no other blobs) and, for
+    relation prompts, ``relation`` (bound and the stated relation holds between the two centroids).
+    Seed ``s`` of prompt ``i`` uses ``torch.Generator().manual_seed(1000 * s + i)``.
+    """
+    import torch
+
+    prompts = evaluation_prompts(kind)
+    if max_prompts is not None and len(prompts) > max_prompts:
+        step = len(prompts) / max_prompts
+        prompts = [prompts[int(k * step)] for k in range(max_prompts)]
+    jobs = [(i, s) for s in seeds for i in range(len(prompts))]
+    totals = {"bound": 0, "present": 0, "exact": 0, "relation": 0, "n": 0}
+    per_prompt: dict[str, list[bool]] = {}
+    for k in range(0, len(jobs), batch_size):
+        chunk = jobs[k:k + batch_size]
+        gens = [torch.Generator().manual_seed(1000 * s + i) for i, s in chunk]
+        out = pipe([prompts[i][0] for i, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gens, output_type="np", **call_kwargs).images
+        for (i, _), img in zip(chunk, out):
+            prompt, objs, rel = prompts[i]
+            sc = score_image((img * 255).round().astype(np.uint8), objs)
+            bound = sc.all_bound
+            totals["bound"] += bound
+            totals["present"] += all(o.present for o in sc.objects)
+            totals["exact"] += sc.exact
+            if rel is not None:
+                totals["relation"] += bound and relation_holds(sc.objects[0], sc.objects[1], rel)
+            totals["n"] += 1
+            per_prompt.setdefault(prompt, []).append(bound)
+    n = max(1, totals["n"])
+    result = {key: totals[key] / n for key in ("bound", "present", "exact")}
+    if kind == "relations":
+        result["relation"] = totals["relation"] / n
+    result.update(n=totals["n"], kind=kind, steps=steps, guidance=guidance, seeds=list(seeds),
+                  worst=sorted(((sum(v) / len(v), p) for p, v in per_prompt.items()))[:5])
+    return result
