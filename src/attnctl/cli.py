@@ -153,18 +153,27 @@ def _save_images(images, out: Path, stem: str = "image") -> list[Path]:
     return paths
 
 
-def _write_maps(capture, images, words, out: Path, stem: str, title: str) -> None:
+def _write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: str) -> None:
+    """`captures`: label -> (Capture, images). Writes STEM.safetensors (raw maps of every label) and STEM.png (one
+    figure per image, the labels' rows side by side per resolution or depth group)."""
     from safetensors.torch import save_file
 
-    tensors = {f"site/{name}": m.contiguous() for name, m in capture.maps().items()}
-    grouped = capture.grouped()
-    tensors.update({f"group/{label}": m.contiguous() for label, m in grouped.items()})
-    save_file(tensors, str(out / f"{stem}.safetensors"), metadata={"words": json.dumps(words)})
     from .viz import maps_figure
 
-    for i, image in enumerate(images):
-        rows = {label: m[i] for label, m in grouped.items()}
-        maps_figure(image, rows, words, out / (f"{stem}.png" if i == 0 else f"{stem}_{i}.png"), title=title)
+    tensors = {}
+    for label, (capture, _) in captures.items():
+        prefix = f"{label}/" if len(captures) > 1 else ""
+        tensors.update({f"{prefix}site/{name}": m.contiguous() for name, m in capture.maps().items()})
+        tensors.update({f"{prefix}group/{g}": m.contiguous() for g, m in capture.grouped().items()})
+    save_file(tensors, str(out / f"{stem}.safetensors"), metadata={"words": json.dumps(words)})
+    grouped = {label: capture.grouped() for label, (capture, _) in captures.items()}
+    n_images = len(next(iter(captures.values()))[1])
+    for i in range(n_images):
+        rows = {}
+        for group in next(iter(grouped.values())):
+            for label, (_, images) in captures.items():
+                rows[f"{label} · {group}" if len(captures) > 1 else group] = (images[i], grouped[label][group][i])
+        maps_figure(rows, words, out / (f"{stem}.png" if i == 0 else f"{stem}_{i}.png"), title=title)
 
 
 def cmd_sites(args):
@@ -196,7 +205,7 @@ def cmd_maps(args):
     if not capture.sums:
         raise UsageError(f"--map-steps {args.map_steps} selects none of the {args.steps or 'default'} steps run")
     _save_images(images, args.out)
-    _write_maps(capture, images, words, args.out, "maps", args.prompt)
+    _write_maps({"": (capture, images)}, words, args.out, "maps", args.prompt)
     print(f"wrote {args.out}/image.png, maps.png, maps.safetensors")
 
 
@@ -227,12 +236,13 @@ def cmd_generate(args):
         for image, path in zip(images, paths):
             overlay(image, method.layout).save(path.with_name(path.stem + "_layout.png"))
     if capture:
-        _write_maps(capture, images, words, args.out, f"maps_{args.method}", f"{args.method}: {prompt}")
+        captures = {args.method: (capture, images)}
         if method is not None:
             plain_capture = Capture(words)
             plain = _generate(pipe, prompt, args, [plain_capture])
             _save_images(plain, args.out, "plain")
-            _write_maps(plain_capture, plain, words, args.out, "maps_plain", f"plain: {prompt}")
+            captures = {"plain": (plain_capture, plain), **captures}
+        _write_maps(captures, words, args.out, "maps", prompt)
     elif args.maps:
         print("attnctl: no target words to map; pass --targets", file=sys.stderr)
     print(f"wrote {len(paths)} image(s) to {args.out}")

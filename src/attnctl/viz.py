@@ -17,18 +17,19 @@ def upsample(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def maps_figure(image, rows: dict[str, torch.Tensor], words: list[str], path: str | Path, title: str = "") -> None:
-    """A grid: one row per label of `rows` ((words, h, w) maps), one column per word, each map over the image.
+def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, title: str = "") -> None:
+    """A grid: one row per label of `rows` ((image, (words, h, w) maps)), one column per word, each map over its
+    image.
 
     Colours span each cell's own range (its maximum probability is printed), so weak and strong maps can both be
     read; the safetensors file keeps the raw probabilities.
     """
-    img = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    size = img.shape
     n_rows, n_cols = len(rows), len(words) + 1
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + (0.4 if title else 0)),
                              squeeze=False)
-    for i, (label, maps) in enumerate(rows.items()):
+    for i, (label, (image, maps)) in enumerate(rows.items()):
+        img = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        size = img.shape
         axes[i, 0].imshow(image)
         axes[i, 0].set_ylabel(label, fontsize=9)
         for j, word in enumerate(words):
