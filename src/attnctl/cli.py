@@ -26,8 +26,8 @@ def _method_module(name: str):
 
 def _common(p: argparse.ArgumentParser, default_model: str) -> None:
     g = p.add_argument_group("model and sampling")
-    g.add_argument("--model", default=default_model,
-                   help="builtin:NAME, a hub id or local diffusers folder, or random:SPEC (default: %(default)s)")
+    g.add_argument("--model", default=None,
+                   help=f"builtin:NAME, a hub id or local diffusers folder, or random:SPEC (default: {default_model})")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's usual count)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _call_kwargs(args, pipe) -> dict:
-    kwargs = {"num_images_per_prompt": args.num_images}
+    from .models import sampling_defaults
+
+    kwargs = {**sampling_defaults(args.model), "num_images_per_prompt": args.num_images}
     for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
                       ("width", "width")):
         if getattr(args, name) is not None:
@@ -129,9 +131,12 @@ def _call_kwargs(args, pipe) -> dict:
     return kwargs
 
 
-def _load(args):
-    from .models import load_pipeline, parse_dtype
+def _load(args, joint: bool = False):
+    """The pipeline of --model; without it the built-in UNet model, or the MMDiT one when `joint` attention is
+    needed."""
+    from .models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL, load_pipeline, parse_dtype
 
+    args.model = args.model or (DEFAULT_JOINT_MODEL if joint else DEFAULT_MODEL)
     return load_pipeline(args.model, device=args.device, dtype=parse_dtype(args.dtype))
 
 
@@ -212,7 +217,7 @@ def cmd_maps(args):
 def cmd_generate(args):
     from .methods.capture import Capture
 
-    pipe = _load(args)
+    pipe = _load(args, joint=args.method == "ast")
     if args.method == "none":
         if not args.prompt:
             raise UsageError("--prompt is required with --method none")
@@ -251,7 +256,7 @@ def cmd_generate(args):
 def cmd_analyze(args):
     from . import analysis
 
-    analysis.run_from_args(args, _load(args))
+    analysis.run_from_args(args, _load(args, joint=True))
 
 
 def cmd_bench(args):

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -58,6 +59,14 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     return pipe
+
+
+def sampling_defaults(spec: str) -> dict:
+    """Pipeline-call defaults a model folder recommends in its `attnctl.json` (the built-in models were trained for
+    a resolution, step count and guidance scale other than diffusers' defaults); {} when it has none."""
+    folder = BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
+    path = folder / "attnctl.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _show_progress() -> bool:
