@@ -133,36 +133,43 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
         return _approximate_attention(q, k, v, scale, tables, budget, want_text_probs)
     if lse is None:
         lse = row_lse(q, k, v, scale)
-    batch, heads, n, _ = q.shape
+    batch, heads, n, dim = q.shape
     budget = budget or max(1 << 20, 2 * q.numel())
     size = max(16, budget // max(1, batch * heads * n))
-    kt, vc = k.to(cdt).transpose(-1, -2), v.to(cdt)
+    kt = k.to(cdt).transpose(-1, -2).reshape(batch * heads, dim, n)
+    vc = v.to(cdt).reshape(batch * heads, n, dim)
     out = torch.empty(q.shape, dtype=cdt, device=q.device)
     probs = _text_probs_buffer(q, tables) if want_text_probs else None
     for rows, blocks in tables.groups():
         for c in _chunks(rows, size):
+            rows_c = c.stop - c.start
             local = _local(c, rows.start)
-            L = lse[:, :, c].to(cdt)[..., None]  # (B, H, c, 1)
-            S = torch.matmul(q[:, :, c].to(cdt), kt).mul_(scale)  # (B, H, c, N)
-            shift = L
+            neg_lse = lse[:, :, c].to(cdt).neg().reshape(batch * heads, rows_c, 1)
+            qc = q[:, :, c].to(cdt).reshape(batch * heads, rows_c, dim)
+            # U = S − L in one fused op; U <= 0 and exp(U) = P
+            U = torch.baddbmm(neg_lse, qc, kt, alpha=scale).view(batch, heads, rows_c, n)
             if blocks:
-                bound = torch.zeros(batch, 1, c.stop - c.start, 1, dtype=cdt, device=q.device)
-                for keys, alpha, q_lab, k_lab in blocks:
-                    a = alpha[:, local].to(cdt)[:, None, :, None]  # (B, 1, c, 1)
-                    Sk = S[..., keys]
-                    bias = (Sk - L).exp_().mul_(a.neg())  # −α·P on this key block
-                    bias.add_((q_lab[:, local, None] == k_lab[:, None, :])[:, None] * a)  # + α·M
-                    Sk.add_(bias)
-                    del bias
-                    bound = torch.maximum(bound, a.abs())
-                shift = L + bound
-            E = S.sub_(shift).exp_()  # exp(S + B − shift), ≤ 1
+                A, AM = _bias_tables(blocks, local, batch, rows_c, n, cdt, q.device)  # (B, 1, c, N) each
+                U.addcmul_(U.exp(), A, value=-1.0)  # − α·P
+                U.add_(AM)  # + α·M − max|α| (shift: keeps every exponent <= 0)
+            E = U.exp_()
             denom = E.sum(dim=-1, keepdim=True)
-            out[:, :, c] = torch.matmul(E, vc).div_(denom)
+            out[:, :, c] = torch.bmm(E.view(batch * heads, rows_c, n), vc).view(batch, heads, rows_c, dim).div_(denom)
             if probs is not None and rows == tables.image:
                 probs[:, :, local] = (E[..., tables.text] / denom).float()
-            del S, E
+            del U, E
     return out.to(q.dtype), probs
+
+
+def _bias_tables(blocks, local: slice, batch: int, rows: int, n: int, dtype, device):
+    """Per query chunk: A = α of each (row, key) (0 on untouched keys) and α·M − max|α| (the row's shift)."""
+    A = torch.zeros(batch, 1, rows, n, dtype=dtype, device=device)
+    M = torch.zeros(batch, 1, rows, n, dtype=torch.bool, device=device)
+    for keys, alpha, q_lab, k_lab in blocks:
+        A[..., keys] = alpha[:, local].to(dtype)[:, None, :, None]
+        M[..., keys] = (q_lab[:, local, None] == k_lab[:, None, :])[:, None]
+    bound = A.abs().amax(dim=-1, keepdim=True)
+    return A, (A * M).sub_(bound)
 
 
 def row_lse(q, k, v, scale) -> torch.Tensor:
