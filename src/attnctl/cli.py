@@ -217,7 +217,6 @@ def cmd_maps(args):
 def cmd_generate(args):
     from .methods.capture import Capture
 
-    pipe = _load(args, joint=args.method == "ast")
     if args.method == "none":
         if not args.prompt:
             raise UsageError("--prompt is required with --method none")
@@ -230,6 +229,7 @@ def cmd_generate(args):
             raise UsageError("--prompt is required with --method regulation")
         prompt = args.prompt
         method = _method_module(args.method).controller_from_args(args, prompt)
+    pipe = _load(args, joint=args.method == "ast")  # after the method's inputs are checked: cheap errors first
     controllers = [method] if method else []
     words = list(getattr(method, "target_words", None) or _words(getattr(args, "targets", None)))
     capture = Capture(words) if args.maps and words else None
