@@ -231,7 +231,10 @@ def cmd_generate(args):
         method = _method_module(args.method).controller_from_args(args, prompt)
     pipe = _load(args, joint=args.method == "ast")  # after the method's inputs are checked: cheap errors first
     controllers = [method] if method else []
-    words = list(getattr(method, "target_words", None) or _words(getattr(args, "targets", None)))
+    if args.method == "ast":  # map the head word (last word) of each region's phrase
+        words = [region.phrase.split()[-1] for region in method.layout.regions]
+    else:
+        words = list(getattr(method, "target_words", None) or _words(getattr(args, "targets", None)))
     capture = Capture(words) if args.maps and words else None
     images = _generate(pipe, prompt, args, controllers + ([capture] if capture else []))
     paths = _save_images(images, args.out)
