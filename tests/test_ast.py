@@ -221,3 +221,25 @@ def test_layout_object_and_bad_options():
         AST(lay, path="flash")
     with pytest.raises(UsageError, match="variant of the fast path"):
         AST(lay, path="direct", approximate=True)
+
+
+def test_cli_generate_writes_images_and_overlays(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    env = {**os.environ, "ATTNCTL_PROGRESS": "0"}
+    base = [sys.executable, "-m", "attnctl.cli", "generate", "--method", "ast", "--model", "random:flux-tiny",
+            "--steps", "2", "--height", "64", "--width", "64"]
+    res = subprocess.run(base + ["--layout", str(examples / "sketch_layout.json"), "--ast-steps", "1",
+                                 "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert {"image.png", "image_layout.png"} <= {p.name for p in tmp_path.iterdir()}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"prompt": "a red dog", "regions": [{"phrase": "a blue dog", "box": [0, 0, 1, 1]}]}')
+    res = subprocess.run(base + ["--layout", str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 2 and "'a blue dog'): the phrase is not part of the prompt" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -8,6 +8,7 @@ reference); all steps tuned (n_mod = 16 > steps), the layout of `examples/two_an
 Attention alone: one joint attention call of FLUX's shape (24 heads × 128, batch 1) with image + text tokens of a
 512² (quick) or 1024² (full) image: plain SDPA, the fast path and the direct path; median time and peak working
 memory (bytes allocated during the call beyond what was held before).
+Also reported: torch's thread count and the machine's load average at the start (timings on a shared machine).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def ast_variant(pipe, prompt, **options):
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict:
+    """Side-by-side pipeline timings and the attention call alone. ATTNCTL_THREADS=n sets torch's CPU threads for the
+    whole run (plain and AST alike), e.g. on an oversubscribed machine."""
+    if os.environ.get("ATTNCTL_THREADS"):
+        torch.set_num_threads(int(os.environ["ATTNCTL_THREADS"]))
     if quick:
         model, size, steps, text, repeats = "random:flux?double=1&single=2", 256, 1, 128, 1
     else:
