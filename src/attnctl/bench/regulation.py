@@ -6,7 +6,8 @@ the first 25 edited, layers down_blocks.2 and up_blocks.1 (which then run at 16x
 iterations, guidance 7.5, DPM-Solver multistep. Quick: the same model and size, 4 steps of which 2 edited.
 Reported: time and peak-memory ratios to the plain pipeline for the fast implementation (`time_ratio`,
 `peak_memory_ratio`) and the direct one (`direct_time_ratio`, `direct_peak_memory_ratio`), the raw times, and the
-seconds spent inside the controller per run (its own cost, free of the UNet's run-to-run noise).
+seconds spent inside the controller per run and their share of the plain run's time (its own cost, free of the
+UNet's run-to-run noise on a busy machine).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def run(quick: bool = False, device: str = "cpu", steps: int | None = None, edit
         "direct_controller_s": _median(seconds["direct"]),
         "raw": res,
     }
+    # The controller's own seconds over the plain run's: an upper bound on its share of the time ratio (the calls it
+    # edits would have cost their plain attention anyway), free of the UNet's run-to-run noise on a busy machine.
+    for name in ("regulation", "direct"):
+        s = out[f"{name}_controller_s"]
+        out[f"{name}_controller_share"] = None if s is None else s / out["plain_time_s"]
     return out
 
 

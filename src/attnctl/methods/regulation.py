@@ -200,10 +200,9 @@ class Regulation(Controller):
 
     # --- pieces -------------------------------------------------------------------------------------------------
     def _optimise(self, logits, targets, basis, w0) -> rm.Trajectory:
-        idx = torch.tensor(targets, device=logits.device)
         if self.implementation == "direct":
-            return rm.optimise_direct(logits, idx, basis, w0, self.hp)
-        target_logits, rest = rm.split_logits(logits, idx)
+            return rm.optimise_direct(logits, torch.tensor(targets, device=logits.device), basis, w0, self.hp)
+        target_logits, rest = rm.split_logits(logits, targets)
         return rm.optimise_fast(target_logits, rest, basis, w0, self.hp)
 
     def _choose(self, trajectories: list[rm.Trajectory], heads: int) -> list[torch.Tensor]:

@@ -83,13 +83,15 @@ def _quantile_ranks(n: int, q: float) -> tuple[int, int, float]:
     return lo, hi, pos - lo
 
 
-def split_logits(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, N, L) logits → target logits (rows, N, k) and the log-sum-exp of all other columns (rows, N)."""
-    keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    keep[targets] = False
-    rest = torch.logsumexp(logits[..., keep], dim=-1) if bool(keep.any()) else logits.new_full(logits.shape[:-1],
-                                                                                             -math.inf)
-    return logits[..., targets], rest
+def split_logits(logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, N, L) logits → target logits (rows, N, k) and the log-sum-exp of all other columns (rows, N): the
+    untouched part of every softmax denominator, computed once. `targets`: positions (a list, or a tensor)."""
+    targets = targets.tolist() if torch.is_tensor(targets) else [int(t) for t in targets]
+    others = [i for i in range(logits.shape[-1]) if i not in set(targets)]
+    picked = logits[..., torch.tensor(targets, device=logits.device)]
+    if not others:
+        return picked, logits.new_full(logits.shape[:-1], -math.inf)
+    return picked, torch.logsumexp(logits[..., torch.tensor(others, device=logits.device)], dim=-1)
 
 
 def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
