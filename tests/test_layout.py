@@ -177,3 +177,32 @@ def test_overlay_tints_regions_only():
     assert out.shape == (64, 64, 3)
     assert (out[34:48, 34:60] == 128).all()  # background untouched (the caption is below)
     assert (out[20, 20] != 128).any()  # inside the region: tinted
+
+
+def test_spacy_rule_on_a_parse():
+    """The spaCy path (not installed here) on a hand-made parse of "a fluffy white cat with a hat": the attribute is
+    the span of the amod/compound/conj children of the first noun chunk's root."""
+    from types import SimpleNamespace as T
+
+    from attnctl.roles import _spacy_spans
+
+    phrase = "a fluffy white cat with a hat"
+    words = phrase.split()
+    starts = [phrase.index(w, sum(len(x) + 1 for x in words[:i])) for i, w in enumerate(words)]
+    toks = [T(text=w, idx=s, dep_=d, pos_=p) for w, s, d, p in zip(
+        words, starts, ["det", "amod", "amod", "ROOT", "prep", "det", "pobj"],
+        ["DET", "ADJ", "ADJ", "NOUN", "ADP", "DET", "NOUN"])]
+    root = toks[3]
+    for t in toks[:3]:
+        t.head = root
+    root.head = root
+    doc = T(noun_chunks=[_Chunk(toks[:4], root)])
+    assert [phrase[a:b] for a, b in _spacy_spans(lambda text: doc, phrase)] == ["fluffy white"]
+    doc = T(noun_chunks=[_Chunk([toks[0], toks[3]], root)])
+    assert _spacy_spans(lambda text: doc, phrase) == []
+
+
+class _Chunk(list):
+    def __init__(self, tokens, root):
+        super().__init__(tokens)
+        self.root = root
