@@ -39,20 +39,35 @@ IMPLEMENTATIONS = ("fast", "direct")
 SELECTIONS = ("batch", "image")
 
 
+def _flushing_denormals() -> bool:
+    """Whether the CPU currently flushes denormal floats to zero (torch has a setter but no getter)."""
+    return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
+
+
 @contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run the many small ops of the optimisation on one CPU thread. On a CPU with other work, waking the intra-op
-    pool for (rows × 256 × k) tensors costs far more than the arithmetic (measured here: 20 iterations in 30 ms on one
-    thread, ~1 s with two). Both implementations run under it."""
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
+def _small_ops(device: torch.device):
+    """CPU settings for the many small ops of the optimisation, restored afterwards. Both implementations run under
+    them; measured here on a busy 2-core CPU, 8 rows × 256 pixels × 2 targets:
+    - one intra-op thread: waking the thread pool for such tensors costs far more than the arithmetic (20
+      iterations in ~30 ms on one thread, ~1 s on two);
+    - denormals flushed to zero: target probabilities and gradients far below 1e-38 are common once the field has
+      pushed a pixel's target logits down, and denormal arithmetic is slow on x86 (fast path 20 ms per call instead
+      of 45-85 ms). Values that small change no loss, iterate or probability the tests can see."""
+    if device.type != "cpu":
         yield
         return
-    torch.set_num_threads(1)
+    threads, flushing = torch.get_num_threads(), _flushing_denormals()
+    if threads > 1:
+        torch.set_num_threads(1)
+    if not flushing:
+        torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        if threads > 1:
+            torch.set_num_threads(threads)
+        if not flushing:
+            torch.set_flush_denormal(False)
 
 
 class _Group:
@@ -165,7 +180,8 @@ class Regulation(Controller):
                 warnings.warn(f"Regulation: {call.site.name} runs at {h}x{w}, too small for a Gaussian basis with "
                               f"sigma={sigma} (centres from {2 * sigma} every {2 * sigma} pixels); left unedited")
             return
-        with _one_thread(device):
+        out = call.output().clone()  # the plain attention; its rows outside the conditional half are kept
+        with _small_ops(device):
             logits = (q.float() @ k.float().transpose(-1, -2)) * call.scale  # (batch, heads, N, L) float32
             heads = q.shape[1]
             groups = self._groups(step, logits.shape[-1])
@@ -176,7 +192,6 @@ class Regulation(Controller):
                 w0 = w0.to(device)
                 trajectories.append((g_logits, w0, self._optimise(g_logits, g.targets, basis, w0)))
             chosen = self._choose([t for _, _, t in trajectories], heads)
-            out = call.output().clone()
             probs = torch.softmax(logits, dim=-1)
             for g, (g_logits, w0, traj), pick in zip(groups, trajectories, chosen):
                 rows = torch.arange(traj.weights.shape[1], device=pick.device)
