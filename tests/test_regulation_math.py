@@ -251,7 +251,8 @@ def test_controller_output_matches_reference_over_steps(dtype, tol):
         assert err < tol, err
         probs = call.text_probs()
         assert probs.dtype == torch.float32
-        assert (probs[2:].double().flatten(0, 1) - P).abs().max().item() < max(tol, 2e-5) / 10
+        # measured: output 1.7e-6 (fp32), 3.3e-4 (fp16), 2.6e-3 (bf16) relative; probabilities <= 3e-6 absolute
+        assert (probs[2:].double().flatten(0, 1) - P).abs().max().item() < 1e-5
         plain = torch.nn.functional.scaled_dot_product_attention(call.q[:2], call.k[:2], call.v[:2])
         assert torch.equal(got[:2], plain)
 
