@@ -7,7 +7,7 @@ Categories (every prompt uses object pairs never seen together in training, or t
 - layout:         "a red circle to the left of a blue square" — success: both bound, each mostly inside its region
                   (the half of the image the relation names; AST is given those regions as its layout).
 Each (prompt, seed) is one sample; rates come with 95% Wilson intervals. Regulation selects its best iterate per
-image (`per_image=True`), which is what the reference does at its only batch size, 1, while letting us batch seeds.
+image (`selection="image"`), which is what the reference does at its only batch size, 1, while letting us batch seeds.
 With several processes (`accelerate launch -m attnctl.cli eval ...`), prompts are split between them.
 """
 
@@ -106,7 +106,7 @@ def controllers_for(method: str, case: Case) -> list:
     if method == "regulation":
         from .methods.regulation import Regulation
 
-        return [Regulation(targets=[s for _, s in case.objects], per_image=True)]
+        return [Regulation(targets=[s for _, s in case.objects], selection="image", verbose=False)]
     if method == "ast":
         from .layout import Layout
         from .methods.ast import AST
