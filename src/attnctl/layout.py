@@ -199,7 +199,8 @@ def load_layout(layout) -> Layout:
 
 
 def overlay(image, layout: Layout, alpha: float = 0.35):
-    """`image` (PIL) with each region tinted in its own colour, outlined, and labelled with its phrase."""
+    """`image` (PIL) with each region tinted in its own colour (its sketch colour, if any), outlined, and labelled
+    with its phrase."""
     from PIL import Image, ImageDraw
 
     layout = load_layout(layout)
@@ -208,15 +209,16 @@ def overlay(image, layout: Layout, alpha: float = 0.35):
     lab = layout.labels((height, width)).numpy()
     arr = np.asarray(base).astype(np.float32)
     tint = arr.copy()
+    colors = [r.color or OVERLAY_COLORS[i % len(OVERLAY_COLORS)] for i, r in enumerate(layout.regions)]
     for i in range(1, len(layout.regions) + 1):
-        tint[lab == i] = OVERLAY_COLORS[(i - 1) % len(OVERLAY_COLORS)]
+        tint[lab == i] = colors[i - 1]
     out = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     for i, region in enumerate(layout.regions, start=1):
         ys, xs = np.nonzero(lab == i)
         if len(xs) == 0:
             continue
-        color = OVERLAY_COLORS[(i - 1) % len(OVERLAY_COLORS)]
+        color = colors[i - 1]
         edge = (lab == i) & ~_eroded(lab == i)
         ey, ex = np.nonzero(edge)
         draw.point(list(zip(ex.tolist(), ey.tolist())), fill=color)
