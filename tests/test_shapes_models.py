@@ -87,6 +87,15 @@ def test_random_unet_pipeline_round_trip(tmp_path):
     assert img.shape == (1, data.IMAGE_SIZE, data.IMAGE_SIZE, 3)
 
 
+def test_unet_sampler_avoids_the_degenerate_last_timestep():
+    sched = models.build_unet_scheduler()
+    for steps in (25, 50):
+        sched.set_timesteps(steps)
+        assert len(sched.timesteps) == steps
+        assert int(sched.timesteps[0]) <= 961  # alpha_bar(999) of the cosine schedule is ~2e-9
+        assert float(sched.alphas_cumprod[int(sched.timesteps[0])]) > 1e-4
+
+
 BUILTIN = Path(models.__file__).resolve().parent.parent / "builtin"
 
 
@@ -112,7 +121,7 @@ def test_builtin_unet_runs():
 def test_builtin_mmdit_runs():
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(BUILTIN / "shapes-mmdit")
+    pipe = StableDiffusion3Pipeline.from_pretrained(BUILTIN / "shapes-mmdit", text_encoder_3=None, tokenizer_3=None)
     assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
     out = pipe("a blue square", num_inference_steps=2, guidance_scale=5.0, output_type="np",
                generator=torch.Generator().manual_seed(0)).images

@@ -123,3 +123,15 @@ def test_input_formats_agree():
         scorer.score_image(r.image, [("pink", "circle")])
     with pytest.raises(ValueError):
         scorer.score_image(r.image[:, :, 0], exp)
+
+
+def test_irregular_and_elongated_blobs_are_no_shape():
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[10:50, 10:20] = data.PALETTE["red"]  # a 10 x 40 bar
+    img[10:20, 30:60] = data.PALETTE["blue"]  # an L
+    img[10:50, 30:40] = data.PALETTE["blue"]
+    s = scorer.score_image(img, [("red", "square"), ("blue", "square")])
+    assert sorted(b.shape for b in s.blobs) == ["other", "other"]
+    assert s.count == 2
+    assert not any(o.present for o in s.objects)
+    assert all(o.colour_present for o in s.objects)

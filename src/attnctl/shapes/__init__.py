@@ -7,7 +7,8 @@
 * :mod:`.cli`     ``attnctl shapes train``
 
 The trained pipelines ship in ``attnctl/builtin/shapes-unet`` (StableDiffusionPipeline) and
-``attnctl/builtin/shapes-mmdit`` (StableDiffusion3Pipeline); :func:`builtin_model_path` finds them.
+``attnctl/builtin/shapes-mmdit`` (StableDiffusion3Pipeline); :func:`builtin_model_path` finds them
+and :func:`load_builtin` loads them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def builtin_model_path(name: str) -> Path:
     return Path(__file__).resolve().parent.parent / "builtin" / name
 
 
+def load_builtin(name: str, **kwargs):
+    """Load a shipped shapes-world pipeline on CPU in float32.
+
+    ``shapes-mmdit`` has no T5: it is loaded with ``text_encoder_3=None, tokenizer_3=None``, as
+    diffusers requires for SD3 pipelines saved without one.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, BUILTIN_MODELS[name])
+    if name == "shapes-mmdit":
+        kwargs.setdefault("text_encoder_3", None)
+        kwargs.setdefault("tokenizer_3", None)
+    return cls.from_pretrained(builtin_model_path(name), **kwargs)
+
+
 __all__ = [
     "BUILTIN_MODELS",
     "COLOURS",
@@ -54,6 +70,7 @@ __all__ = [
     "SceneScore",
     "ShapeObject",
     "builtin_model_path",
+    "load_builtin",
     "caption_for",
     "relation_holds",
     "render",

@@ -167,11 +167,11 @@ UNET_CONFIG = dict(
     out_channels=LATENT_CHANNELS,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 96, 96),
+    block_out_channels=(32, 64, 64),
     layers_per_block=1,
     cross_attention_dim=64,
-    attention_head_dim=8,  # diffusers' historical name: number of heads
-    norm_num_groups=16,
+    attention_head_dim=4,  # diffusers' historical name: number of heads
+    norm_num_groups=8,
     transformer_layers_per_block=1,
 )
 
@@ -204,6 +204,12 @@ def build_transformer(**overrides):
 
 
 def build_unet_scheduler():
+    """DPM-Solver++ (2M) over the cosine schedule the UNet is trained with (epsilon prediction).
+
+    "leading" spacing (as in SD 1.x configs): sampling starts at t = 951 (25 or 50 steps).
+    Starting at t = 999 ("linspace"/"trailing") fails with this schedule: alpha_bar(999) is 2e-9,
+    so the first x0 estimate divides the epsilon error by sqrt(2e-9).
+    """
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
@@ -212,6 +218,7 @@ def build_unet_scheduler():
         prediction_type="epsilon",
         algorithm_type="dpmsolver++",
         solver_order=2,
+        timestep_spacing="leading",
         steps_offset=1,
     )
 

@@ -32,7 +32,7 @@ MIN_AREA_FRACTION = 0.012
 @dataclass
 class Blob:
     colour: str
-    shape: str
+    shape: str  # one of SHAPES, or "other" for a blob that matches no shape
     mask: np.ndarray  # (H, W) bool
     area: int
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (half-open)
@@ -134,31 +134,38 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
     return comps
 
 
-def shape_features(mask: np.ndarray, box: tuple[int, int, int, int]) -> dict:
-    x0, y0, x1, y1 = box
-    m = mask[y0:y1, x0:x1].astype(np.float32)
-    h, w = m.shape
-    ys, xs = (np.mgrid[0:h, 0:w] + 0.5) / np.array([h, w]).reshape(2, 1, 1)
-    fill = float(m.mean())
-    top, bottom = m[ys < 0.5].sum(), m[ys >= 0.5].sum()
-    leg = 0.25
-    corner = ((xs + ys) <= leg) | (((1 - xs) + ys) <= leg) | ((xs + (1 - ys)) <= leg) | (((1 - xs) + (1 - ys)) <= leg)
-    top_corner = (((xs + ys) <= leg) | (((1 - xs) + ys) <= leg))
+#: A blob is called a shape only if its silhouette overlaps that shape's template this well (IoU).
+MIN_TEMPLATE_IOU = 0.70
+#: ... and its box is no more elongated than this (every generated shape has a square box).
+MAX_ASPECT = 1.45
+
+
+def shape_templates(h: int, w: int) -> dict[str, np.ndarray]:
+    """Ideal silhouettes filling an h x w box: ellipse, rectangle, upright isosceles triangle."""
+    ys, xs = (np.mgrid[0:h, 0:w] + 0.5) / np.array([h, w], dtype=np.float64).reshape(2, 1, 1)
     return {
-        "fill": fill,
-        "top_bottom": float(top / max(bottom, 1.0)),
-        "corner_fill": float(m[corner].mean()) if corner.any() else 0.0,
-        "top_corner_fill": float(m[top_corner].mean()) if top_corner.any() else 0.0,
-        "aspect": w / max(h, 1),
+        "circle": (xs - 0.5) ** 2 + (ys - 0.5) ** 2 <= 0.25,
+        "square": np.ones((h, w), dtype=bool),
+        "triangle": np.abs(xs - 0.5) <= ys / 2.0,
     }
 
 
+def shape_features(mask: np.ndarray, box: tuple[int, int, int, int]) -> dict:
+    x0, y0, x1, y1 = box
+    m = mask[y0:y1, x0:x1]
+    h, w = m.shape
+    feats = {"fill": float(m.mean()), "aspect": w / max(h, 1)}
+    for name, t in shape_templates(h, w).items():
+        feats["iou_" + name] = float((m & t).sum() / max(1, (m | t).sum()))
+    return feats
+
+
 def classify_shape(f: dict) -> str:
-    if f["top_bottom"] < 0.65 and f["top_corner_fill"] < 0.3:
-        return "triangle"
-    if f["corner_fill"] >= 0.5 or f["fill"] >= 0.9:
-        return "square"
-    return "circle"
+    """The best-matching template, or "other" for irregular or elongated blobs."""
+    best = max(SHAPES, key=lambda s: f["iou_" + s])
+    if f["iou_" + best] < MIN_TEMPLATE_IOU or not (1 / MAX_ASPECT <= f["aspect"] <= MAX_ASPECT):
+        return "other"
+    return best
 
 
 def find_blobs(image, min_area_fraction: float = MIN_AREA_FRACTION) -> list[Blob]:

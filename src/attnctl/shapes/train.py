@@ -206,7 +206,13 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
     torch.manual_seed(seed)
     tokenizer = models.build_tokenizer()
     vae = vae.to(device).eval()
-    mean, std, ids = latent_cache(vae, tokenizer, n_scenes, device, seed)
+    cache = os.path.join(out, f"latents_{n_scenes}_{seed}.pt")
+    if os.path.exists(cache):
+        mean, std, ids = torch.load(cache)
+        log(f"latents from {cache}")
+    else:
+        mean, std, ids = latent_cache(vae, tokenizer, n_scenes, device, seed)
+        torch.save((mean, std, ids), cache)
     sf = vae.config.scaling_factor
     shift = vae.config.shift_factor if family == "mmdit" else 0.0
     empty = tokenize(tokenizer, [""])[0]
