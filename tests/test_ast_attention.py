@@ -118,3 +118,22 @@ def test_approximate_mode_deviation_grows_with_peaked_attention():
         deviations[sharpness] = (approx - exact).abs().max().item()
     flat, peaked = deviations.values()
     assert 1e-3 < flat < 0.05 and peaked > 1.0
+
+
+def test_fast_path_memory_stays_far_below_the_attention_matrix():
+    """Working memory during one call (glibc allocator, sampled every ms by attnctl.bench.PeakMemory): the fast path
+    stays under a tenth of one float32 N×N matrix per head; the direct path (1024-row chunks) holds several."""
+    from attnctl.bench import PeakMemory
+
+    heads, n_text, n_img, dim = 4, 256, 1280, 16
+    q, k, v, scale, tables = make_case(True, seed=6, batch=1, heads=heads, n_text=n_text, n_img=n_img, dim=dim,
+                                       dtype=torch.float32)
+    matrix = heads * (n_text + n_img) ** 2 * 4
+    used = {}
+    for name, path in (("fast", fast_attention), ("direct", direct_attention)):
+        path(q, k, v, scale, tables)
+        with PeakMemory("cpu") as mem:
+            path(q, k, v, scale, tables)
+        used[name] = mem.peak - mem.before
+    assert used["fast"] < 0.1 * matrix, used
+    assert used["direct"] > matrix, used

@@ -12,10 +12,10 @@ are label equalities, so no N×N table is ever stored:
 - `reference_attention`: the formula with the whole N×N matrices, in float64. Tests compare the others to it.
 - `direct_attention`: the formula, query chunk by query chunk (memory: chunk × N per batch row and head).
 - `fast_attention`: two passes and memory O(N·head_dim): the row log-sum-exp L comes from the fused attention kernel
-  (first pass, no N×N), then per small query chunk P = exp(S − L) is recomputed on the tuned key blocks only, the bias
-  is added in place, and exp(S + B − L − max|α|)·V and its row sums give the output without a softmax pass (the shift
+  (first pass, no N×N), then per small query chunk S − L comes from one fused matmul, P = exp(S − L), the bias is
+  added in place, and exp(S + B − L − max|α|)·V and its row sums give the output without a softmax pass (the shift
   is an upper bound of the row maximum, so nothing overflows). Chunks hold at most `budget` scores (default: twice the
-  size of q), so extra memory grows like q, not like N².
+  size of q, at least 2^18), so extra memory grows like q, not like N².
 - `approximate=True` (fast path only): B = α·M without the −α·P term, a single fused pass per chunk (SDPA with an
   additive mask); not exact, see `attnctl.methods.ast` for its measured deviation.
 """
@@ -134,7 +134,7 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
     if lse is None:
         lse = row_lse(q, k, v, scale)
     batch, heads, n, dim = q.shape
-    budget = budget or max(1 << 20, 2 * q.numel())
+    budget = budget or max(1 << 18, 2 * q.numel())
     size = max(16, budget // max(1, batch * heads * n))
     kt = k.to(cdt).transpose(-1, -2).reshape(batch * heads, dim, n)
     vc = v.to(cdt).reshape(batch * heads, n, dim)
