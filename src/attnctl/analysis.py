@@ -153,9 +153,9 @@ def add_cli_arguments(parser) -> None:
     add_hyperparameter_arguments(parser)
 
 
-def run_from_args(args, pipe) -> None:
+def run_from_args(args, pipe, call_kwargs: dict) -> None:
     """Run the pipeline once with the observer (and AST with --with-ast); write hierarchy.csv, hierarchy.png and the
-    image with its layout overlay to args.out."""
+    image with its layout overlay to args.out. `call_kwargs` are the pipeline-call arguments the CLI built."""
     from .control import apply
     from .layout import overlay
 
@@ -172,7 +172,7 @@ def run_from_args(args, pipe) -> None:
         from .methods.ast import controller_from_args
 
         controllers.insert(0, controller_from_args(args))
-    kwargs = _call_kwargs(args, pipe)
+    kwargs = call_kwargs
     generator = torch.Generator(device="cpu").manual_seed(getattr(args, "seed", 0))
     with apply(pipe, *controllers, prompt=layout.prompt):
         images = pipe(layout.prompt, generator=generator, **kwargs).images
@@ -188,14 +188,3 @@ def run_from_args(args, pipe) -> None:
         image.save(out / f"{stem}.png")
         overlay(image, layout).save(out / f"{stem}_layout.png")
     print(f"wrote {out}/hierarchy.csv ({len(hierarchy.rows)} rows), hierarchy.png and the image(s)")
-
-
-def _call_kwargs(args, pipe) -> dict:
-    kwargs = {"num_images_per_prompt": getattr(args, "num_images", 1) or 1}
-    for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
-                      ("width", "width")):
-        if getattr(args, name, None) is not None:
-            kwargs[key] = getattr(args, name)
-    if getattr(args, "max_sequence_length", None):
-        kwargs["max_sequence_length"] = args.max_sequence_length
-    return kwargs

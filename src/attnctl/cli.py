@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 text length of SD3/FLUX pipelines (default: the pipeline's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
 
@@ -119,13 +121,15 @@ def _call_kwargs(args, pipe) -> dict:
 
     kwargs = {**sampling_defaults(args.model), "num_images_per_prompt": args.num_images}
     for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
-                      ("width", "width")):
+                      ("width", "width"), ("max_sequence_length", "max_sequence_length")):
         if getattr(args, name) is not None:
             kwargs[key] = getattr(args, name)
     for name in ("height", "width"):
         multiple = getattr(pipe, "vae_scale_factor", 8) * (2 if hasattr(pipe, "transformer") else 1)
         if name in kwargs and kwargs[name] % multiple:
             raise UsageError(f"--{name} {kwargs[name]} must be a multiple of {multiple} for this model")
+    if "max_sequence_length" in kwargs and not hasattr(pipe, "transformer"):
+        raise UsageError("--max-sequence-length applies to SD3 and FLUX pipelines only (UNet models use 77 tokens)")
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
     return kwargs
@@ -259,7 +263,11 @@ def cmd_generate(args):
 def cmd_analyze(args):
     from . import analysis
 
-    analysis.run_from_args(args, _load(args, joint=True))
+    from .layout import Layout
+
+    Layout.load(args.layout)  # a bad layout fails before the model loads
+    pipe = _load(args, joint=True)
+    analysis.run_from_args(args, pipe, _call_kwargs(args, pipe))
 
 
 def cmd_bench(args):
