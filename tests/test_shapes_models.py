@@ -132,3 +132,15 @@ def test_builtin_mmdit_runs():
 def test_builtin_size_budget():
     folders = [BUILTIN / n for n in ("shapes-unet", "shapes-mmdit") if (BUILTIN / n).is_dir()]
     assert sum(_folder_mb(f) for f in folders) <= 25.0
+
+
+@pytest.mark.skipif(not BUILTIN.is_dir(), reason="no built-in models in this checkout")
+def test_builtin_tokenizer_files_agree(tokenizer):
+    from transformers import CLIPTokenizer
+
+    for folder in sorted(BUILTIN.glob("shapes-*/tokenizer*")):
+        saved = CLIPTokenizer.from_pretrained(folder)
+        files = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+        cap = "a yellow triangle below a purple circle"
+        assert saved(cap).input_ids == files(cap).input_ids == tokenizer(cap).input_ids
+        assert saved.model_max_length == models.TEXT_MAX_LENGTH

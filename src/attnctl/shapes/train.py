@@ -194,6 +194,9 @@ def save_pipeline(family: str, folder: str, vae, parts: dict[str, torch.nn.Modul
     else:
         pipe = models.assemble_mmdit_pipeline(vae16, texts["text_encoder"], texts["text_encoder_2"], half["transformer"])
     pipe.save_pretrained(tmp)
+    for sub in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt too, for slow/older CLIPTokenizers
+        if os.path.isdir(os.path.join(tmp, sub)):
+            models.write_tokenizer_files(os.path.join(tmp, sub))
     with open(os.path.join(tmp, "shapes_training.json"), "w") as f:
         json.dump(info, f, indent=1)
     shutil.rmtree(folder, ignore_errors=True)
