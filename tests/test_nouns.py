@@ -78,3 +78,10 @@ def test_fallback_when_spacy_has_no_english_pipeline(monkeypatch):
         assert nouns.tagger_name() == "rule-based"
     finally:
         nouns._spacy_pipeline.cache_clear()
+
+
+def test_adjective_closing_a_noun_phrase_is_its_noun():
+    assert nouns.choose_nouns("a red circle and a blue square", tagger="rules") == ["circle", "square"]
+    assert nouns.choose_nouns("a red circle to the left of a blue square", tagger="rules") == ["circle", "square"]
+    assert nouns.choose_nouns("a square table", tagger="rules") == ["table"]
+    assert nouns.choose_nouns("the sky is blue", tagger="rules") == ["sky"]

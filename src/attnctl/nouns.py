@@ -107,12 +107,24 @@ def _spacy_flags(nlp, prompt: str, words) -> list[bool]:
 
 
 def _rule_flags(words) -> list[bool]:
+    lowered = [w.lower() for w, _, _ in words]
     flags = []
-    previous = None
-    for word, _, _ in words:
-        flags.append(_is_noun(word.lower(), previous))
-        previous = word.lower()
+    for i, w in enumerate(lowered):
+        previous = lowered[i - 1] if i else None
+        following = lowered[i + 1] if i + 1 < len(lowered) else None
+        flags.append(_is_noun(w, previous) or _adjective_used_as_noun(w, previous, following))
     return flags
+
+
+def _adjective_used_as_noun(w: str, previous: str | None, following: str | None) -> bool:
+    """'a blue square', 'a round': a word that can be an adjective, closing a noun phrase (after a determiner or an
+    adjective, before the end, a conjunction or a preposition), is the phrase's noun. 'the sky is blue' is not."""
+    if w not in _ADJECTIVES or previous is None:
+        return False
+    opens_phrase = previous in _DETERMINERS or previous in _NUMBERS or previous in _ADJECTIVES
+    closes_phrase = following is None or following in _CONJUNCTIONS or following in _PREPOSITIONS \
+        or following in _SPATIAL
+    return opens_phrase and closes_phrase
 
 
 def _is_noun(w: str, previous: str | None) -> bool:
