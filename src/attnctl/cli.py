@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     try:
         _quiet_libraries()
         args = build_parser().parse_args(argv)
-        handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+        handler = COMMANDS.get(args.command) or getattr(args, "handler", None) or getattr(args, "func")
         handler(args)
         return 0
     except UsageError as err:

@@ -79,8 +79,12 @@ def _from_pretrained(spec: str):
     local = Path(spec).expanduser()
     if local.exists() and not (local / "model_index.json").exists():
         raise UsageError(f"{spec} is a folder but not a diffusers pipeline folder (it has no model_index.json)")
+    # components saved as None (e.g. SD3 without T5) must be passed as None again, or diffusers refuses the folder
+    index = local / "model_index.json"
+    absent = {name: None for name, value in (json.loads(index.read_text()).items() if index.exists() else ())
+              if isinstance(value, list) and value == [None, None]}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec)
+        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec, **absent)
     except (OSError, ValueError) as err:
         if local.exists():
             raise UsageError(f"could not load the pipeline folder {spec}: {err}") from None
