@@ -111,7 +111,7 @@ def controllers_for(method: str, case: Case) -> list:
         from .layout import Layout
         from .methods.ast import AST
 
-        layout = Layout.from_dict({"prompt": case.prompt, "background": None, "regions": [
+        layout = Layout.from_dict({"prompt": case.prompt, "background": "", "regions": [
             {"phrase": phrase, "box": list(box)} for phrase, box in zip(case.phrases, case.boxes)]})
         return [AST(layout)]
     raise ValueError(method)
