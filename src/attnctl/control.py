@@ -22,7 +22,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from . import attention as attn_ops
 from .errors import UsageError
 from .families import family_of
-from .sites import AttentionSite
+from .sites import AttentionSite, downsampled
 from .tokens import PromptTokens
 
 HOOK_NAME = "attnctl.step"
@@ -244,9 +244,7 @@ def grid_of(n_image: int, token_grid: tuple[int, int], site: AttentionSite) -> t
     if h * w == n_image:
         return h, w
     for factor in (1, 2, 4, 8, 16, 32, 64):  # the site runs at another resolution than its config says
-        h, w = token_grid
-        for _ in range(factor.bit_length() - 1):
-            h, w = -(-h // 2), -(-w // 2)
+        h, w = downsampled(token_grid, factor)
         if h * w == n_image:
             return h, w
     raise RuntimeError(f"{site.name}: cannot place {n_image} image tokens on the token grid {token_grid}")

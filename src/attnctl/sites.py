@@ -27,10 +27,15 @@ class AttentionSite:
 
     def grid(self, token_grid: tuple[int, int]) -> tuple[int, int]:
         """Image token grid of this site when the denoiser's own token grid is `token_grid`."""
-        h, w = token_grid
-        for _ in range(self.downsample.bit_length() - 1):
-            h, w = -(-h // 2), -(-w // 2)
-        return h, w
+        return downsampled(token_grid, self.downsample)
+
+
+def downsampled(grid: tuple[int, int], factor: int) -> tuple[int, int]:
+    """`grid` after log2(factor) stride-2 downsamplings (each rounds up, as the UNet's convolutions do)."""
+    h, w = grid
+    for _ in range(factor.bit_length() - 1):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
 
 
 def site_table(sites: list[AttentionSite], token_grid: tuple[int, int] | None = None) -> str:

@@ -89,5 +89,5 @@ class Capture(Controller):
             size = max((m.shape[-2:] for m in ms), key=lambda s: s[0] * s[1])
             out[label] = torch.stack([F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
                                       if tuple(m.shape[-2:]) != tuple(size) else m for m in ms]).mean(0)
-        return dict(sorted(out.items(), key=lambda kv: -kv[1].shape[-1] * kv[1].shape[-2]
-                           if kv[0][0].isdigit() else 0)) if all(k[0].isdigit() for k in out) else dict(sorted(out.items()))
+        # largest grid first (UNet resolutions), then by label (depth bands in order)
+        return dict(sorted(out.items(), key=lambda kv: (-kv[1].shape[-2] * kv[1].shape[-1], kv[0])))
