@@ -33,7 +33,7 @@ def test_image_format():
 
 @pytest.mark.parametrize("seed", range(0, 400, 7))
 def test_masks_are_exactly_the_painted_pixels(seed):
-    r = data.render(data.sample_scene(seed, pair_fraction=0.5))
+    r = data.render(data.sample_scene(seed))
     union = np.zeros(r.image.shape[:2], dtype=bool)
     for obj, mask in zip(r.scene.objects, r.masks):
         assert mask.any()
@@ -64,7 +64,7 @@ def test_mask_areas_match_geometry():
 def test_captions_use_the_vocabulary_and_name_the_objects():
     vocab = set(data.VOCABULARY)
     for seed in range(300):
-        scene = data.sample_scene(seed, pair_fraction=0.5)
+        scene = data.sample_scene(seed)
         cap = scene.caption
         assert set(cap.split()) <= vocab, cap
         for obj in scene.objects:
@@ -105,11 +105,29 @@ def test_pairs_do_not_touch_and_stay_on_canvas():
             assert 0 <= x0 < x1 <= data.IMAGE_SIZE and 0 <= y0 < y1 <= data.IMAGE_SIZE
 
 
-def test_training_mix_is_mostly_single_objects():
-    counts = [len(data.sample_scene(s).objects) for s in range(2000)]
-    pairs = counts.count(2) / len(counts)
-    assert 0.11 < pairs < 0.19
-    assert set(counts) == {1, 2}
+def test_training_mix_is_singles_pairs_and_triples():
+    counts = [len(data.sample_scene(s).objects) for s in range(3000)]
+    shares = [counts.count(n) / len(counts) for n in (1, 2, 3)]
+    for share, expected in zip(shares, data.TRAIN_COUNTS):
+        assert abs(share - expected) < 0.03, shares  # 3000 draws: a standard error below 0.01
+
+
+def test_triples_do_not_touch_and_keep_their_held_out_split():
+    assert 5 <= len(data.HELDOUT_TRIPLES) <= 20
+    for triple in data.HELDOUT_TRIPLES:
+        assert len({c for c, _ in triple}) == 3 and len({s for _, s in triple}) == 3
+        assert not any(data.is_heldout_pair(a, b) for a, b in itertools.combinations(triple, 2))
+    for seed in range(400):
+        train = data.sample_scene(seed, n_objects=3, split="train").objects
+        objs = [(o.colour, o.shape) for o in train]
+        assert not data.is_heldout_triple(objs)
+        assert len(set(objs)) == 3
+        for a, b in itertools.combinations([o.box for o in train], 2):
+            assert data._gap_ok(a, b, gap=4)
+        held = [(o.colour, o.shape) for o in data.sample_scene(seed, n_objects=3, split="heldout").objects]
+        assert data.is_heldout_triple(held)
+    scene = data.sample_scene(1, n_objects=3)
+    assert scene.caption.count(" and ") == 2 and scene.relation is None
 
 
 def test_heldout_pairs_never_in_training_and_only_in_heldout():
@@ -144,6 +162,6 @@ def test_evaluation_prompts():
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        data.sample_scene(0, n_objects=3)
+        data.sample_scene(0, n_objects=4)
     with pytest.raises(ValueError):
         data.sample_scene(0, split="validation")

@@ -22,7 +22,7 @@ def _expected(r):
 def _accuracy(n: int, degrade: bool, start: int) -> tuple[float, float]:
     exact, ious = 0, []
     for seed in range(start, start + n):
-        r = data.render(data.sample_scene(seed, pair_fraction=0.5))
+        r = data.render(data.sample_scene(seed))
         img = _degrade(r.image, seed) if degrade else r.image
         s = scorer.score_image(img, _expected(r))
         exact += s.exact

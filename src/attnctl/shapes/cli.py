@@ -8,9 +8,18 @@ import argparse
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=["unet", "mmdit"], required=True)
     p.add_argument("--out", default=None, help="output folder (default: ./shapes-<family>-run)")
-    p.add_argument("--minutes", type=float, default=80.0, help="total wall-clock budget, VAE included")
+    p.add_argument("--minutes", type=float, default=80.0,
+                   help="wall-clock budget of this run, VAE included; a checkpoint is written when it runs out")
+    p.add_argument("--steps", type=int, default=6000,
+                   help="denoiser steps in all, over every resumed run; the learning-rate schedule follows them")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/state.pt (weights, EMA, optimiser, step) if it exists")
+    p.add_argument("--init", default=None,
+                   help="start from a pipeline folder or builtin:NAME (its VAE, and every tensor whose shape "
+                        "matches)")
     p.add_argument("--vae-minutes", type=float, default=None, help="VAE share of the budget (default 12%%)")
-    p.add_argument("--vae", default=None, help="reuse a trained VAE folder instead of training one")
+    p.add_argument("--vae", default=None,
+                   help="reuse a trained VAE (its folder, a pipeline folder or builtin:NAME) instead of training one")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--vae-threads", type=int, default=None, help="torch CPU threads while the VAE trains")

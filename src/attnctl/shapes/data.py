@@ -9,9 +9,12 @@ Captions use a tiny fixed vocabulary::
     a red circle
     a red circle and a blue square
     a red circle to the left of a blue square      (also: to the right of / above / below)
+    a red circle and a blue square and a green triangle
 
-The held-out split (:data:`HELDOUT_PAIRS`) names unordered pairs of objects that never appear
-together in a training scene; evaluation prompts built from them are unseen combinations.
+Training scenes hold one, two or three objects (:data:`TRAIN_COUNTS`). Two sets of combinations are
+never shown in training, so that evaluation can ask for unseen ones: the unordered pairs of
+:data:`HELDOUT_PAIRS` (never together in one scene, also not inside a triple) and the triples of
+:data:`HELDOUT_TRIPLES` (each of their pairs is seen, the three together never).
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ VOCABULARY: tuple[str, ...] = tuple(
     )
 )
 
-#: Fraction of training scenes with two objects (the rest have one).
-TRAIN_PAIR_FRACTION = 0.15
+#: Probabilities of one, two and three objects in a training scene. Models trained on 15% pairs and no
+#: triples could not draw two objects at all; real models see many multi-object images.
+TRAIN_COUNTS: tuple[float, float, float] = (0.3, 0.5, 0.2)
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,28 @@ def is_heldout_pair(a: tuple[str, str], b: tuple[str, str]) -> bool:
     return _pair_key(a, b) in HELDOUT_PAIRS
 
 
+def _distinct_attributes(objects) -> bool:
+    return len({o[0] for o in objects}) == len(objects) == len({o[1] for o in objects})
+
+
+#: Unordered triples of three colours and three shapes whose pairs are all seen in training but which
+#: never appear together (about one in three such triples; fixed by a hash). Triples that contain a
+#: held-out pair are unseen as well.
+HELDOUT_TRIPLES: frozenset = frozenset(
+    tuple(sorted(t))
+    for t in itertools.combinations(ALL_OBJECTS, 3)
+    if _distinct_attributes(t)
+    and not any(is_heldout_pair(a, b) for a, b in itertools.combinations(t, 2))
+    and _stable_hash("|".join(f"{c} {s}" for c, s in sorted(t))) % 3 == 0
+)
+
+
+def is_heldout_triple(objects) -> bool:
+    """Whether three objects never appear together in training: a held-out triple, or one with a held-out pair."""
+    return tuple(sorted(objects)) in HELDOUT_TRIPLES or any(
+        is_heldout_pair(a, b) for a, b in itertools.combinations(objects, 2))
+
+
 def _random_box(rng: np.random.Generator, side: int, size: int, shape: str) -> tuple[int, int, int, int]:
     x0 = int(rng.integers(2, size - side - 1))
     y0 = int(rng.integers(2, size - side - 1))
@@ -207,20 +233,21 @@ def sample_scene(
     n_objects: int | None = None,
     split: str = "train",
     size: int = IMAGE_SIZE,
-    pair_fraction: float = TRAIN_PAIR_FRACTION,
+    counts: tuple[float, ...] = TRAIN_COUNTS,
     relation_fraction: float = 0.5,
 ) -> Scene:
     """A random scene, fully determined by ``seed`` (and the other arguments).
 
-    ``split="train"`` never produces a pair in :data:`HELDOUT_PAIRS`; ``split="heldout"`` produces
-    only such pairs (with ``n_objects=2``); ``split="any"`` draws from everything.
-    With ``n_objects=None`` the count is 2 with probability ``pair_fraction``, else 1.
+    ``split="train"`` never produces a held-out pair or triple; ``split="heldout"`` produces only
+    held-out ones (with ``n_objects`` 2 or 3); ``split="any"`` draws from everything. With
+    ``n_objects=None`` the count is drawn from ``counts`` (probabilities of 1, 2, 3 objects). A
+    relation is stated for pairs only, in ``relation_fraction`` of them.
     """
     rng = np.random.default_rng([seed, 0x5A4E])
     if n_objects is None:
-        n_objects = 2 if rng.random() < pair_fraction else 1
-    if n_objects not in (1, 2):
-        raise ValueError("n_objects must be 1 or 2")
+        n_objects = 1 + int(rng.choice(len(counts), p=np.asarray(counts) / sum(counts)))
+    if n_objects not in (1, 2, 3):
+        raise ValueError("n_objects must be 1, 2 or 3")
     if split not in ("train", "heldout", "any"):
         raise ValueError(f"unknown split {split!r}")
     if n_objects == 1:
@@ -228,21 +255,21 @@ def sample_scene(
         side = int(rng.integers(round(size * 0.28), round(size * 0.56) + 1))
         return Scene((ShapeObject(colour, shape, _random_box(rng, side, size, shape)),), None, size)
 
-    # Two different objects (they differ in colour or shape, so captions are unambiguous).
+    # Different objects (they differ in colour or shape, so captions are unambiguous).
+    unseen = is_heldout_pair if n_objects == 2 else (lambda *objs: is_heldout_triple(objs))
     while True:
-        i, j = rng.choice(len(ALL_OBJECTS), size=2, replace=False)
-        a, b = ALL_OBJECTS[int(i)], ALL_OBJECTS[int(j)]
-        held = is_heldout_pair(a, b)
-        if split == "any" or (split == "heldout") == held:
+        picks = [ALL_OBJECTS[int(i)] for i in rng.choice(len(ALL_OBJECTS), size=n_objects, replace=False)]
+        if split == "any" or (split == "heldout") == unseen(*picks):
             break
+    low, high = (0.22, 0.38) if n_objects == 2 else (0.2, 0.3)
     while True:
-        sides = rng.integers(round(size * 0.22), round(size * 0.38) + 1, size=2)
+        sides = rng.integers(round(size * low), round(size * high) + 1, size=n_objects)
         boxes = [_random_box(rng, int(s), size, "") for s in sides]
-        if _gap_ok(boxes[0], boxes[1], gap=max(2, size // 16)):
+        if all(_gap_ok(a, b, gap=max(2, size // 16)) for a, b in itertools.combinations(boxes, 2)):
             break
-    objs = (ShapeObject(a[0], a[1], boxes[0]), ShapeObject(b[0], b[1], boxes[1]))
+    objs = tuple(ShapeObject(c, s, box) for (c, s), box in zip(picks, boxes))
     relation = None
-    if rng.random() < relation_fraction:
+    if n_objects == 2 and rng.random() < relation_fraction:
         relation = relation_between(boxes[0], boxes[1])
     return Scene(objs, relation, size)
 

@@ -184,7 +184,7 @@ def build_unet(**overrides):
 
 MMDIT_CONFIG = dict(
     sample_size=LATENT_SIZE,
-    patch_size=2,
+    patch_size=1,  # 16x16 image tokens: the joint attention AST tunes works on a 16x16 grid
     in_channels=LATENT_CHANNELS,
     out_channels=LATENT_CHANNELS,
     num_layers=6,
@@ -193,7 +193,7 @@ MMDIT_CONFIG = dict(
     joint_attention_dim=128,  # = hidden of text_encoder + text_encoder_2 (64 + 64)
     caption_projection_dim=128,
     pooled_projection_dim=128,
-    pos_embed_max_size=LATENT_SIZE // 2,
+    pos_embed_max_size=LATENT_SIZE,
 )
 
 

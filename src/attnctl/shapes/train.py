@@ -1,7 +1,8 @@
-"""Train the shapes-world models from scratch on CPU (or CUDA) within a time budget.
+"""Train the shapes-world models on CPU (or CUDA), in one run or in several that resume.
 
-    python -m attnctl.shapes.train --family unet  --out /tmp/shapes_out/unet  --minutes 80
-    python -m attnctl.shapes.train --family mmdit --out /tmp/shapes_out/mmdit --minutes 80 --vae /tmp/shapes_out/unet/vae
+    attnctl shapes train --family unet  --out runs/unet  --steps 6000 --minutes 80
+    attnctl shapes train --family unet  --out runs/unet  --steps 6000 --minutes 80 --resume   # goes on
+    attnctl shapes train --family mmdit --out runs/mmdit --init builtin:shapes-mmdit            # warm start
 
 ``--family unet`` gives a ``StableDiffusionPipeline`` folder (epsilon prediction, cosine betas,
 DPM-Solver++ sampler); ``--family mmdit`` a ``StableDiffusion3Pipeline`` folder (rectified flow,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import json
 import math
 import os
@@ -26,15 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from . import data, models
-from .cli import add_train_arguments
+from ..errors import UsageError
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def image_batch(seeds, pair_fraction=data.TRAIN_PAIR_FRACTION) -> tuple[torch.Tensor, list[str]]:
-    rendered = data.make_batch(seeds, split="train", pair_fraction=pair_fraction)
+def image_batch(seeds) -> tuple[torch.Tensor, list[str]]:
+    rendered = data.make_batch(seeds, split="train")
     return torch.from_numpy(data.images_to_array(rendered)), [r.caption for r in rendered]
 
 
@@ -57,7 +59,7 @@ def train_vae(out: str, minutes: float, device: str, seed: int = 0, batch: int =
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * _cosine(frac))
-        x, _ = image_batch(range(seed_base + step * batch, seed_base + (step + 1) * batch), pair_fraction=0.5)
+        x, _ = image_batch(range(seed_base + step * batch, seed_base + (step + 1) * batch))
         x = x.to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -74,7 +76,7 @@ def train_vae(out: str, minutes: float, device: str, seed: int = 0, batch: int =
                 f"({(time.time() - t0) / step:.2f} s/it)")
     vae.eval()
     with torch.no_grad():
-        x, _ = image_batch(range(20_000_000, 20_000_512), pair_fraction=0.5)
+        x, _ = image_batch(range(20_000_000, 20_000_512))
         dists = [vae.encode(x[i:i + 64].to(device)).latent_dist for i in range(0, len(x), 64)]
         z = torch.cat([d.mean for d in dists])
         rec = torch.cat([vae.decode(z[i:i + 64]).sample for i in range(0, len(z), 64)]).cpu()
@@ -183,16 +185,86 @@ class EMA:
                 ps.lerp_(p.detach(), 1 - d)
 
 
-def save_pipeline(family: str, folder: str, vae, parts: dict[str, torch.nn.Module], info: dict) -> None:
+class EpsilonUNet:
+    """The UNet family's objective: epsilon prediction on the cosine schedule its sampler uses."""
+
+    lr = 8e-4
+    denoiser = "unet"
+
+    def __init__(self, device):
+        from diffusers import DDPMScheduler
+
+        self.parts = {"unet": models.build_unet(), "text_encoder": models.build_text_encoder()}
+        noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule=models.build_unet_scheduler().config.beta_schedule,
+                              prediction_type="epsilon")
+        self.alphas = noise.alphas_cumprod.to(device)
+
+    @staticmethod
+    def latent_shift(vae) -> float:
+        return 0.0
+
+    def loss(self, parts, z, tok, noise, gen):
+        t = torch.randint(0, 1000, (z.shape[0],), generator=gen).to(z.device)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        return F.mse_loss(parts["unet"](x_t, t, parts["text_encoder"](tok)[0]).sample, noise)
+
+    @staticmethod
+    def for_saving(parts):
+        return parts
+
+    @staticmethod
+    def assemble(vae, parts):
+        return models.assemble_unet_pipeline(vae, parts["text_encoder"], parts["unet"])
+
+
+class FlowMMDiT:
+    """The MMDiT family's objective: rectified flow (velocity noise - x0) at logit-normal sigmas."""
+
+    lr = 5e-4
+    denoiser = "transformer"
+
+    def __init__(self, device):
+        self.parts = {"transformer": models.build_transformer(),
+                      "text_encoder": models.build_text_encoder(with_projection=True),
+                      "text_encoder_2": models.build_text_encoder(with_projection=True)}
+        self.parts["transformer"].set_attn_processor(RepeatedLastTokenJointProcessor(models.SD3_T5_LENGTH))
+
+    @staticmethod
+    def latent_shift(vae) -> float:
+        return vae.config.shift_factor
+
+    def loss(self, parts, z, tok, noise, gen):
+        s = torch.sigmoid(torch.randn(z.shape[0], generator=gen)).to(z.device)
+        sv = s.view(-1, 1, 1, 1)
+        x_t = (1 - sv) * z + sv * noise
+        cond, pooled = sd3_text(parts["text_encoder"], parts["text_encoder_2"], tok, 1)
+        return F.mse_loss(parts["transformer"](x_t, cond, pooled, s * 1000).sample, noise - z)
+
+    @staticmethod
+    def for_saving(parts):
+        """The saved transformer uses diffusers' own processor."""
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        parts = dict(parts)
+        parts["transformer"] = copy.deepcopy(parts["transformer"])
+        parts["transformer"].set_attn_processor(JointAttnProcessor2_0())
+        return parts
+
+    @staticmethod
+    def assemble(vae, parts):
+        return models.assemble_mmdit_pipeline(vae, parts["text_encoder"], parts["text_encoder_2"], parts["transformer"])
+
+
+OBJECTIVES = {"unet": EpsilonUNet, "mmdit": FlowMMDiT}
+
+
+def save_pipeline(objective, folder: str, vae, parts: dict[str, torch.nn.Module], info: dict) -> None:
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    half = {k: copy.deepcopy(m).to("cpu", torch.float16) for k, m in parts.items() if k in ("unet", "transformer")}
-    texts = {k: copy.deepcopy(m).to("cpu", torch.float32) for k, m in parts.items() if k.startswith("text")}
-    vae16 = copy.deepcopy(vae).to("cpu", torch.float16)
-    if family == "unet":
-        pipe = models.assemble_unet_pipeline(vae16, texts["text_encoder"], half["unet"])
-    else:
-        pipe = models.assemble_mmdit_pipeline(vae16, texts["text_encoder"], texts["text_encoder_2"], half["transformer"])
+    saved = {k: copy.deepcopy(m).to("cpu", torch.float16 if k == objective.denoiser else torch.float32)
+             for k, m in objective.for_saving(parts).items()}
+    pipe = objective.assemble(copy.deepcopy(vae).to("cpu", torch.float16), saved)
     pipe.save_pretrained(tmp)
     for sub in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt too, for slow/older CLIPTokenizers
         if os.path.isdir(os.path.join(tmp, sub)):
@@ -203,105 +275,116 @@ def save_pipeline(family: str, folder: str, vae, parts: dict[str, torch.nn.Modul
     os.replace(tmp, folder)
 
 
+def init_from(parts: dict[str, torch.nn.Module], folder: str) -> None:
+    """Copy every tensor of a saved pipeline whose name and shape match into `parts` (a changed patch size or
+    width leaves those tensors at their fresh values; the log names them)."""
+    from safetensors.torch import load_file
+
+    for name, module in parts.items():
+        files = sorted(glob.glob(os.path.join(folder, name, "*.safetensors")))
+        if not files:
+            log(f"init: {folder} has no {name}; it starts fresh")
+            continue
+        saved = {k: v for f in files for k, v in load_file(f).items()}
+        own = module.state_dict()
+        same = {k: v.to(own[k].dtype) for k, v in saved.items() if k in own and own[k].shape == v.shape}
+        module.load_state_dict(same, strict=False)
+        fresh = sorted(set(own) - set(same))
+        log(f"init: {name} takes {len(same)}/{len(own)} tensors from {folder}"
+            + (f"; fresh: {', '.join(fresh[:6])}{' …' if len(fresh) > 6 else ''}" if fresh else ""))
+
+
 def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed: int = 0,
-                   batch: int = 64, lr: float | None = None, n_scenes: int = 24_000,
-                   checkpoint_minutes: float = 10.0, cfg_drop: float = 0.1):
+                   batch: int = 64, lr: float | None = None, n_scenes: int = 24_000, total_steps: int = 6000,
+                   checkpoint_minutes: float = 10.0, cfg_drop: float = 0.1, init: str | None = None,
+                   resume: bool = False):
+    """Train for at most `minutes` of this run, up to `total_steps` in all; with `resume` continue from the state
+    saved in `out` (weights, EMA, optimiser, step, random state). The learning rate follows the step count (warm-up,
+    then cosine to 10% at `total_steps`), so a training split into several runs follows the same schedule."""
     torch.manual_seed(seed)
     tokenizer = models.build_tokenizer()
     vae = vae.to(device).eval()
-    cache = os.path.join(out, f"latents_{n_scenes}_{seed}.pt")
+    counts = "-".join(f"{c:g}" for c in data.TRAIN_COUNTS)
+    cache = os.path.join(out, f"latents_{n_scenes}_{seed}_{counts}.pt")
     if os.path.exists(cache):
         mean, std, ids = torch.load(cache)
         log(f"latents from {cache}")
     else:
         mean, std, ids = latent_cache(vae, tokenizer, n_scenes, device, seed)
         torch.save((mean, std, ids), cache)
-    sf = vae.config.scaling_factor
-    shift = vae.config.shift_factor if family == "mmdit" else 0.0
+    sf, shift = vae.config.scaling_factor, OBJECTIVES[family].latent_shift(vae)
     empty = tokenize(tokenizer, [""])[0]
 
-    if family == "unet":
-        parts = {"unet": models.build_unet(), "text_encoder": models.build_text_encoder()}
-        lr = lr or 8e-4
-        from diffusers import DDPMScheduler
-
-        sched = models.build_unet_scheduler()
-        noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule=sched.config.beta_schedule,
-                                    prediction_type="epsilon")
-        alphas = noise_sched.alphas_cumprod.to(device)
-    elif family == "mmdit":
-        parts = {"transformer": models.build_transformer(),
-                 "text_encoder": models.build_text_encoder(with_projection=True),
-                 "text_encoder_2": models.build_text_encoder(with_projection=True)}
-        lr = lr or 5e-4
-        parts["transformer"].set_attn_processor(RepeatedLastTokenJointProcessor(models.SD3_T5_LENGTH))
-    else:
-        raise ValueError(f"unknown family {family!r}")
+    objective = OBJECTIVES[family](device)
+    parts = objective.parts
+    lr = lr or objective.lr
+    state_path = os.path.join(out, "state.pt")
+    if init and not (resume and os.path.exists(state_path)):
+        init_from(parts, init)
     for m in parts.values():
         m.to(device).train()
     params = [p for m in parts.values() for p in m.parameters()]
     log(f"{family}: " + ", ".join(f"{k} {models.count_parameters(m) / 1e6:.2f}M" for k, m in parts.items()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = EMA(parts)
-    budget, t0, step, losses = minutes * 60.0, time.time(), 0, []
-    last_ckpt = t0
-    gen = torch.Generator().manual_seed(seed + 1)
+    step, losses, gen, spent = 0, [], torch.Generator().manual_seed(seed + 1), 0.0
+    if resume and os.path.exists(state_path):
+        state = torch.load(state_path, weights_only=False)
+        for k, m in parts.items():
+            m.load_state_dict(state["parts"][k])
+            ema.shadow[k].load_state_dict(state["ema"][k])
+        opt.load_state_dict(state["optimizer"])
+        step, losses, spent, ema.steps = state["step"], state["losses"], state["minutes"], state["step"]
+        gen.set_state(state["generator"])
+        log(f"resumed from {state_path} at step {step} ({spent:.0f} min trained before)")
+    elif resume:
+        log(f"--resume: no {state_path} yet, starting")
+    t0, last_ckpt, start_step = time.time(), time.time(), step
+    budget = minutes * 60.0
     folder = os.path.join(out, "pipeline")
 
     def checkpoint(final=False):
-        shadow = ema.shadow
-        if family == "mmdit":  # the saved model uses diffusers' own processor
-            from diffusers.models.attention_processor import JointAttnProcessor2_0
+        total = spent + (time.time() - t0) / 60
+        info = {"family": family, "steps": step, "total_steps": total_steps, "batch": batch, "lr": lr,
+                "minutes": total, "loss_last_200": float(np.mean(losses[-200:])) if losses else None,
+                "final": final, "n_scenes": n_scenes, "cfg_drop": cfg_drop, "object_counts": data.TRAIN_COUNTS,
+                "init": init}
+        save_pipeline(objective, folder, vae, ema.shadow, info)
+        torch.save({"parts": {k: m.state_dict() for k, m in parts.items()},
+                    "ema": {k: m.state_dict() for k, m in ema.shadow.items()}, "optimizer": opt.state_dict(),
+                    "step": step, "losses": losses[-1000:], "minutes": total, "generator": gen.get_state()},
+                   state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+        log(f"checkpoint -> {folder} and {state_path} (step {step}/{total_steps})")
 
-            shadow = dict(shadow)
-            shadow["transformer"] = copy.deepcopy(shadow["transformer"])
-            shadow["transformer"].set_attn_processor(JointAttnProcessor2_0())
-        info = {"family": family, "steps": step, "batch": batch, "lr": lr, "minutes": (time.time() - t0) / 60,
-                "loss_last_200": float(np.mean(losses[-200:])) if losses else None, "final": final,
-                "n_scenes": n_scenes, "cfg_drop": cfg_drop, "pair_fraction": data.TRAIN_PAIR_FRACTION}
-        save_pipeline(family, folder, vae, shadow, info)
-        log(f"checkpoint -> {folder} (step {step})")
-
-    while time.time() - t0 < budget:
-        frac = (time.time() - t0) / budget
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * _cosine(frac))
-        idx = torch.randint(0, len(mean), (batch,), generator=gen)
-        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
-        z = ((z - shift) * sf).to(device)
-        tok = ids[idx].clone()
-        tok[torch.rand(batch, generator=gen) < cfg_drop] = empty
-        tok = tok.to(device)
-        noise = torch.randn(z.shape, generator=gen).to(device)
-        if family == "unet":
-            t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * z + (1 - a).sqrt() * noise
-            cond = parts["text_encoder"](tok)[0]
-            pred = parts["unet"](x_t, t, cond).sample
-            loss = F.mse_loss(pred, noise)
-        else:
-            s = torch.sigmoid(torch.randn(batch, generator=gen)).to(device)  # logit-normal sigmas
-            sv = s.view(-1, 1, 1, 1)
-            x_t = (1 - sv) * z + sv * noise
-            cond, pooled = sd3_text(parts["text_encoder"], parts["text_encoder_2"], tok, 1)
-            pred = parts["transformer"](x_t, cond, pooled, s * 1000).sample
-            loss = F.mse_loss(pred, noise - z)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update()
-        losses.append(loss.item())
-        step += 1
-        if step % 50 == 0:
-            el = time.time() - t0
-            log(f"{family} step {step} loss {np.mean(losses[-50:]):.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{el / step:.2f} s/it, {el / 60:.1f}/{minutes:.0f} min")
-        if time.time() - last_ckpt > checkpoint_minutes * 60:
-            checkpoint()
-            last_ckpt = time.time()
-    checkpoint(final=True)
+    try:
+        while step < total_steps and time.time() - t0 < budget:
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * _cosine(step / total_steps))
+            idx = torch.randint(0, len(mean), (batch,), generator=gen)
+            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+            z = ((z - shift) * sf).to(device)
+            tok = ids[idx].clone()
+            tok[torch.rand(batch, generator=gen) < cfg_drop] = empty
+            noise = torch.randn(z.shape, generator=gen).to(device)
+            loss = objective.loss(parts, z, tok.to(device), noise, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.update()
+            losses.append(loss.item())
+            step += 1
+            if step % 50 == 0:
+                el = time.time() - t0
+                log(f"{family} step {step}/{total_steps} loss {np.mean(losses[-50:]):.4f} "
+                    f"lr {opt.param_groups[0]['lr']:.2e} {el / (step - start_step):.2f} s/it, "
+                    f"{el / 60:.1f}/{minutes:.0f} min")
+            if time.time() - last_ckpt > checkpoint_minutes * 60:
+                checkpoint()
+                last_ckpt = time.time()
+    finally:  # also on Ctrl-C or a stopped session: the next --resume starts from here
+        checkpoint(final=step >= total_steps)
     return folder
 
 
@@ -309,17 +392,36 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
 # Entry points
 
 
+def _folder(spec: str) -> str:
+    """A pipeline or component folder: a path, or builtin:NAME for a shipped model."""
+    from ..models import BUILTIN_DIR
+
+    folder = str(BUILTIN_DIR / spec[len("builtin:"):]) if spec.startswith("builtin:") else spec
+    if not os.path.isdir(folder):
+        raise UsageError(f"{spec!r} is not a folder (give a pipeline folder or builtin:shapes-unet / shapes-mmdit)")
+    return folder
+
+
+def _load_vae(folder: str):
+    from diffusers import AutoencoderKL
+
+    if os.path.isdir(os.path.join(folder, "vae")):
+        folder = os.path.join(folder, "vae")
+    log(f"using the VAE of {folder}")
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+
+
 def run_training(args: argparse.Namespace) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or f"shapes-{args.family}-run"
     os.makedirs(out, exist_ok=True)
+    init = _folder(args.init) if args.init else None
     t0 = time.time()
-    if args.vae:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32)
-        log(f"using VAE from {args.vae}")
+    if args.vae or init:
+        vae = _load_vae(_folder(args.vae) if args.vae else init)
+    elif args.resume and os.path.isdir(os.path.join(out, "vae")):
+        vae = _load_vae(os.path.join(out, "vae"))
     else:
         vae_minutes = args.vae_minutes if args.vae_minutes is not None else 0.12 * args.minutes
         if args.vae_threads:
@@ -329,19 +431,7 @@ def run_training(args: argparse.Namespace) -> str:
             torch.set_num_threads(args.threads)
     remaining = args.minutes - (time.time() - t0) / 60.0
     folder = train_denoiser(args.family, vae, out, max(0.5, remaining - 1.0), args.device, args.seed,
-                            batch=args.batch, lr=args.lr, n_scenes=args.scenes,
-                            checkpoint_minutes=args.checkpoint_minutes)
+                            batch=args.batch, lr=args.lr, n_scenes=args.scenes, total_steps=args.steps,
+                            checkpoint_minutes=args.checkpoint_minutes, init=init, resume=args.resume)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {folder}")
     return folder
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m attnctl.shapes.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_arguments(p)
-    run_training(p.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
