@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from attnctl import nouns
+from attnctl import nouns, text
 from attnctl.offline_tokenizers import clip_tokenizer
 from attnctl.tokens import PromptTokens, TextSegment
 
@@ -50,14 +50,14 @@ def test_spacy_used_when_available(monkeypatch):
             at += len(word)
         return out
 
-    monkeypatch.setattr(nouns, "_spacy_pipeline", lambda: nlp)
+    monkeypatch.setattr(nouns, "english_pipeline", lambda: nlp)
     assert nouns.tagger_name() == "spaCy"
     assert nouns.choose_nouns("a red dog house near Paris") == ["house", "Paris"]
     assert nouns.choose_nouns("a red dog house near Paris", tagger="rules") == ["house", "Paris"]
 
 
 def test_fallback_when_spacy_missing(monkeypatch):
-    nouns._spacy_pipeline.cache_clear()
+    text.load_spacy.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", None)  # import fails
     try:
         assert nouns.tagger_name() == "rule-based"
@@ -65,19 +65,19 @@ def test_fallback_when_spacy_missing(monkeypatch):
         with pytest.raises(ImportError, match="attnctl\\[nlp\\]"):
             nouns.choose_nouns("a cat", tagger="spacy")
     finally:
-        nouns._spacy_pipeline.cache_clear()
+        text.load_spacy.cache_clear()
 
 
 def test_fallback_when_spacy_has_no_english_pipeline(monkeypatch):
     def load(name, **kwargs):
         raise OSError(f"[E050] Can't find model '{name}'")
 
-    nouns._spacy_pipeline.cache_clear()
+    text.load_spacy.cache_clear()
     monkeypatch.setitem(sys.modules, "spacy", types.SimpleNamespace(load=load))
     try:
         assert nouns.tagger_name() == "rule-based"
     finally:
-        nouns._spacy_pipeline.cache_clear()
+        text.load_spacy.cache_clear()
 
 
 def test_adjective_closing_a_noun_phrase_is_its_noun():

@@ -18,11 +18,7 @@ Taggers:
 
 from __future__ import annotations
 
-import os
-import re
-from functools import lru_cache
-
-_WORD = re.compile(r"[\w'-]+")  # as attnctl.tokens splits words
+from .text import english_pipeline, words as split_words
 
 _DETERMINERS = set("""a an the this that these those some any each every no another other such its his her their my
 your our all both either neither few many several much more most""".split())
@@ -50,32 +46,16 @@ _NOUNS_ENDING_ED = set("bed shed sled sofa-bed flowerbed seabed".split())
 
 
 def tagger_name() -> str:
-    return "spaCy" if _spacy_pipeline() is not None else "rule-based"
-
-
-@lru_cache(maxsize=1)
-def _spacy_pipeline():
-    if os.environ.get("ATTNCTL_NO_SPACY"):
-        return None
-    try:
-        import spacy
-    except ImportError:
-        return None
-    for name in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"):
-        try:
-            return spacy.load(name, disable=["ner", "lemmatizer"])
-        except (OSError, ImportError, ValueError):
-            continue
-    return None
+    return "spaCy" if english_pipeline() is not None else "rule-based"
 
 
 def choose_nouns(prompt: str, tagger: str = "auto") -> list[str]:
     """The head nouns of `prompt` as word specs (`dog`, `dog#2` for the second 'dog'), in prompt order.
     `tagger`: "auto" (spaCy when available, else rules), "spacy" or "rules"."""
-    words = [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(prompt)]
+    words = split_words(prompt)
     if not words:
         return []
-    nlp = _spacy_pipeline() if tagger in ("auto", "spacy") else None
+    nlp = english_pipeline() if tagger in ("auto", "spacy") else None
     if tagger == "spacy" and nlp is None:
         raise ImportError("spaCy with an English pipeline is not available: pip install 'attnctl[nlp]' and "
                           "python -m spacy download en_core_web_sm")

@@ -19,15 +19,12 @@ Two ways to find the attribute span, chosen by `parser`:
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-
 from .errors import UsageError
+from .text import english_pipeline, words
 
 ATTRIBUTE, INSTANCE, BACKGROUND = "attribute", "instance", "background"
 ROLES = (INSTANCE, ATTRIBUTE, BACKGROUND)
 
-_WORD = re.compile(r"[\w'-]+")
 _LEADING = {
     "a", "an", "the", "this", "that", "these", "those", "some", "many", "several", "few", "one", "two", "three",
     "four", "five", "six", "seven", "eight", "nine", "ten", "my", "your", "his", "her", "its", "our", "their", "no",
@@ -46,7 +43,7 @@ def attribute_spans(phrase: str, parser: str = "auto") -> list[tuple[int, int]]:
     if parser not in ("auto", "spacy", "rules"):
         raise UsageError(f"unknown role parser {parser!r}; use auto, spacy or rules")
     if parser in ("auto", "spacy"):
-        nlp = _spacy_model()
+        nlp = english_pipeline()
         if nlp is not None:
             return _spacy_spans(nlp, phrase)
         if parser == "spacy":
@@ -62,7 +59,7 @@ def parser_in_use(parser: str = "auto") -> str:
     """Which parser `attribute_spans(..., parser)` will use here: "spacy" or "rules"."""
     if parser == "rules":
         return "rules"
-    return "spacy" if _spacy_model() is not None else "rules"
+    return "spacy" if english_pipeline() is not None else "rules"
 
 
 def explicit_spans(phrase: str, attribute: str | list[str], where: str) -> list[tuple[int, int]]:
@@ -83,9 +80,8 @@ def explicit_spans(phrase: str, attribute: str | list[str], where: str) -> list[
 
 
 def _rule_spans(phrase: str) -> list[tuple[int, int]]:
-    words = [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(phrase)]
     chunk = []
-    for word in words:
+    for word in words(phrase):
         if chunk and word[0].lower() in _CHUNK_END:
             break
         chunk.append(word)
@@ -96,20 +92,6 @@ def _rule_spans(phrase: str) -> list[tuple[int, int]]:
     if not modifiers:
         return []
     return [(modifiers[0][1], modifiers[-1][2])]
-
-
-@lru_cache(maxsize=1)
-def _spacy_model():
-    try:
-        import spacy
-    except ImportError:
-        return None
-    for name in ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"):
-        try:
-            return spacy.load(name)
-        except OSError:
-            continue
-    return None
 
 
 def _spacy_spans(nlp, phrase: str) -> list[tuple[int, int]]:

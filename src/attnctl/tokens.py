@@ -8,13 +8,12 @@ is not there.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .text import phrase_spans, words as split_words
 
-_WORD = re.compile(r"[\w'-]+")
 _MARKERS = ("</w>", "\u2581", "\u0120", "##")
 
 
@@ -94,7 +93,7 @@ class PromptTokens:
 
     def words(self) -> list[tuple[str, int, int]]:
         """(word, start, end) for every word of the prompt."""
-        return [(m.group(0), m.start(), m.end()) for m in _WORD.finditer(self.prompt)]
+        return split_words(self.prompt)
 
     def span_positions(self, start: int, end: int) -> list[int]:
         """Sequence positions of every token overlapping characters [start, end) of the prompt."""
@@ -108,12 +107,7 @@ class PromptTokens:
 
     def phrase_positions(self, phrase: str, occurrence: int = 1) -> list[int]:
         """Positions of a verbatim part of the prompt (case-insensitive), its `occurrence`-th appearance."""
-        lowered, needle = self.prompt.lower(), phrase.strip().lower()
-        matches, at = [], lowered.find(needle)
-        while needle and at >= 0:
-            matches.append((at, at + len(needle)))
-            at = lowered.find(needle, at + 1)
-        return self._positions_of(phrase, matches, occurrence, what="phrase")
+        return self._positions_of(phrase, phrase_spans(self.prompt, phrase), occurrence, what="phrase")
 
     def _positions_of(self, spec, matches, occurrence, what) -> list[int]:
         if not matches:

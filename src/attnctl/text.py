@@ -1,0 +1,62 @@
+"""Prompt text helpers shared by `tokens`, `roles`, `nouns` and `layout`: how a prompt splits into words, where a
+phrase appears in it, and the optional spaCy English pipeline.
+
+>>> words("a red-haired girl's cat")
+[('a', 0, 1), ('red-haired', 2, 12), ("girl's", 13, 19), ('cat', 20, 23)]
+>>> phrase_spans("A dog and a dog", " a DOG")
+[(0, 5), (10, 15)]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+
+#: A word: a run of letters, digits, underscores, apostrophes and hyphens ("red-haired", "girl's").
+WORD = re.compile(r"[\w'-]+")
+
+#: spaCy's English pipelines, tried in this order (the small one first).
+SPACY_ENGLISH = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf")
+
+
+def words(text: str) -> list[tuple[str, int, int]]:
+    """(word, start, end) for every word of `text`, in order."""
+    return [(m.group(0), m.start(), m.end()) for m in WORD.finditer(text)]
+
+
+def phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
+    """Character spans of every appearance of `phrase` (stripped) in `text`, case-insensitive, overlapping ones
+    included, in order; none for an empty phrase."""
+    lowered, needle = text.lower(), phrase.strip().lower()
+    spans, at = [], lowered.find(needle)
+    while needle and at >= 0:
+        spans.append((at, at + len(needle)))
+        at = lowered.find(needle, at + 1)
+    return spans
+
+
+def english_pipeline():
+    """The first of `SPACY_ENGLISH` that loads, or None when spaCy is not installed, none of them loads, or the
+    environment variable ATTNCTL_NO_SPACY is set (then callers use their rule-based fallbacks)."""
+    if os.environ.get("ATTNCTL_NO_SPACY"):
+        return None
+    for name in SPACY_ENGLISH:
+        nlp = load_spacy(name)
+        if nlp is not None:
+            return nlp
+    return None
+
+
+@lru_cache(maxsize=None)
+def load_spacy(name: str):
+    """The spaCy pipeline `name`, loaded once per name; None when spaCy is not installed or the pipeline does not
+    load (not installed, or built for another spaCy version)."""
+    try:
+        import spacy
+    except ImportError:
+        return None
+    try:
+        return spacy.load(name)
+    except (OSError, ImportError, ValueError):
+        return None
