@@ -21,9 +21,10 @@ from .errors import UsageError
 CLIP_VOCAB_SIZE = 49408
 
 
-def _byte_alphabet() -> list[str]:
+def byte_alphabet() -> list[str]:
     """The 256 stand-ins for bytes used by byte-level BPE, in vocabulary order: printable bytes (as themselves)
-    first, then the others, mapped to code points from 256 on."""
+    first, then the others, mapped to code points from 256 on (GPT-2's and CLIP's `bytes_to_unicode` table, its
+    values in order)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
@@ -56,7 +57,7 @@ def clip_tokenizer_files() -> tuple[str, str]:
         folder.mkdir(parents=True, exist_ok=True)
         lines = gzip.open(_clip_bpe_file()).read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1 : CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]]
-        alphabet = _byte_alphabet()
+        alphabet = byte_alphabet()
         tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
         tokens += ["<|startoftext|>", "<|endoftext|>"]
         vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")

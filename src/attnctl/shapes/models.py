@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..offline_tokenizers import byte_alphabet
 from .data import IMAGE_SIZE, VOCABULARY
 
 LATENT_CHANNELS = 4
@@ -30,19 +31,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """The reversible byte -> printable-unicode table used by GPT-2/CLIP byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _bpe(word: tuple[str, ...], ranks: dict[tuple[str, str], int]) -> tuple[str, ...]:
@@ -71,7 +59,7 @@ def build_vocab(words=VOCABULARY) -> tuple[dict[str, int], list[str]]:
     Merges are generated so that byte-level BPE reduces each word in ``words`` to the single token
     ``word</w>``; any other text falls back to (merged) characters.
     """
-    byte_chars = list(_bytes_to_unicode().values())
+    byte_chars = byte_alphabet()
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
