@@ -31,7 +31,7 @@ def attention_with_lse(q, k, v, scale=None) -> tuple[torch.Tensor, torch.Tensor]
     """Output and float32 row log-sum-exp (batch, heads, queries) of softmax(q kᵀ · scale) v."""
     scale = default_scale(q) if scale is None else scale
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+        out, lse = cpu_attention_with_lse(q, k, v, scale)
         return out, lse.float()
     if q.device.type == "cuda":
         try:
@@ -43,6 +43,13 @@ def attention_with_lse(q, k, v, scale=None) -> tuple[torch.Tensor, torch.Tensor]
         except RuntimeError:
             pass  # unsupported head size or layout: fall through to the chunked path
     return attention(q, k, v, scale=scale), chunked_lse(q, k, scale)
+
+
+def cpu_attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU kernel: the output and the row log-sum-exp in the kernel's precision (float64 for float64
+    inputs, float32 for every other dtype)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+    return out, lse
 
 
 def chunked_lse(q, k, scale=None) -> torch.Tensor:

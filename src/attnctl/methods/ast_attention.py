@@ -175,7 +175,7 @@ def _bias_tables(blocks, local: slice, batch: int, rows: int, n: int, dtype, dev
 def row_lse(q, k, v, scale) -> torch.Tensor:
     """Row log-sum-exp of the plain logits from the fused kernel (float32; float64 for float64 inputs on CPU)."""
     if q.dtype == torch.float64 and q.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[1]
+        return attn_ops.cpu_attention_with_lse(q, k, v, scale)[1]
     return attn_ops.attention_with_lse(q, k, v, scale=scale)[1]
 
 
