@@ -7,13 +7,11 @@
 * :mod:`.cli`     ``attnctl shapes train``
 
 The trained pipelines ship in ``attnctl/builtin/shapes-unet`` (StableDiffusionPipeline) and
-``attnctl/builtin/shapes-mmdit`` (StableDiffusion3Pipeline); :func:`builtin_model_path` finds them
-and :func:`load_builtin` loads them.
+``attnctl/builtin/shapes-mmdit`` (StableDiffusion3Pipeline); load them as ``builtin:shapes-unet`` /
+``builtin:shapes-mmdit`` (:func:`attnctl.models.load_pipeline`).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from .data import (
     COLOURS,
@@ -31,33 +29,7 @@ from .data import (
 )
 from .scorer import ObjectScore, SceneScore, relation_holds, score_image
 
-BUILTIN_MODELS = {"shapes-unet": "StableDiffusionPipeline", "shapes-mmdit": "StableDiffusion3Pipeline"}
-
-
-def builtin_model_path(name: str) -> Path:
-    """Folder of a shipped shapes-world pipeline ("shapes-unet" or "shapes-mmdit")."""
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-    return Path(__file__).resolve().parent.parent / "builtin" / name
-
-
-def load_builtin(name: str, **kwargs):
-    """Load a shipped shapes-world pipeline on CPU in float32.
-
-    ``shapes-mmdit`` has no T5: it is loaded with ``text_encoder_3=None, tokenizer_3=None``, as
-    diffusers requires for SD3 pipelines saved without one.
-    """
-    import diffusers
-
-    cls = getattr(diffusers, BUILTIN_MODELS[name])
-    if name == "shapes-mmdit":
-        kwargs.setdefault("text_encoder_3", None)
-        kwargs.setdefault("tokenizer_3", None)
-    return cls.from_pretrained(builtin_model_path(name), **kwargs)
-
-
 __all__ = [
-    "BUILTIN_MODELS",
     "COLOURS",
     "HELDOUT_PAIRS",
     "IMAGE_SIZE",
@@ -69,8 +41,6 @@ __all__ = [
     "Scene",
     "SceneScore",
     "ShapeObject",
-    "builtin_model_path",
-    "load_builtin",
     "caption_for",
     "relation_holds",
     "render",
