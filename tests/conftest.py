@@ -37,3 +37,17 @@ def run(pipe, prompt, seed=0, **kwargs):
 @pytest.fixture(params=list(TINY))
 def family(request):
     return request.param
+
+
+@pytest.fixture
+def cli(capsys):
+    """`attnctl ARGS` run in-process: cli("maps", "--prompt", ...) -> (exit status, stdout, stderr)."""
+    from attnctl.cli import main
+
+    def run_cli(*args):
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run_cli

@@ -2,9 +2,6 @@
 computation), it sees AST's tuned maps, and `attnctl analyze` writes hierarchy.csv and hierarchy.png."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_share_is_the_in_region_fraction_of_each_roles_attention():
     pipe = tiny_pipe("flux")
-    h = Hierarchy(LAYOUT, roles="rules")
+    h = Hierarchy(LAYOUT, role_parser="rules")
     session = Session(pipe, [h])
     tokens = PromptTokens(PROMPT, session.family.text_segments(pipe))
     session.prompts = [tokens]
@@ -72,19 +69,19 @@ def test_ast_moves_attention_into_the_regions():
     assert shares["ast"][(0, "instance")] == shares["plain"][(0, "instance")]  # block 0 is untouched
 
 
-def test_cli_analyze_writes_csv_and_plot(tmp_path):
-    env = {**os.environ, "ATTNCTL_PROGRESS": "0"}
-    res = subprocess.run([sys.executable, "-m", "attnctl.cli", "analyze", "--model", "random:flux-tiny",
-                          "--layout", str(ROOT / "examples" / "two_animals.json"), "--steps", "2", "--height", "64",
-                          "--width", "64", "--with-ast", "--out", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr
+def test_cli_analyze_writes_csv_and_plot(tmp_path, cli):
+    layout = ROOT / "examples" / "two_animals.json"
+    code, out, err = cli("analyze", "--model", "random:flux-tiny", "--layout", layout, "--steps", "2", "--height", "64",
+                         "--width", "64", "--with-ast", "--out", tmp_path)
+    assert code == 0, err
     assert {"hierarchy.csv", "hierarchy.png", "image.png", "image_layout.png"} <= {p.name for p in tmp_path.iterdir()}
     with open(tmp_path / "hierarchy.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS
     assert len(rows) == 2 * 4 * 3  # steps × blocks × roles
-    res = subprocess.run([sys.executable, "-m", "attnctl.cli", "analyze", "--model", "random:sd15-tiny",
-                          "--layout", str(ROOT / "examples" / "two_animals.json"), "--steps", "1", "--with-ast",
-                          "--out", str(tmp_path / "unet")], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 2 and "use Attention Regulation" in res.stderr and "Traceback" not in res.stderr
+    code, out, err = cli("analyze", "--model", "random:sd15-tiny", "--layout", layout, "--steps", "1", "--with-ast",
+                         "--out", tmp_path / "unet")
+    assert code == 2 and "use Attention Regulation" in err and "Traceback" not in err
+    code, out, err = cli("analyze", "--model", "random:flux-tiny", "--layout", layout, "--ast-w-i2t", "9",
+                         "--out", tmp_path / "plain")
+    assert code == 2 and "only with --with-ast" in err

@@ -41,14 +41,14 @@ def generate(name, *controllers, prompt=PROMPT, **extra):
 @pytest.mark.parametrize("name", JOINT)
 def test_no_tuned_steps_gives_the_plain_pipeline_exactly(name):
     plain = run(tiny_pipe(name), PROMPT, **kwargs(name))
-    ast = AST(LAYOUT, n_mod=0)
+    ast = AST(LAYOUT, tuned_steps=0)
     assert np.array_equal(generate(name, ast), plain)
 
 
 @pytest.mark.parametrize("name", JOINT)
 def test_fast_and_direct_paths_equal_the_formula_in_a_pipeline(name):
     plain = run(tiny_pipe(name), PROMPT, **kwargs(name))
-    images = {path: generate(name, AST(LAYOUT, path=path)) for path in ("reference", "direct", "fast")}
+    images = {path: generate(name, AST(LAYOUT, implementation=path)) for path in ("reference", "direct", "fast")}
     # float32 computation against the float64 formula, through 3 steps and the VAE: measured ≤ 2e-6
     assert np.abs(images["fast"] - images["reference"]).max() < 2e-5
     assert np.abs(images["direct"] - images["reference"]).max() < 2e-5
@@ -56,11 +56,11 @@ def test_fast_and_direct_paths_equal_the_formula_in_a_pipeline(name):
 
 
 def test_batches_and_several_images_per_prompt():
-    one = generate("flux", AST(LAYOUT, path="reference"), num_images_per_prompt=2)
+    one = generate("flux", AST(LAYOUT, implementation="reference"), num_images_per_prompt=2)
     fast = generate("flux", AST(LAYOUT), num_images_per_prompt=2)
     assert one.shape[0] == 2 and np.abs(fast - one).max() < 2e-5
     two = generate("sd3", AST(LAYOUT), prompt=[PROMPT, PROMPT])
-    ref = generate("sd3", AST(LAYOUT, path="reference"), prompt=[PROMPT, PROMPT])
+    ref = generate("sd3", AST(LAYOUT, implementation="reference"), prompt=[PROMPT, PROMPT])
     assert two.shape[0] == 2 and np.abs(two - ref).max() < 2e-5
 
 
@@ -68,7 +68,7 @@ def test_bf16_runs_and_matches_the_direct_path():
     pipe = attnctl.load_pipeline("random:flux-tiny", dtype=torch.bfloat16)
     out = {}
     for path in ("fast", "direct"):
-        with attnctl.apply(pipe, AST(LAYOUT, path=path)):
+        with attnctl.apply(pipe, AST(LAYOUT, implementation=path)):
             out[path] = run(pipe, PROMPT, **kwargs("flux"))
     assert np.isfinite(out["fast"]).all()
     assert np.abs(out["fast"] - out["direct"]).max() < 0.05  # bf16 activations between the blocks
@@ -101,7 +101,7 @@ def test_cfg_tunes_only_the_conditional_rows():
 
 def test_tables_follow_the_layout_and_roles():
     pipe = tiny_pipe("flux")
-    ast = AST(LAYOUT, roles="rules")
+    ast = AST(LAYOUT, role_parser="rules")
     session = Session(pipe, [ast])
     tokens = PromptTokens(PROMPT, session.family.text_segments(pipe))
     session.prompts = [tokens]
@@ -188,7 +188,7 @@ def test_observers_see_the_tuned_maps():
     maps = {}
     for path in ("reference", "fast", None):
         capture = Capture(["dog", "cat"])
-        controllers = [AST(LAYOUT, path=path), capture] if path else [capture]
+        controllers = [AST(LAYOUT, implementation=path), capture] if path else [capture]
         generate("flux", *controllers)
         maps[path] = capture.maps()
     for name, m in maps["reference"].items():
@@ -217,29 +217,28 @@ def test_phrase_cut_by_the_sequence_length():
 def test_layout_object_and_bad_options():
     lay = Layout.from_dict(LAYOUT)
     assert AST(lay).prompt == PROMPT
-    with pytest.raises(UsageError, match="unknown AST path"):
-        AST(lay, path="flash")
-    with pytest.raises(UsageError, match="variant of the fast path"):
-        AST(lay, path="direct", approximate=True)
+    with pytest.raises(UsageError, match="unknown AST implementation"):
+        AST(lay, implementation="flash")
+    with pytest.raises(UsageError, match="variant of the fast implementation"):
+        AST(lay, implementation="direct", approximate=True)
+    with pytest.raises(UsageError, match="unknown ASTConfig option.*n_mod"):
+        AST(lay, n_mod=3)
 
 
-def test_cli_generate_writes_images_and_overlays(tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_cli_generate_writes_images_and_overlays(tmp_path, cli):
     from pathlib import Path
 
     examples = Path(__file__).resolve().parent.parent / "examples"
-    env = {**os.environ, "ATTNCTL_PROGRESS": "0"}
-    base = [sys.executable, "-m", "attnctl.cli", "generate", "--method", "ast", "--model", "random:flux-tiny",
-            "--steps", "2", "--height", "64", "--width", "64"]
-    res = subprocess.run(base + ["--layout", str(examples / "sketch_layout.json"), "--ast-steps", "1",
-                                 "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, res.stderr
+    base = ["generate", "--method", "ast", "--model", "random:flux-tiny", "--steps", "2", "--height", "64", "--width",
+            "64"]
+    code, out, err = cli(*base, "--layout", examples / "sketch_layout.json", "--ast-tuned-steps", "1",
+                         "--out", tmp_path)
+    assert code == 0, err
     assert {"image.png", "image_layout.png"} <= {p.name for p in tmp_path.iterdir()}
     bad = tmp_path / "bad.json"
     bad.write_text('{"prompt": "a red dog", "regions": [{"phrase": "a blue dog", "box": [0, 0, 1, 1]}]}')
-    res = subprocess.run(base + ["--layout", str(bad), "--out", str(tmp_path / "x")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert res.returncode == 2 and "'a blue dog'): the phrase is not part of the prompt" in res.stderr
-    assert "Traceback" not in res.stderr
+    code, out, err = cli(*base, "--layout", bad, "--out", tmp_path / "x")
+    assert code == 2 and "'a blue dog'): the phrase is not part of the prompt" in err
+    assert "Traceback" not in err
+    code, out, err = cli(*base, "--layout", bad, "--layers", "all", "--out", tmp_path / "x")
+    assert code == 2 and "--layers belong to --method regulation" in err

@@ -1,4 +1,5 @@
-"""The command line: outputs written, bad input answered with a clear message and a non-zero exit, no traceback."""
+"""The command line: outputs written, bad input answered with a clear message and a non-zero exit, no traceback.
+Run in-process through `attnctl.cli.main` (the `cli` fixture); one test runs the installed entry point."""
 
 import json
 import os
@@ -11,12 +12,27 @@ from safetensors import safe_open
 ENV = {**os.environ, "ATTNCTL_PROGRESS": "0"}
 
 
-def attnctl(*args):
-    return subprocess.run([sys.executable, "-m", "attnctl.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=300)
+def test_entry_point_runs_as_a_program():
+    res = subprocess.run([sys.executable, "-m", "attnctl.cli", "sites", "--model", "random:sd15-tiny"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "attention sites (unet)" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "attnctl.cli", "maps", "--model", "random:nothing", "--prompt", "a",
+                          "--words", "a", "--out", "x"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 2 and "unknown random model" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_maps_writes_image_plot_and_raw_probabilities(tmp_path):
+class Result:
+    def __init__(self, code, out, err):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture
+def attnctl(cli):
+    return lambda *args: Result(*cli(*args))
+
+
+def test_maps_writes_image_plot_and_raw_probabilities(tmp_path, attnctl):
     res = attnctl("maps", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog", "--words", "cat,dog",
                   "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
@@ -40,14 +56,14 @@ def test_maps_writes_image_plot_and_raw_probabilities(tmp_path):
     (["maps", "--model", "random:sd15-tiny", "--prompt", "a cat", "--words", "cat", "--dtype", "float8"],
      "unknown dtype"),
 ])
-def test_bad_input_exits_cleanly(tmp_path, args, message):
+def test_bad_input_exits_cleanly(tmp_path, args, message, attnctl):
     res = attnctl(*args, "--out", str(tmp_path))
     assert res.returncode == 2
     assert message in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
 
 
-def test_long_prompt_warns_what_was_cut(tmp_path):
+def test_long_prompt_warns_what_was_cut(tmp_path, attnctl):
     prompt = "a cat " + "very " * 80 + "fluffy"
     res = attnctl("maps", "--model", "random:sd15-tiny", "--prompt", prompt, "--words", "cat", "--steps", "1",
                   "--height", "64", "--width", "64", "--out", str(tmp_path))
@@ -55,7 +71,7 @@ def test_long_prompt_warns_what_was_cut(tmp_path):
     assert "warning" in res.stderr and "cut" in res.stderr and "fluffy" in res.stderr
 
 
-def test_sites_table():
+def test_sites_table(attnctl):
     res = attnctl("sites", "--model", "random:flux-tiny", "--height", "64", "--width", "64")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()

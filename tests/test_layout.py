@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from attnctl import UsageError
-from attnctl.layout import Layout, overlay
+from attnctl.layout import Layout
+from attnctl.viz import overlay
 from attnctl.roles import attribute_spans
 from attnctl.tokens import PromptTokens
 

@@ -1,9 +1,7 @@
 """Attention Regulation in real (tiny, random-weight) pipelines: what it changes, what it leaves bit-identical, the
 batch layouts, dtypes and schedulers it runs with, and the errors a user sees."""
 
-import os
-import subprocess
-import sys
+import logging
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import attnctl
-from attnctl.methods.regulation import Regulation, add_cli_arguments, controller_from_args
+from attnctl.methods.regulation import Regulation, RegulationConfig, choose_targets
 from conftest import run, tiny_pipe
 
 PROMPT = "a cat and a dog"
@@ -168,13 +166,12 @@ def test_half_precision_and_other_schedulers(dtype, scheduler):
     assert all(h["row_losses"].dtype == torch.float32 for h in reg.history)  # the optimisation runs in float32
 
 
-def test_nouns_chosen_and_printed_without_targets(capsys):
+def test_nouns_chosen_and_logged_without_targets(caplog):
     pipe = tiny_pipe("unet")
     reg = Regulation(edit_steps=1)
-    with attnctl.apply(pipe, reg, prompt="a red car and a white sheep"):
+    with caplog.at_level(logging.INFO, "attnctl"), attnctl.apply(pipe, reg, prompt="a red car and a white sheep"):
         run(pipe, "a red car and a white sheep", **kwargs(steps=1, size=128))
-    err = capsys.readouterr().err
-    assert "car, sheep" in err and "extension" in err
+    assert "car, sheep" in caplog.text and "extension" in caplog.text
     assert reg.target_words == ["car", "sheep"]
 
 
@@ -208,36 +205,43 @@ def test_usage_errors_in_a_pipeline():
             pass
 
 
-def test_cli_arguments_default_to_the_paper(capsys):
-    import argparse
+def test_cli_flags_are_the_config_fields():
+    from attnctl.cli import build_parser
+    from attnctl.cli.common import method_config
 
-    parser = argparse.ArgumentParser()
-    add_cli_arguments(parser)
-    args = parser.parse_args([])
-    reg = controller_from_args(args, PROMPT)
-    out = capsys.readouterr().out
-    assert "cat, dog" in out and "extension" in out
-    assert reg.targets == ["cat", "dog"] and reg.layers == ("down_blocks.2", "up_blocks.1")
-    assert reg.edit_steps is None and reg._edit_set(50) == set(range(25))
-    hp = reg.hp
-    assert (hp.iterations, hp.step_size, hp.gamma, hp.delta, hp.epsilon) == (20, 100.0, 1.0, 80.0, 0.09)
-    assert (reg.sigma, reg.smoothing, reg.decay, reg.selection, reg.implementation) == (None, 0.25, 0.99, "batch",
-                                                                                        "fast")
-    args = parser.parse_args(["--targets", "dog", "--layers", "up_blocks.1", "--edit-steps", "3", "--selection",
-                              "image", "--implementation", "direct", "--sigma", "2"])
-    reg = controller_from_args(args, PROMPT)
-    assert (reg.targets, reg.layers, reg.edit_steps, reg.selection, reg.implementation, reg.sigma) == (
-        ["dog"], ("up_blocks.1",), 3, "image", "direct", 2)
+    base = ["generate", "--model", "random:sd15-tiny", "--prompt", PROMPT, "--out", "unused"]
+    config = method_config("regulation", build_parser().parse_args(base), "random:sd15-tiny")
+    assert config == RegulationConfig()
+    assert config.targets is None and config.layers == ("down_blocks.2", "up_blocks.1") and config.edit_steps is None
+    assert (config.iterations, config.step_size, config.gamma, config.delta, config.epsilon) == (20, 100.0, 1.0, 80.0,
+                                                                                                 0.09)
+    assert (config.sigma, config.smoothing, config.decay, config.selection, config.implementation, config.seed) == (
+        None, 0.25, 0.99, "batch", "fast", 0)
+    args = build_parser().parse_args(base + [
+        "--targets", "dog", "--layers", "up_blocks.1", "--edit-steps", "3", "--selection", "image", "--implementation",
+        "direct", "--sigma", "2", "--init-seed", "5", "--no-restore-special", "--quantile", "0.8"])
+    config = method_config("regulation", args, "random:sd15-tiny")
+    assert (config.targets, config.layers, config.edit_steps, config.selection, config.implementation, config.sigma,
+            config.seed, config.restore_special, config.quantile) == (
+        ["dog"], ("up_blocks.1",), 3, "image", "direct", 2, 5, False, 0.8)
+    assert args.seed == 0  # --init-seed is the method's seed, not the sampling seed
+    reg = Regulation(config=config)
+    assert reg.target_words == ["dog"] and Regulation(["dog"], edit_steps=3, layers="up_blocks.1").config.layers == (
+        "up_blocks.1",)
+
+
+def test_nouns_are_chosen_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="attnctl"):
+        assert choose_targets(PROMPT) == ["cat", "dog"]
+    assert "cat, dog" in caplog.text and "extension" in caplog.text
 
 
 @pytest.mark.parametrize("flags, message", [  # a bad layer takes the same path as a bad target (at attach)
     (["--targets", "zebra"], "'zebra' is not in the prompt"),
     (["--targets", "cat", "--edit-steps", "3"], "edit_steps=3 but the pipeline runs 1 steps"),  # inside the call
 ])
-def test_cli_bad_input_exits_cleanly(tmp_path, flags, message):
-    res = subprocess.run([sys.executable, "-m", "attnctl.cli", "generate", "--method", "regulation", "--model",
-                          "random:sd15-tiny", "--prompt", PROMPT, "--steps", "1", "--height", "64", "--width", "64",
-                          "--out", str(tmp_path), *flags], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "ATTNCTL_PROGRESS": "0"})
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr + res.stdout
+def test_cli_bad_input_exits_cleanly(tmp_path, flags, message, cli):
+    code, out, err = cli("generate", "--method", "regulation", "--model", "random:sd15-tiny", "--prompt", PROMPT,
+                         "--steps", "1", "--height", "64", "--width", "64", "--out", tmp_path, *flags)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err + out

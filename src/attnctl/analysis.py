@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
@@ -37,15 +36,16 @@ COLUMNS = ("step", "timestep", "block", "site", "stage", "depth", "role", "share
 
 
 class Hierarchy(Controller):
-    """Observer recording, per site and step, each token role's in-region share of attention (see the module doc)."""
+    """Observer recording, per site and step, each token role's in-region share of attention (see the module doc;
+    docs/methods.md §4). `steps`: step indices to record (all if None); `role_parser`: auto, spacy or rules."""
 
     observer = True
 
-    def __init__(self, layout, steps=None, roles: str = "auto"):
+    def __init__(self, layout, steps=None, role_parser: str = "auto"):
         self.layout: Layout = load_layout(layout)
         self.prompt = self.layout.prompt
         self.steps = None if steps is None else set(steps)
-        self.role_parser = roles
+        self.role_parser = role_parser
         self.rows: list[dict] = []
 
     def attach(self, session) -> None:
@@ -112,79 +112,7 @@ class Hierarchy(Controller):
                 w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
 
     def plot(self, path, title: str | None = None) -> None:
-        import matplotlib
+        """The share curves (top) and mean attention per pixel (bottom) over depth, as a PNG."""
+        from .viz import hierarchy_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        curves = self.by_depth()
-        colors = {INSTANCE: "tab:blue", ATTRIBUTE: "tab:red", BACKGROUND: "tab:green"}
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-        for role in ROLES:
-            if role not in curves:
-                continue
-            depth, share, area, mass = zip(*curves[role])
-            top.plot(depth, share, "o-", ms=3, color=colors[role], label=f"{role} words")
-            top.plot(depth, area, ":", color=colors[role], alpha=0.7)
-            bottom.plot(depth, mass, "o-", ms=3, color=colors[role], label=f"{role} words")
-        top.set_ylabel("share of the role's attention\ninside its region")
-        top.set_ylim(0, 1)
-        top.set_title(title or f"attention hierarchy: {self.layout.prompt}", fontsize=9)
-        top.legend(fontsize=8, loc="best")
-        top.text(0.99, 0.02, "dotted: uniform attention (region area)", transform=top.transAxes, ha="right",
-                 fontsize=7, color="grey")
-        bottom.set_ylabel("mean attention per pixel\nto the role's words")
-        bottom.set_xlabel("relative depth (block / number of blocks), mean over the recorded steps")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-
-
-# --- command line ------------------------------------------------------------------------------------------------
-
-def add_cli_arguments(parser) -> None:
-    """Options of `attnctl analyze` (the CLI adds the model and sampling options and --out)."""
-    from .methods.ast import add_hyperparameter_arguments
-
-    parser.add_argument("--layout", required=True, help="layout JSON: prompt, background and regions")
-    parser.add_argument("--with-ast", action="store_true", help="measure with AST attached (default: the plain model)")
-    parser.add_argument("--analyze-steps", default=None,
-                        help="comma-separated step indices to record (default: every step)")
-    add_hyperparameter_arguments(parser)
-
-
-def run_from_args(args, pipe, call_kwargs: dict) -> None:
-    """Run the pipeline once with the observer (and AST with --with-ast); write hierarchy.csv, hierarchy.png and the
-    image with its layout overlay to args.out. `call_kwargs` are the pipeline-call arguments the CLI built."""
-    from .control import apply
-    from .layout import overlay
-
-    layout = Layout.load(args.layout)
-    steps = None
-    if getattr(args, "analyze_steps", None):
-        try:
-            steps = [int(s) for s in args.analyze_steps.split(",") if s.strip()]
-        except ValueError:
-            raise UsageError("--analyze-steps takes comma-separated step indices, e.g. 0,1,2") from None
-    hierarchy = Hierarchy(layout, steps=steps, roles=getattr(args, "ast_roles", "auto"))
-    controllers = [hierarchy]
-    if getattr(args, "with_ast", False):
-        from .methods.ast import controller_from_args
-
-        controllers.insert(0, controller_from_args(args))
-    kwargs = call_kwargs
-    generator = torch.Generator(device="cpu").manual_seed(getattr(args, "seed", 0))
-    with apply(pipe, *controllers, prompt=layout.prompt):
-        images = pipe(layout.prompt, generator=generator, **kwargs).images
-    if not hierarchy.rows:
-        raise UsageError("nothing was recorded: check --analyze-steps against --steps")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    hierarchy.write_csv(out / "hierarchy.csv")
-    label = "with AST" if getattr(args, "with_ast", False) else "plain"
-    hierarchy.plot(out / "hierarchy.png", title=f"{getattr(args, 'model', '')} ({label}): {layout.prompt}")
-    for i, image in enumerate(images):
-        stem = "image" if len(images) == 1 else f"image_{i}"
-        image.save(out / f"{stem}.png")
-        overlay(image, layout).save(out / f"{stem}_layout.png")
-    print(f"wrote {out}/hierarchy.csv ({len(hierarchy.rows)} rows), hierarchy.png and the image(s)")
+        hierarchy_figure(self.by_depth(), path, title or f"attention hierarchy: {self.layout.prompt}")

@@ -106,7 +106,7 @@ def controllers_for(method: str, case: Case) -> list:
     if method == "regulation":
         from .methods.regulation import Regulation
 
-        return [Regulation(targets=[s for _, s in case.objects], selection="image", verbose=False)]
+        return [Regulation(targets=[s for _, s in case.objects], selection="image")]
     if method == "ast":
         from .layout import Layout
         from .methods.ast import AST
@@ -188,84 +188,6 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
     lines += ["", "Success rate [95% Wilson interval] (samples = prompts x seeds). See attnctl/eval.py for what "
               "counts as success in each category."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(summary, out / "results.png")
+    from .viz import eval_figure
 
-
-def _plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(summary)
-    width = 0.8 / max(1, len(labels))
-    fig, ax = plt.subplots(figsize=(2.2 * len(CATEGORIES) + 1, 3.6))
-    for k, label in enumerate(labels):
-        xs, rates, errs = [], [], [[], []]
-        for j, c in enumerate(CATEGORIES):
-            r = summary[label].get(c)
-            if r is None:
-                continue
-            xs.append(j + (k - (len(labels) - 1) / 2) * width)
-            rates.append(r["rate"])
-            errs[0].append(r["rate"] - r["ci95"][0])
-            errs[1].append(r["ci95"][1] - r["rate"])
-        ax.bar(xs, rates, width, yerr=errs, capsize=3, label=label)
-    ax.set_xticks(range(len(CATEGORIES)), [c.replace("_", " ") for c in CATEGORIES])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("success rate (95% CI)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# --- command line -----------------------------------------------------------------------------------------------
-
-def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="compare methods on held-out shapes-world prompts, scored exactly")
-    p.add_argument("--suite", choices=["shapes"], default="shapes")
-    p.add_argument("--methods", default="none,regulation,ast",
-                   help="comma-separated: none, regulation (on the UNet model), ast (on the MMDiT model); "
-                        "with ast, 'none' also runs on the MMDiT model as its baseline")
-    p.add_argument("--prompts", type=int, default=20, help="prompts per category, at most 20 (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=10, help="seeds per prompt (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--unet-model", default="builtin:shapes-unet")
-    p.add_argument("--mmdit-model", default="builtin:shapes-mmdit")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="a small subset, under a minute")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--out", type=Path, default=Path("out/eval"))
-    p.set_defaults(handler=run_from_args)
-
-
-def run_from_args(args) -> None:
-    import sys
-
-    from accelerate import PartialState
-
-    from .errors import UsageError
-
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ("none", "regulation", "ast")]
-    if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from none, regulation, ast")
-    methods = [(m, args.unet_model) for m in names if m in ("none", "regulation")]
-    if "ast" in names:
-        methods += ([("none", args.mmdit_model)] if "none" in names else []) + [("ast", args.mmdit_model)]
-    prompts, seeds = (3, 1) if args.quick else (args.prompts, args.seeds)
-    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    cases = build_suite(prompts)
-    rows = run_suite(methods, cases, list(range(seeds)), steps, guidance, device=args.device)
-    if not PartialState().is_main_process:
-        return
-    summary = summarize(rows)
-    command = "attnctl " + " ".join(sys.argv[1:])
-    write_results(rows, summary, args.out, command)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print((args.out / "results.md").read_text())
+    eval_figure(summary, CATEGORIES, out / "results.png")

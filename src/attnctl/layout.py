@@ -38,9 +38,6 @@ from .errors import UsageError
 _REGION_KEYS = {"phrase", "box", "mask", "color", "attribute", "occurrence"}
 _TOP_KEYS = {"prompt", "background", "regions", "sketch"}
 _CHECK_GRID = 512  # overlaps between boxes / masks of different sizes are checked at this resolution
-OVERLAY_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-                  (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
-
 
 @dataclass
 class Region:
@@ -198,53 +195,11 @@ def load_layout(layout) -> Layout:
     raise UsageError(f"a layout is a Layout, a dict or a JSON file path, not {type(layout).__name__}")
 
 
-def overlay(image, layout: Layout, alpha: float = 0.35):
-    """`image` (PIL) with each region tinted in its own colour (its sketch colour, if any), outlined, and labelled
-    with its phrase."""
-    from PIL import Image, ImageDraw
-
-    layout = load_layout(layout)
-    base = image.convert("RGB")
-    width, height = base.size
-    lab = layout.labels((height, width)).numpy()
-    arr = np.asarray(base).astype(np.float32)
-    tint = arr.copy()
-    colors = [r.color or OVERLAY_COLORS[i % len(OVERLAY_COLORS)] for i, r in enumerate(layout.regions)]
-    for i in range(1, len(layout.regions) + 1):
-        tint[lab == i] = colors[i - 1]
-    out = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for i, region in enumerate(layout.regions, start=1):
-        ys, xs = np.nonzero(lab == i)
-        if len(xs) == 0:
-            continue
-        color = colors[i - 1]
-        edge = (lab == i) & ~_eroded(lab == i)
-        ey, ex = np.nonzero(edge)
-        draw.point(list(zip(ex.tolist(), ey.tolist())), fill=color)
-        x, y = int(xs.min()) + 2, int(ys.min()) + 1
-        text = region.phrase
-        box = draw.textbbox((x, y), text)
-        draw.rectangle(box, fill=(0, 0, 0))
-        draw.text((x, y), text, fill=color)
-    if layout.background.strip():
-        text = f"background: {layout.background}"
-        box = draw.textbbox((2, height - 12), text)
-        draw.rectangle(box, fill=(0, 0, 0))
-        draw.text((2, height - 12), text, fill=(255, 255, 255))
-    return out
-
-
 # --- internals ------------------------------------------------------------------------------------------------
 
 def _interval_cover(a: float, b: float, n: int) -> torch.Tensor:
     edges = torch.arange(n + 1, dtype=torch.float64) / n
     return ((torch.minimum(edges[1:], torch.tensor(b)) - torch.maximum(edges[:-1], torch.tensor(a))).clamp(min=0) * n)
-
-
-def _eroded(m: np.ndarray) -> np.ndarray:
-    p = np.pad(m, 1, constant_values=False)
-    return p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
 
 
 def _read_rgb(path: Path, what: str) -> np.ndarray:

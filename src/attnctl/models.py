@@ -61,12 +61,24 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     return pipe
 
 
-def sampling_defaults(spec: str) -> dict:
-    """Pipeline-call defaults a model folder recommends in its `attnctl.json` (the built-in models were trained for
-    a resolution, step count and guidance scale other than diffusers' defaults); {} when it has none."""
+def _model_settings(spec: str) -> dict:
+    """The `attnctl.json` of a built-in model or local folder: pipeline-call defaults, and under "methods" the
+    method options recommended for this model; {} when there is none."""
     folder = BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
     path = folder / "attnctl.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def sampling_defaults(spec: str) -> dict:
+    """Pipeline-call defaults a model folder recommends (the built-in models were trained for a resolution, step
+    count and guidance scale other than diffusers' defaults); {} when it has none."""
+    return {k: v for k, v in _model_settings(spec).items() if k != "methods"}
+
+
+def recommended_options(spec: str, method: str) -> dict:
+    """Options of `method` (config field names) that a model folder recommends, e.g. Regulation's layers as the
+    model's 16x16 sites; {} when it has none."""
+    return dict(_model_settings(spec).get("methods", {}).get(method, {}))
 
 
 def _show_progress() -> bool:

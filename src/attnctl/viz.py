@@ -1,4 +1,5 @@
-"""Pictures people look at: token maps over the image."""
+"""Pictures people look at: token maps over the image, layouts over the image, the hierarchy curves, the
+evaluation chart. Everything the package draws is drawn here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from .layout import Layout, load_layout  # noqa: E402
+from .roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES  # noqa: E402
+
+OVERLAY_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                  (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
 
 
 def upsample(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -46,6 +53,97 @@ def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, titl
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def overlay(image, layout: Layout, alpha: float = 0.35):
+    """`image` (PIL) with each region tinted in its own colour (its sketch colour, if any), outlined, and labelled
+    with its phrase."""
+    from PIL import Image, ImageDraw
+
+    layout = load_layout(layout)
+    base = image.convert("RGB")
+    width, height = base.size
+    lab = layout.labels((height, width)).numpy()
+    arr = np.asarray(base).astype(np.float32)
+    tint = arr.copy()
+    colors = [r.color or OVERLAY_COLORS[i % len(OVERLAY_COLORS)] for i, r in enumerate(layout.regions)]
+    for i in range(1, len(layout.regions) + 1):
+        tint[lab == i] = colors[i - 1]
+    out = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for i, region in enumerate(layout.regions, start=1):
+        ys, xs = np.nonzero(lab == i)
+        if len(xs) == 0:
+            continue
+        color = colors[i - 1]
+        edge = (lab == i) & ~_eroded(lab == i)
+        ey, ex = np.nonzero(edge)
+        draw.point(list(zip(ex.tolist(), ey.tolist())), fill=color)
+        x, y = int(xs.min()) + 2, int(ys.min()) + 1
+        text = region.phrase
+        box = draw.textbbox((x, y), text)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((x, y), text, fill=color)
+    if layout.background.strip():
+        text = f"background: {layout.background}"
+        box = draw.textbbox((2, height - 12), text)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((2, height - 12), text, fill=(255, 255, 255))
+    return out
+
+
+def _eroded(m: np.ndarray) -> np.ndarray:
+    p = np.pad(m, 1, constant_values=False)
+    return p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+
+
+def hierarchy_figure(curves: dict, path, title: str) -> None:
+    """`curves`: per role, (depth, share, area, mass) per site (`Hierarchy.by_depth()`)."""
+    colors = {INSTANCE: "tab:blue", ATTRIBUTE: "tab:red", BACKGROUND: "tab:green"}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for role in ROLES:
+        if role not in curves:
+            continue
+        depth, share, area, mass = zip(*curves[role])
+        top.plot(depth, share, "o-", ms=3, color=colors[role], label=f"{role} words")
+        top.plot(depth, area, ":", color=colors[role], alpha=0.7)
+        bottom.plot(depth, mass, "o-", ms=3, color=colors[role], label=f"{role} words")
+    top.set_ylabel("share of the role's attention\ninside its region")
+    top.set_ylim(0, 1)
+    top.set_title(title, fontsize=9)
+    top.legend(fontsize=8, loc="best")
+    top.text(0.99, 0.02, "dotted: uniform attention (region area)", transform=top.transAxes, ha="right",
+             fontsize=7, color="grey")
+    bottom.set_ylabel("mean attention per pixel\nto the role's words")
+    bottom.set_xlabel("relative depth (block / number of blocks), mean over the recorded steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def eval_figure(summary: dict, categories, path) -> None:
+    """Success rate per category with 95% intervals, one bar per method (`attnctl.eval.summarize`)."""
+    labels = list(summary)
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(2.2 * len(categories) + 1, 3.6))
+    for k, label in enumerate(labels):
+        xs, rates, errs = [], [], [[], []]
+        for j, c in enumerate(categories):
+            r = summary[label].get(c)
+            if r is None:
+                continue
+            xs.append(j + (k - (len(labels) - 1) / 2) * width)
+            rates.append(r["rate"])
+            errs[0].append(r["rate"] - r["ci95"][0])
+            errs[1].append(r["ci95"][1] - r["rate"])
+        ax.bar(xs, rates, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(categories)), [c.replace("_", " ") for c in categories])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("success rate (95% CI)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

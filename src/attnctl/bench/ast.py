@@ -2,7 +2,7 @@
 FLUX.1's full-width transformer (random weights, reduced depth), plus the attention call alone at FLUX sizes.
 
 Pipeline (via `attnctl.bench.compare`): plain, AST fast path, AST direct path (and the approximate mode for
-reference); all steps tuned (n_mod = 16 > steps), the layout of `examples/two_animals.json`.
+reference); all steps tuned (tuned_steps = 16 > steps), the layout of `examples/two_animals.json`.
 - quick: `random:flux?double=1&single=2`, 256², 1 step, 128 text tokens, 1 timed round (under a minute).
 - full:  `random:flux?double=2&single=4`, 512², 2 steps, 256 text tokens, 2 timed rounds.
 Attention alone: one joint attention call of FLUX's shape (24 heads × 128, batch 1) with image + text tokens of a
@@ -46,8 +46,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         model, size, steps, text, repeats = "random:flux?double=2&single=4", 512, 2, 256, 2
     kwargs = dict(height=size, width=size, num_inference_steps=steps, max_sequence_length=text, guidance_scale=3.5,
                   output_type="latent")
-    variants = {"plain": plain, "fast": partial(ast_variant, path="fast"),
-                "direct": partial(ast_variant, path="direct")}
+    variants = {"plain": plain, "fast": partial(ast_variant, implementation="fast"),
+                "direct": partial(ast_variant, implementation="direct")}
     if not quick:
         variants["approximate"] = partial(ast_variant, approximate=True)
     started = time.perf_counter()

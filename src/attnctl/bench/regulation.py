@@ -50,7 +50,7 @@ def run(quick: bool = False, device: str = "cpu", steps: int | None = None, edit
     def variant(implementation):
         def make(pipe, prompt):
             return [_Timed(seconds[implementation], targets=list(TARGETS), edit_steps=edit_steps,
-                           implementation="fast" if implementation == "regulation" else "direct", verbose=False)]
+                           implementation="fast" if implementation == "regulation" else "direct")]
         return make
 
     variants = {"plain": plain, "regulation": variant("regulation"), "direct": variant("direct")}

@@ -51,5 +51,9 @@ class Family:
     def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
         raise NotImplementedError
 
+    def patch_size(self, denoiser) -> int:
+        """Latent pixels per image token along each side."""
+        return 1
+
     def text_len(self, args, kwargs) -> int | None:
         return None

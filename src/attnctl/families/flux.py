@@ -76,6 +76,9 @@ class FluxFamily(Family):
     def batch_size(self, args, kwargs):
         return argument(args, kwargs, "hidden_states", 0).shape[0]
 
+    def patch_size(self, denoiser) -> int:
+        return 2  # the pipeline packs 2x2 latent patches into one token
+
     def token_grid(self, denoiser, args, kwargs):
         ids = argument(args, kwargs, "img_ids", 4)
         return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1

@@ -83,9 +83,12 @@ class SD3Family(Family):
     def batch_size(self, args, kwargs):
         return argument(args, kwargs, "hidden_states", 0).shape[0]
 
+    def patch_size(self, denoiser) -> int:
+        return denoiser.config.patch_size
+
     def token_grid(self, denoiser, args, kwargs):
         h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
-        p = denoiser.config.patch_size
+        p = self.patch_size(denoiser)
         return h // p, w // p
 
     def text_len(self, args, kwargs):

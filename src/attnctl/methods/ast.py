@@ -1,11 +1,11 @@
 """AST: hierarchical, step- and layer-wise attention specialty tuning for joint (MMDiT) attention
-(arXiv 2504.10148; FLUX.1, SD3/3.5), as specified in the project's METHODS.md §2.
+(arXiv 2504.10148; FLUX.1, SD3/3.5), as written down in docs/methods.md §2.
 
     layout = attnctl.layout.Layout.load("examples/two_animals.json")
     with attnctl.apply(pipe, AST(layout)):          # the layout carries the prompt
         image = pipe(layout.prompt, num_inference_steps=32).images[0]
 
-At every tuned site and step (the first `n_mod` steps, conditional rows of the batch only) the joint attention becomes
+At every tuned site and step (the first `tuned_steps` steps, conditional rows of the batch only) the joint attention becomes
 softmax(S + B)·V with B_X = w_X · ρ_X · τ(t) · (M_X − P_X) on the image→image, text→text and image→text blocks (see
 `ast_attention`). τ(t) = (t/1000)^γ with the scheduler's timestep. Area terms: image rows ρ(p) = 1 − a_img·|region(p)|/(H·W);
 text rows ρ(j) = 1 − a_txt·(row sum of M_T2T)/L_text, with L_text the text length of the joint sequence.
@@ -24,8 +24,8 @@ Choices where the specification leaves room, stated:
   pixels get ρ = 1 in the instance-only and attribute blocks.
 - The reference also replaces the prompt embeddings of each phrase by those of the phrase encoded alone; the
   specification does not include this and neither do we (attention is the only thing AST changes here).
-- Computation: `path="fast"` (default) is exact with O(N) memory (two passes with the row LSE, query-chunked with a
-  budget proportional to q); `path="direct"` is the formula chunk by chunk (memory chunk × N); `path="reference"`
+- Computation: `implementation="fast"` (default) is exact with O(N) memory (two passes with the row LSE, query-chunked with a
+  budget proportional to q); `implementation="direct"` is the formula chunk by chunk (memory chunk × N); `implementation="reference"`
   materialises everything in float64 (tests only). `approximate=True` drops the −P term (one fused SDPA pass per
   query chunk with an additive mask): not exact. Measured: on random attention it deviates from the exact output by
   up to 0.014 (flat rows, max P 0.013) and 2.2 (peaked rows, max P 0.995) for |v| ≈ 1.2 (tests/test_ast_attention.py);
@@ -42,14 +42,16 @@ from pathlib import Path
 
 import torch
 
+from ..config import build, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
 from ..roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
 from .ast_attention import TuningTables, direct_attention, fast_attention, reference_attention
 
-DEFAULTS = dict(w_t2t=3.5, w_i2t=5.0, w_i2i=3.5, gamma=3.0, n_mod=16, a_img=1.0, a_txt=4.0)
-PATHS = ("fast", "direct", "reference")
+IMPLEMENTATIONS = ("fast", "direct", "reference")
+ROLE_PARSERS = ("auto", "spacy", "rules")
+I2T_AREAS = ("region", "reference")
 
 
 @dataclass(frozen=True)
@@ -73,19 +75,20 @@ class Band:
         return f"[{float(self.start):.3f}, {float(self.stop):.3f}): " + (" + ".join(blocks) or "untouched")
 
 
-def _f(k: int, n: int = 57) -> Fraction:
+def _flux_depth(k: int, n: int = 57) -> Fraction:
+    """Relative depth of FLUX.1's k-th joint block (19 double + 38 single)."""
     return Fraction(k, n)
 
 
 # FLUX.1: d0–d4 untouched · d5–d18 all + I2T(instance) · s0–s4 (instance ∪ background) · s5–s14 (instance ∪
 # attribute) · s15–s30 (attribute) · s31–s37 I2T(attribute) only; double blocks are sites 0–18, single 19–56.
 REFERENCE_SCHEDULE = (
-    Band(_f(0), _f(5), False, False, ()),
-    Band(_f(5), _f(19), True, True, (INSTANCE,)),
-    Band(_f(19), _f(24), True, True, (INSTANCE, BACKGROUND)),
-    Band(_f(24), _f(34), True, True, (INSTANCE, ATTRIBUTE)),
-    Band(_f(34), _f(50), True, True, (ATTRIBUTE,)),
-    Band(_f(50), _f(57), False, False, (ATTRIBUTE,)),
+    Band(_flux_depth(0), _flux_depth(5), False, False, ()),
+    Band(_flux_depth(5), _flux_depth(19), True, True, (INSTANCE,)),
+    Band(_flux_depth(19), _flux_depth(24), True, True, (INSTANCE, BACKGROUND)),
+    Band(_flux_depth(24), _flux_depth(34), True, True, (INSTANCE, ATTRIBUTE)),
+    Band(_flux_depth(34), _flux_depth(50), True, True, (ATTRIBUTE,)),
+    Band(_flux_depth(50), _flux_depth(57), False, False, (ATTRIBUTE,)),
 )
 
 
@@ -124,28 +127,60 @@ def parse_schedule(spec) -> tuple[Band, ...]:
     return tuple(bands)
 
 
-class AST(Controller):
-    """The AST method as a controller. `layout`: a `Layout`, a dict or a JSON path. Hyperparameters default to the
-    specification's FLUX.1-dev values."""
+@dataclass
+class ASTConfig:
+    """Every option of AST, with the specification's FLUX.1-dev defaults (docs/methods.md §2).
 
-    def __init__(self, layout, *, w_t2t: float = 3.5, w_i2t: float = 5.0, w_i2i: float = 3.5, gamma: float = 3.0,
-                 n_mod: int = 16, a_img: float = 1.0, a_txt: float = 4.0, schedule=None, path: str = "fast",
-                 approximate: bool = False, roles: str = "auto", i2t_area: str = "region"):
+        AST(layout, config=ASTConfig(tuned_steps=10))      # or AST(layout, tuned_steps=10)
+    """
+
+    w_t2t: float = option(3.5, "text→text weight", symbol="w_T2T")
+    w_i2t: float = option(5.0, "image→text weight", symbol="w_I2T")
+    w_i2i: float = option(3.5, "image→image weight", symbol="w_I2I")
+    gamma: float = option(3.0, "exponent of the time factor τ(t) = (t/1000)^γ", symbol="γ")
+    tuned_steps: int = option(16, "tune the first N denoising steps (0 leaves the image plain)", symbol="n_mod")
+    a_img: float = option(1.0, "image area term: ρ(p) = 1 − a_img·|region(p)|/(H·W)", symbol="a_img")
+    a_txt: float = option(4.0, "text area term: ρ(j) = 1 − a_txt·(row sum of M_T2T)/L_text", symbol="a_txt")
+    schedule: object = option(
+        None, "layer schedule: a list (JSON text or file) of {from, to, blocks, roles} on relative depth",
+        parse=str, shown_default="the reference's FLUX.1 schedule, by relative depth")
+    implementation: str = option("fast", "fast (exact, O(N) memory), direct (the formula, query-chunked) or "
+                                 "reference (float64, for tests)", choices=IMPLEMENTATIONS)
+    approximate: bool = option(False, "drop the −P term of the bias (one fused pass; not exact)")
+    role_parser: str = option("auto", "how attribute words are found: auto (spaCy if installed, else the built-in "
+                              "rules), spacy or rules", choices=ROLE_PARSERS)
+    i2t_area: str = option("region", "I2T area term: each pixel's own region (the specification) or the reference "
+                           "code's variant", choices=I2T_AREAS)
+
+    def __post_init__(self):
+        self.schedule = parse_schedule(self.schedule)
+        if self.implementation not in IMPLEMENTATIONS:
+            raise UsageError(f"unknown AST implementation {self.implementation!r}; use one of "
+                             f"{', '.join(IMPLEMENTATIONS)}")
+        if self.approximate and self.implementation != "fast":
+            raise UsageError("approximate=True is a variant of the fast implementation; use implementation='fast'")
+        if self.i2t_area not in I2T_AREAS:
+            raise UsageError(f"i2t_area must be 'region' or 'reference', not {self.i2t_area!r}")
+        if self.role_parser not in ROLE_PARSERS:
+            raise UsageError(f"role_parser must be one of {', '.join(ROLE_PARSERS)}, not {self.role_parser!r}")
+        if int(self.tuned_steps) < 0:
+            raise UsageError("the number of tuned steps must be >= 0")
+
+
+class AST(Controller):
+    """The AST method as a controller: `AST(layout, config=None, **options)`, where `layout` is a `Layout`, a dict
+    or a JSON path and the options are the fields of `ASTConfig`.
+
+        layout = attnctl.Layout.load("examples/two_animals.json")
+        with attnctl.apply(pipe, AST(layout, tuned_steps=12)):
+            image = pipe(layout.prompt).images[0]
+    """
+
+    def __init__(self, layout, config: ASTConfig | None = None, **options):
         self.layout: Layout = load_layout(layout)
         self.prompt = self.layout.prompt
-        self.w_t2t, self.w_i2t, self.w_i2i = float(w_t2t), float(w_i2t), float(w_i2i)
-        self.gamma, self.n_mod = float(gamma), int(n_mod)
-        self.a_img, self.a_txt = float(a_img), float(a_txt)
-        self.schedule = parse_schedule(schedule)
-        if path not in PATHS:
-            raise UsageError(f"unknown AST path {path!r}; use one of {', '.join(PATHS)}")
-        if approximate and path != "fast":
-            raise UsageError("approximate=True is a variant of the fast path; use path='fast'")
-        if i2t_area not in ("region", "reference"):
-            raise UsageError(f"i2t_area must be 'region' or 'reference', not {i2t_area!r}")
-        if self.n_mod < 0:
-            raise UsageError("the number of tuned steps must be >= 0")
-        self.path, self.approximate, self.role_parser, self.i2t_area = path, approximate, roles, i2t_area
+        self.config = build(ASTConfig, config, **options)
+        self.schedule = self.config.schedule
         self.bound = []
         self._tables: dict = {}
         self._probs_sites: set[str] = set()
@@ -162,7 +197,7 @@ class AST(Controller):
         if not session.prompts:
             raise UsageError("AST needs the prompt the pipeline is called with: pass prompt=... to attnctl.apply "
                              "(or omit it to use the layout's prompt)")
-        self.bound = [self.layout.bind(p, self.role_parser) for p in session.prompts]
+        self.bound = [self.layout.bind(p, self.config.role_parser) for p in session.prompts]
         self._tables.clear()
         self._probs_sites = {s.name for s in session.sites
                              if any(c.observer and c.wants(s) for c in session.controllers)}
@@ -181,20 +216,21 @@ class AST(Controller):
     def __call__(self, call: AttentionCall) -> None:
         step = call.step
         rows = step.cond_rows
-        if step.index >= self.n_mod or rows.stop <= rows.start:
+        c = self.config
+        if step.index >= c.tuned_steps or rows.stop <= rows.start:
             return
         band = self.band(call.site)
-        tau = (max(float(step.timestep), 0.0) / 1000.0) ** self.gamma
+        tau = (max(float(step.timestep), 0.0) / 1000.0) ** c.gamma
         tables = self._tables_for(call, band, rows, tau)
         want_probs = call.site.name in self._probs_sites
         batch = call.q.shape[0]
         partial = rows.stop - rows.start < batch
         q, k, v = call.q[rows], call.k[rows], call.v[rows]
-        if self.path == "fast":
-            lse = None if self.approximate or q.dtype == torch.float64 else call.lse()[rows]
+        if c.implementation == "fast":
+            lse = None if c.approximate or q.dtype == torch.float64 else call.lse()[rows]
             out, probs = fast_attention(q, k, v, call.scale, tables, lse=lse, want_text_probs=want_probs,
-                                        approximate=self.approximate)
-        elif self.path == "direct":
+                                        approximate=c.approximate)
+        elif c.implementation == "direct":
             out, probs = direct_attention(q, k, v, call.scale, tables, want_text_probs=want_probs)
         else:
             out, probs = reference_attention(q, k, v, call.scale, tables)
@@ -219,11 +255,12 @@ class AST(Controller):
             stack = lambda i: torch.stack([t[i] for t in per_row]).to(call.q.device)  # noqa: E731
             self._tables[key] = tuple(stack(i) for i in range(6))
         img_label, i2t_label, t2t_label, rho_img, rho_i2t, rho_txt = self._tables[key]
+        c = self.config
         return TuningTables(
             text=call.text, image=call.image, img_label=img_label, i2t_label=i2t_label, t2t_label=t2t_label,
-            alpha_i2i=rho_img * (self.w_i2i * tau) if band.i2i else None,
-            alpha_i2t=rho_i2t * (self.w_i2t * tau) if band.roles else None,
-            alpha_t2t=rho_txt * (self.w_t2t * tau) if band.t2t else None,
+            alpha_i2i=rho_img * (c.w_i2i * tau) if band.i2i else None,
+            alpha_i2t=rho_i2t * (c.w_i2t * tau) if band.roles else None,
+            alpha_t2t=rho_txt * (c.w_t2t * tau) if band.t2t else None,
         )
 
     def _prompt_tables(self, prompt: int, grid, n_text: int, band: Band):
@@ -233,11 +270,11 @@ class AST(Controller):
         n_regions = len(self.layout.regions)
         counts = torch.bincount(labels, minlength=n_regions + 1).double()
         area = counts[labels] / n_img
-        rho_img = 1 - self.a_img * area
-        if self.i2t_area == "reference":
+        rho_img = 1 - self.config.a_img * area
+        if self.config.i2t_area == "reference":
             takes_part = torch.ones(n_regions + 1, dtype=torch.bool)
             takes_part[0] = BACKGROUND in band.roles
-            rho_i2t = 1 - self.a_img * torch.where(takes_part[labels], area, torch.zeros_like(area))
+            rho_i2t = 1 - self.config.a_img * torch.where(takes_part[labels], area, torch.zeros_like(area))
         else:
             rho_i2t = rho_img
         t2t = -(torch.arange(n_text) + 2)  # unique labels: the identity for tokens in no phrase
@@ -260,7 +297,7 @@ class AST(Controller):
             if BACKGROUND in band.roles:
                 i2t[background] = 0
         row_sum = torch.bincount(t2t - t2t.min()).double()[t2t - t2t.min()]
-        rho_txt = 1 - self.a_txt * row_sum / n_text
+        rho_txt = 1 - self.config.a_txt * row_sum / n_text
         return labels, i2t, t2t, rho_img.float(), rho_i2t.float(), rho_txt.float()
 
     def describe_schedule(self, sites) -> str:
@@ -272,45 +309,3 @@ class AST(Controller):
             band = self.band(s)
             lines.append(f"{s.block:3d} {s.name}: " + (band.describe().split(': ', 1)[1] if band else "untouched"))
         return "\n".join(lines)
-
-
-# --- command line ------------------------------------------------------------------------------------------------
-
-def add_hyperparameter_arguments(parser) -> None:
-    """AST's hyperparameters as options (all prefixed --ast-), with the specification's defaults."""
-    parser.add_argument("--ast-w-t2t", type=float, default=DEFAULTS["w_t2t"], help="text→text weight (default 3.5)")
-    parser.add_argument("--ast-w-i2t", type=float, default=DEFAULTS["w_i2t"], help="image→text weight (default 5.0)")
-    parser.add_argument("--ast-w-i2i", type=float, default=DEFAULTS["w_i2i"], help="image→image weight (default 3.5)")
-    parser.add_argument("--ast-gamma", type=float, default=DEFAULTS["gamma"],
-                        help="time factor (t/1000)^gamma (default 3)")
-    parser.add_argument("--ast-steps", type=int, default=DEFAULTS["n_mod"], help="tune the first N steps (default 16)")
-    parser.add_argument("--ast-a-img", type=float, default=DEFAULTS["a_img"], help="image area term (default 1.0)")
-    parser.add_argument("--ast-a-txt", type=float, default=DEFAULTS["a_txt"], help="text area term (default 4.0)")
-    parser.add_argument("--ast-schedule", default=None,
-                        help="layer schedule: JSON list (or file) of {from, to, blocks, roles} on relative depth "
-                             "(default: the reference's FLUX.1 schedule, by relative depth)")
-    parser.add_argument("--ast-path", choices=PATHS, default="fast",
-                        help="fast (exact, O(N) memory; default), direct (formula, query-chunked), reference")
-    parser.add_argument("--ast-approximate", action="store_true",
-                        help="drop the -P term of the bias (one fused pass; not exact)")
-    parser.add_argument("--ast-roles", choices=("auto", "spacy", "rules"), default="auto",
-                        help="how attribute words are found (auto: spaCy if installed, else the built-in rules)")
-    parser.add_argument("--ast-i2t-area", choices=("region", "reference"), default="region",
-                        help="I2T area term: each pixel's region (specification) or the reference code's variant")
-
-
-def add_cli_arguments(parser) -> None:
-    """`--layout` and AST's hyperparameters (for `attnctl generate --method ast`)."""
-    parser.add_argument("--layout", default=None,
-                        help="AST: layout JSON with prompt, background and regions (see attnctl.layout)")
-    add_hyperparameter_arguments(parser)
-
-
-def controller_from_args(args) -> AST:
-    if not getattr(args, "layout", None):
-        raise UsageError("AST needs a layout: pass --layout L.json (prompt, background and regions; see examples/)")
-    return AST(
-        args.layout, w_t2t=args.ast_w_t2t, w_i2t=args.ast_w_i2t, w_i2i=args.ast_w_i2i, gamma=args.ast_gamma,
-        n_mod=args.ast_steps, a_img=args.ast_a_img, a_txt=args.ast_a_txt, schedule=args.ast_schedule,
-        path=args.ast_path, approximate=args.ast_approximate, roles=args.ast_roles, i2t_area=args.ast_i2t_area,
-    )

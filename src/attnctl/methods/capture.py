@@ -7,24 +7,69 @@ them (so it stays in [0, 1]); maps are averaged over heads and over the captured
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..config import build, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 
 
+def parse_words(text: str) -> list[str]:
+    """'cat,dog#2' -> ['cat', 'dog#2']."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def parse_steps(text: str) -> list[int]:
+    """'0-9' or '0,5,10' -> step indices."""
+    steps = []
+    try:
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            steps += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise UsageError(f"steps {text!r}: write steps as 0-9 or 0,5,10") from None
+    return steps
+
+
+@dataclass
+class CaptureConfig:
+    """What `Capture` records (docs/methods.md §3)."""
+
+    words: list = option([], "words of the prompt to map (word#2 for a repeat)", parse=parse_words)
+    steps: list | None = option(None, "step indices to average, e.g. 0-9 or 0,5,10", parse=parse_steps,
+                                flag="map-steps", shown_default="every step")
+    sites: object = option(None, "site names, or a predicate on a site", cli=False, shown_default="every site")
+
+    def __post_init__(self):
+        if isinstance(self.words, str):
+            self.words = parse_words(self.words)
+        if not self.words:
+            raise UsageError("name at least one word of the prompt to capture maps for (words=[...] or --words)")
+        self.words = list(self.words)
+
+
 class Capture(Controller):
+    """Per-word attention maps at every site and step: `Capture(words, config=None, **options)` with the fields of
+    `CaptureConfig`.
+
+        capture = Capture(["cat", "dog"], steps=range(10))
+        with attnctl.apply(pipe, capture, prompt="a cat and a dog"):
+            pipe("a cat and a dog")
+        capture.maps()      # {site: (images, words, h, w)}
+    """
+
     observer = True
 
-    def __init__(self, words: list[str], steps=None, sites=None):
-        """`words`: words of the prompt (`dog#2` for a repeat); `steps`: step indices to capture (all if None);
-        `sites`: site names or a predicate on a site (all if None)."""
-        if not words:
-            raise UsageError("name at least one word of the prompt to capture maps for")
-        self.words = list(words)
-        self.steps = None if steps is None else set(steps)
-        self.site_filter = sites
+    def __init__(self, words=None, config: CaptureConfig | None = None, **options):
+        if words is not None:
+            options["words"] = words
+        self.config = build(CaptureConfig, config, **options)
+        self.words = self.config.words
+        self.steps = None if self.config.steps is None else set(self.config.steps)
+        self.site_filter = self.config.sites
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.grids: dict[str, tuple[int, int]] = {}

@@ -7,7 +7,7 @@ At the chosen cross-attention layers and the first denoising steps, a smooth add
 the layer's grid) is added to the logits of the target tokens, found by 20 steps of gradient descent so that every
 target gets a strongly attended region (its 90th-percentile probability near 0.9) and the targets share the
 attention evenly; the field is smoothed over steps and decays with the step index. The algorithm, its defaults and
-what decides exactness are in METHODS.md §1; the arithmetic is in `regulation_math`.
+what decides exactness are in docs/methods.md §1; the arithmetic is in `regulation_math`.
 
 Where this implementation departs from the reference code, on purpose:
 - the logits and the edited probabilities are float32 (the reference casts the edited logits to fp16), whatever the
@@ -23,15 +23,19 @@ Where this implementation departs from the reference code, on purpose:
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
+from ..config import build, option
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
-from . import regulation_math as rm
+from . import regulation_math
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LAYERS = ("down_blocks.2", "up_blocks.1")
 DEFAULT_EDIT_STEPS = 25
@@ -77,55 +81,94 @@ class _Group:
         self.prompt, self.rows, self.targets, self.eos = prompt, rows, targets, eos
 
 
-class Regulation(Controller):
-    """Attention Regulation. Defaults are the paper's; every constant of the method is a keyword.
+def _word_list(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
 
-    targets: words of the prompt (every sub-token of a word is a target; `dog#2` for a repeated word), one list for
-        all prompts or one list per prompt; None chooses the nouns of each prompt (our extension) and prints them.
-    layers: site names or name prefixes (`down_blocks.2` = all its cross-attention modules), or "all".
-    edit_steps: edit the first `edit_steps` denoising steps, or an explicit collection of step indices. None (the
-        default) is the paper's 25, or every step of a run with fewer (as the reference code does); an explicit
-        value beyond the run's step count is an error.
-    iterations, step_size, gamma, delta, epsilon: the gradient descent and the loss weights (20, 100, 1, 80, 0.09).
-    sigma: width of the Gaussians in pixels of the layer's grid; None is max(1, W // 16).
-    smoothing: weight of the previous step's best field (0.25); decay: the applied field is scaled by decay**step.
-    quantile, quantile_target, share_per_target: the 0.9, 0.9 and 0.2 of the loss (θ = min(1, 0.2·k)).
-    restore_special: reset the start and (first) end-of-text token probabilities to their unedited values.
-    selection: "batch" keeps the iterate with the lowest loss over all rows (reference), "image" per image.
-    implementation: "fast" (split softmax denominator, analytic gradient) or "direct" (the formulas as written).
-    seed: seed of the random initial weights (uniform in [0, 1)), drawn from the controller's own generator.
+
+@dataclass
+class RegulationConfig:
+    """Every option of Attention Regulation, with the paper's defaults (docs/methods.md §1).
+
+        config = RegulationConfig(targets=["cat", "dog"], layers=("down_blocks.2",))
+        Regulation(config=config)          # or Regulation(["cat", "dog"], layers=...): the same fields as keywords
     """
 
-    def __init__(self, targets=None, layers=DEFAULT_LAYERS, edit_steps=None, *, iterations: int = 20,
-                 step_size: float = 100.0, gamma: float = 1.0, delta: float = 80.0, epsilon: float = 0.09,
-                 sigma: int | None = None, smoothing: float = 0.25, decay: float = 0.99, quantile: float = 0.9,
-                 quantile_target: float = 0.9, share_per_target: float = 0.2, restore_special: bool = True,
-                 selection: str = "batch", implementation: str = "fast", seed: int = 0, verbose: bool = True):
-        self.targets = _normalise_targets(targets)
-        self.layers = _normalise_layers(layers)
-        self.edit_steps = _normalise_steps(edit_steps)
-        if iterations < 1:
-            raise UsageError(f"iterations must be at least 1 (got {iterations})")
-        if sigma is not None and int(sigma) < 1:
-            raise UsageError(f"sigma must be at least 1 pixel (got {sigma})")
-        if not 0.0 <= smoothing <= 1.0:
-            raise UsageError(f"smoothing must lie in [0, 1] (got {smoothing})")
-        if not 0.0 < quantile <= 1.0:
-            raise UsageError(f"quantile must lie in (0, 1] (got {quantile})")
-        if selection not in SELECTIONS:
-            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)} (got {selection!r})")
-        if implementation not in IMPLEMENTATIONS:
-            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)} (got {implementation!r})")
-        self.hp = rm.Hyperparameters(iterations=int(iterations), step_size=float(step_size), gamma=float(gamma),
-                                     delta=float(delta), epsilon=float(epsilon), quantile=float(quantile),
-                                     quantile_target=float(quantile_target),
-                                     share_per_target=float(share_per_target))
-        self.sigma = None if sigma is None else int(sigma)
-        self.smoothing, self.decay = float(smoothing), float(decay)
-        self.restore_special = restore_special
-        self.selection, self.implementation = selection, implementation
-        self.seed, self.verbose = seed, verbose
-        self.target_words: list[str] | None = (list(self.targets) if self.targets and isinstance(self.targets[0], str)
+    targets: list | None = option(
+        None, "words of the prompt to regulate (every sub-token of a word is a target; word#2 for a repeat), one list "
+        "for all prompts or one list per prompt; None chooses each prompt's nouns (an attnctl extension)",
+        parse=_word_list, shown_default="the prompt's nouns")
+    layers: tuple = option(
+        DEFAULT_LAYERS, "cross-attention layers to edit: stages such as down_blocks.2, site-name prefixes, or 'all'",
+        parse=_word_list)
+    edit_steps: int | tuple | None = option(
+        None, "edit the first N denoising steps (API: or a collection of step indices); more than the run has is an "
+        "error", parse=int, shown_default=f"{DEFAULT_EDIT_STEPS}, or every step of a shorter run")
+    iterations: int = option(20, "gradient-descent iterations per edited attention call")
+    step_size: float = option(100.0, "gradient step per row (the reference's step is this × rows on the batch loss)",
+                              symbol="η")
+    gamma: float = option(1.0, "weight of the quantile term (q90(m) − 0.9)²", symbol="γ")
+    delta: float = option(80.0, "weight of the equal-share term (mean(m) − θ/k)²", symbol="δ")
+    epsilon: float = option(0.09, "weight of the mean(w²) term", symbol="ε")
+    sigma: int | None = option(None, "width of the Gaussians in pixels of the layer's grid", parse=int,
+                               symbol="σ", shown_default="max(1, W // 16) of each layer")
+    smoothing: float = option(0.25, "weight of the previous step's best field in the applied one")
+    decay: float = option(0.99, "the applied field is scaled by decay**step")
+    quantile: float = option(0.9, "which quantile of a target's map must be high")
+    quantile_target: float = option(0.9, "the value that quantile is pulled towards")
+    share_per_target: float = option(0.2, "attention share per target: θ = min(1, share_per_target · k)")
+    restore_special: bool = option(True, "reset the start and first end-of-text token probabilities to their "
+                                   "unedited values")
+    selection: str = option("batch", "keep the iterate with the lowest loss over the batch (the reference) or per "
+                            "image", choices=SELECTIONS)
+    implementation: str = option("fast", "fast (split softmax denominator, analytic gradient) or direct (the "
+                                 "formulas as written, autograd)", choices=IMPLEMENTATIONS)
+    seed: int = option(0, "seed of the random initial weights (uniform in [0, 1)), from the controller's own "
+                       "generator", flag="init-seed")
+
+    def __post_init__(self):
+        self.targets = _normalise_targets(self.targets)
+        self.layers = _normalise_layers(self.layers)
+        self.edit_steps = _normalise_steps(self.edit_steps)
+        if self.iterations < 1:
+            raise UsageError(f"iterations must be at least 1 (got {self.iterations})")
+        if self.sigma is not None and int(self.sigma) < 1:
+            raise UsageError(f"sigma must be at least 1 pixel (got {self.sigma})")
+        self.sigma = None if self.sigma is None else int(self.sigma)
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise UsageError(f"smoothing must lie in [0, 1] (got {self.smoothing})")
+        if not 0.0 < self.quantile <= 1.0:
+            raise UsageError(f"quantile must lie in (0, 1] (got {self.quantile})")
+        if self.selection not in SELECTIONS:
+            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)} (got {self.selection!r})")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)} "
+                             f"(got {self.implementation!r})")
+
+    def optimisation(self) -> regulation_math.Hyperparameters:
+        return regulation_math.Hyperparameters(
+            iterations=int(self.iterations), step_size=float(self.step_size), gamma=float(self.gamma),
+            delta=float(self.delta), epsilon=float(self.epsilon), quantile=float(self.quantile),
+            quantile_target=float(self.quantile_target), share_per_target=float(self.share_per_target))
+
+
+class Regulation(Controller):
+    """Attention Regulation as a controller: `Regulation(targets, config=None, **options)`, where the options are
+    the fields of `RegulationConfig` (defaults: the paper's).
+
+        with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=10), prompt="a cat and a dog"):
+            image = pipe("a cat and a dog", num_inference_steps=20).images[0]
+
+    With `targets=None` the nouns of each prompt are chosen (`attnctl.nouns`) and logged. `history` records, per
+    edited call, the chosen iterates and losses when `record_history` is set.
+    """
+
+    def __init__(self, targets=None, config: RegulationConfig | None = None, **options):
+        if targets is not None:
+            options["targets"] = targets
+        self.config = build(RegulationConfig, config, **options)
+        c = self.config
+        self.optimisation = c.optimisation()
+        self.target_words: list[str] | None = (list(c.targets) if c.targets and isinstance(c.targets[0], str)
                                                else None)
         self.history: list[dict] = []  # per edited call: site, step, chosen iterate(s), losses (for inspection)
         self.record_history = False
@@ -136,7 +179,7 @@ class Regulation(Controller):
         if not cross:
             raise UsageError("Attention Regulation edits UNet cross-attention (SD 1.x/2.x, SDXL); this "
                              f"{session.family.name} model has no cross-attention sites")
-        self._site_names = _select_sites(cross, self.layers)
+        self._site_names = _select_sites(cross, self.config.layers)
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
@@ -149,7 +192,7 @@ class Regulation(Controller):
                         positions.append(p)
             self._positions.append(positions)
             self._eos.append(_end_of_text(prompt))
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator().manual_seed(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
         self._last_index: int | None = None
@@ -195,16 +238,17 @@ class Regulation(Controller):
             probs = torch.softmax(logits, dim=-1)
             for g, (g_logits, w0, traj), pick in zip(groups, trajectories, chosen):
                 rows = torch.arange(traj.weights.shape[1], device=pick.device)
-                best = rm.field_of(basis, traj.weights[pick, rows])  # (rows, N, k)
+                best = regulation_math.field_of(basis, traj.weights[pick, rows])  # (rows, N, k)
                 key = (call.site.name, g.prompt)
                 previous = self._best.get(key)
                 if previous is None or previous.shape != best.shape:
-                    previous = rm.field_of(basis, w0)  # first edited step: the initial random field
+                    previous = regulation_math.field_of(basis, w0)  # first edited step: the initial random field
                 self._best[key] = best
-                applied = (self.smoothing * previous + (1.0 - self.smoothing) * best) * self.decay**step.index
-                keep = (0, g.eos) if self.restore_special else ()
+                c = self.config
+                applied = (c.smoothing * previous + (1.0 - c.smoothing) * best) * c.decay**step.index
+                keep = (0, g.eos) if c.restore_special else ()
                 targets = torch.tensor(g.targets, device=device)
-                edited = rm.edited_probs(g_logits, targets, applied, keep).unflatten(0, (len(g.rows), heads))
+                edited = regulation_math.edited_probs(g_logits, targets, applied, keep).unflatten(0, (len(g.rows), heads))
                 v = call.v[g.rows][:, :, call.text]
                 out[g.rows] = (edited @ v.float()).to(out.dtype)
                 probs[g.rows] = edited
@@ -214,17 +258,18 @@ class Regulation(Controller):
         call.set_output(out, text_probs=probs)
 
     # --- pieces -------------------------------------------------------------------------------------------------
-    def _optimise(self, logits, targets, basis, w0) -> rm.Trajectory:
-        if self.implementation == "direct":
-            return rm.optimise_direct(logits, torch.tensor(targets, device=logits.device), basis, w0, self.hp)
-        target_logits, rest = rm.split_logits(logits, targets)
-        return rm.optimise_fast(target_logits, rest, basis, w0, self.hp)
+    def _optimise(self, logits, targets, basis, w0) -> regulation_math.Trajectory:
+        if self.config.implementation == "direct":
+            return regulation_math.optimise_direct(logits, torch.tensor(targets, device=logits.device), basis, w0,
+                                                   self.optimisation)
+        target_logits, rest = regulation_math.split_logits(logits, targets)
+        return regulation_math.optimise_fast(target_logits, rest, basis, w0, self.optimisation)
 
-    def _choose(self, trajectories: list[rm.Trajectory], heads: int) -> list[torch.Tensor]:
+    def _choose(self, trajectories: list[regulation_math.Trajectory], heads: int) -> list[torch.Tensor]:
         """Per group, the chosen iterate of each row (rows,). "batch": the iterate with the lowest mean loss over
         all conditional rows, the first one on ties (the reference keeps an iterate only if strictly better);
         "image": the same per image (its heads)."""
-        if self.selection == "batch":
+        if self.config.selection == "batch":
             total = torch.cat([t.row_losses for t in trajectories], dim=1).mean(dim=1)
             best = torch.argmin(total)
             return [best.expand(t.row_losses.shape[1]) for t in trajectories]
@@ -250,46 +295,51 @@ class Regulation(Controller):
     def _basis_for(self, h: int, w: int, device):
         key = (h, w, str(device))
         if key not in self._basis:
-            self._basis[key] = rm.gaussian_basis(h, w, self.sigma, dtype=torch.float32, device=device)
+            self._basis[key] = regulation_math.gaussian_basis(h, w, self.config.sigma, dtype=torch.float32,
+                                                                  device=device)
         return self._basis[key]
 
     def _edit_set(self, num_steps: int) -> set[int]:
-        if self.edit_steps is None:
+        edit_steps = self.config.edit_steps
+        if edit_steps is None:
             return set(range(min(DEFAULT_EDIT_STEPS, num_steps)))
-        if isinstance(self.edit_steps, int):
-            if self.edit_steps > num_steps:
-                raise UsageError(f"edit_steps={self.edit_steps} but the pipeline runs {num_steps} steps; edit at most "
+        if isinstance(edit_steps, int):
+            if edit_steps > num_steps:
+                raise UsageError(f"edit_steps={edit_steps} but the pipeline runs {num_steps} steps; edit at most "
                                  f"{num_steps} (the paper edits the first half: 25 of 50)")
-            return set(range(self.edit_steps))
-        beyond = sorted(s for s in self.edit_steps if s >= num_steps)
+            return set(range(edit_steps))
+        beyond = sorted(s for s in edit_steps if s >= num_steps)
         if beyond:
             raise UsageError(f"edit steps {beyond} lie beyond the pipeline's {num_steps} steps (indices 0 to "
                              f"{num_steps - 1})")
-        return set(self.edit_steps)
+        return set(edit_steps)
 
     def _targets_per_prompt(self, prompts) -> list[list[str]]:
-        if self.targets is None:
-            from ..nouns import choose_nouns, tagger_name
-
-            chosen = [choose_nouns(p.prompt) for p in prompts]
-            for p, words in zip(prompts, chosen):
-                if not words:
-                    raise UsageError(f"no nouns found in the prompt {p.prompt!r}; name the targets "
-                                     "(targets=[...] or --targets w1,w2)")
-            if self.verbose:
-                for p, words in zip(prompts, chosen):
-                    print(f"attnctl: Regulation targets for {p.prompt!r}: {', '.join(words)} (nouns chosen by the "
-                          f"{tagger_name()} tagger: an attnctl extension, the paper's method is given targets)",
-                          file=sys.stderr)
+        targets = self.config.targets
+        if targets is None:
+            chosen = [choose_targets(p.prompt) for p in prompts]
             if self.target_words is None and len({tuple(c) for c in chosen}) == 1:
                 self.target_words = list(chosen[0])
             return chosen
-        if isinstance(self.targets[0], str):
-            return [list(self.targets)] * len(prompts)
-        if len(self.targets) != len(prompts):
-            raise UsageError(f"targets were given for {len(self.targets)} prompts but the batch has "
+        if isinstance(targets[0], str):
+            return [list(targets)] * len(prompts)
+        if len(targets) != len(prompts):
+            raise UsageError(f"targets were given for {len(targets)} prompts but the batch has "
                              f"{len(prompts)} prompts; give one list for all prompts or one per prompt")
-        return [list(t) for t in self.targets]
+        return [list(t) for t in targets]
+
+
+def choose_targets(prompt: str) -> list[str]:
+    """The nouns of `prompt` as Regulation's targets (an attnctl extension: the paper's method is given them)."""
+    from ..nouns import choose_nouns, tagger_name
+
+    words = choose_nouns(prompt)
+    if not words:
+        raise UsageError(f"no nouns found in the prompt {prompt!r}; name the targets (targets=[...] or "
+                         "--targets w1,w2)")
+    log.info("Regulation targets for %r: %s (nouns chosen by the %s tagger: an attnctl extension, the paper's method "
+             "is given targets; set them with targets=[...] or --targets)", prompt, ", ".join(words), tagger_name())
+    return words
 
 
 # --- input checks ------------------------------------------------------------------------------------------------
@@ -364,56 +414,3 @@ def _end_of_text(prompt) -> int | None:
         return None
     ids = list(tokenizer(prompt.prompt, truncation=True, max_length=segment.length)["input_ids"])
     return segment.offset + ids.index(eos) if eos in ids else None
-
-
-# --- command line ----------------------------------------------------------------------------------------------
-
-def add_cli_arguments(parser) -> None:
-    """The method's flags for `attnctl generate --method regulation` (defaults: the paper's)."""
-    parser.add_argument("--targets", default=None,
-                        help="comma-separated words of the prompt to regulate (word#2 for a repeat); default: the "
-                             "prompt's nouns, chosen by a tagger (an attnctl extension) and printed")
-    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS),
-                        help="comma-separated layers (stages such as down_blocks.2, site-name prefixes, or 'all'); "
-                             "default: %(default)s")
-    parser.add_argument("--edit-steps", type=int, default=None,
-                        help=f"edit the first N steps (default: {DEFAULT_EDIT_STEPS}, or all steps of shorter runs)")
-    parser.add_argument("--iterations", type=int, default=20, help="gradient steps per edit (default: %(default)s)")
-    parser.add_argument("--step-size", type=float, default=100.0,
-                        help="gradient step per row (×rows on the batch loss; default: %(default)s)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="weight of the 90th-percentile term (default: %(default)s)")
-    parser.add_argument("--delta", type=float, default=80.0, help="weight of the equal-share term (default: %(default)s)")
-    parser.add_argument("--epsilon", type=float, default=0.09, help="weight of the mean(w²) term (default: %(default)s)")
-    parser.add_argument("--sigma", type=int, default=None,
-                        help="Gaussian width in grid pixels (default: max(1, W//16) of each layer)")
-    parser.add_argument("--smoothing", type=float, default=0.25,
-                        help="weight of the previous step's field (default: %(default)s)")
-    parser.add_argument("--decay", type=float, default=0.99, help="field scaled by decay**step (default: %(default)s)")
-    parser.add_argument("--selection", choices=SELECTIONS, default="batch",
-                        help="best iterate by one loss over the batch (reference) or per image (default: %(default)s)")
-    parser.add_argument("--implementation", choices=IMPLEMENTATIONS, default="fast",
-                        help="fast (split softmax, analytic gradient) or direct (the formulas as written)")
-    parser.add_argument("--init-seed", type=int, default=0, help="seed of the random initial weights (default: 0)")
-
-
-def controller_from_args(args, prompt) -> Regulation:
-    """A Regulation from parsed flags; without --targets the prompt's nouns are chosen and printed."""
-    targets = getattr(args, "targets", None)
-    words = [w.strip() for w in targets.split(",") if w.strip()] if targets else None
-    if words is None:
-        from ..nouns import choose_nouns, tagger_name
-
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        chosen = [choose_nouns(p) for p in prompts]
-        for p, c in zip(prompts, chosen):
-            if not c:
-                raise UsageError(f"no nouns found in the prompt {p!r}; pass --targets w1,w2")
-            print(f"attnctl: regulating the nouns of {p!r}: {', '.join(c)} (chosen by the {tagger_name()} tagger; "
-                  "an attnctl extension, the paper's method is given targets; set them with --targets)")
-        words = chosen[0] if len(chosen) == 1 else chosen
-    return Regulation(
-        targets=words, layers=args.layers, edit_steps=args.edit_steps, iterations=args.iterations,
-        step_size=args.step_size, gamma=args.gamma, delta=args.delta, epsilon=args.epsilon, sigma=args.sigma,
-        smoothing=args.smoothing, decay=args.decay, selection=args.selection, implementation=args.implementation,
-        seed=args.init_seed,
-    )

@@ -1,4 +1,4 @@
-"""``attnctl shapes ...`` sub-commands (argparse). Wire with ``add_shapes_parser(subparsers)``."""
+"""`attnctl shapes train`: train a shapes-world pipeline (`attnctl.shapes.train`)."""
 
 from __future__ import annotations
 
@@ -30,39 +30,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .train import run_training
-
-    run_training(args)
-    return 0
-
-
-def add_shapes_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``shapes`` (with ``shapes train``) on an ``add_subparsers()`` object.
-
-    Each leaf parser sets ``func``; the main CLI calls ``args.func(args)`` and returns its value.
-    """
-    shapes = subparsers.add_parser("shapes", help="the synthetic shapes world: train its tiny models")
-    sub = shapes.add_subparsers(dest="shapes_command", metavar="{train}")
-    sub.required = True
-    train = sub.add_parser(
+def register(sub) -> None:
+    shapes = sub.add_parser("shapes", help="the synthetic shapes world: train its tiny models")
+    shapes_sub = shapes.add_subparsers(dest="shapes_command", metavar="{train}", required=True)
+    train = shapes_sub.add_parser(
         "train",
-        help="train a shapes-world pipeline from scratch (StableDiffusion or SD3 family)",
-        description="Train the VAE (unless --vae is given) and then the denoiser and text encoder(s) "
-        "within --minutes, writing a diffusers pipeline folder to OUT/pipeline "
-        "(checkpointed every --checkpoint-minutes).",
+        help="train a shapes-world pipeline (StableDiffusion or SD3 family)",
+        description="Train the VAE (unless --vae or --init gives one) and then the denoiser and text encoder(s) "
+        "for --steps in all, at most --minutes in this run, writing a diffusers pipeline folder to OUT/pipeline "
+        "and the training state to OUT/state.pt (every --checkpoint-minutes and at the end); --resume goes on.",
     )
     add_train_arguments(train)
-    train.set_defaults(func=_train)
-    return shapes
+    train.set_defaults(func=run)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="attnctl")
-    add_shapes_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+def run(args: argparse.Namespace) -> None:
+    from ..shapes.train import run_training
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    run_training(args)

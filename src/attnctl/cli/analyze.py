@@ -1,0 +1,57 @@
+"""`attnctl analyze`: the layer-wise hierarchy analysis of joint attention for a layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UsageError
+from ..methods.capture import parse_steps
+from .common import add_method_options, add_model_options, call_kwargs, given_method_flags, load, method_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser("analyze", help="layer-wise hierarchy analysis of joint attention for a layout")
+    add_model_options(p, "builtin:shapes-mmdit")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--layout", required=True, help="layout JSON: prompt, background and regions")
+    p.add_argument("--with-ast", action="store_true", help="measure with AST attached (default: the plain model)")
+    p.add_argument("--analyze-steps", type=parse_steps, default=None,
+                   help="step indices to record, e.g. 0-9 or 0,5,10 (default: every step)")
+    add_method_options(p, "ast")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    """Run the pipeline once with the observer (and AST with --with-ast); write hierarchy.csv, hierarchy.png and the
+    image with its layout overlay to --out."""
+    import torch
+
+    from ..analysis import Hierarchy
+    from ..control import apply
+    from ..layout import Layout
+    from ..methods.ast import AST
+    from ..viz import overlay
+
+    layout = Layout.load(args.layout)  # a bad layout fails before the model loads
+    flags = given_method_flags(args, "ast")
+    config = method_config("ast", args, args.model or "builtin:shapes-mmdit")
+    if not args.with_ast and set(flags) - {"--ast-role-parser"}:
+        raise UsageError(f"{', '.join(flags)} change AST, which runs only with --with-ast")
+    hierarchy = Hierarchy(layout, steps=args.analyze_steps, role_parser=config.role_parser)
+    controllers = ([AST(layout, config)] if args.with_ast else []) + [hierarchy]
+    pipe = load(args, joint=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    with apply(pipe, *controllers, prompt=layout.prompt):
+        images = pipe(layout.prompt, generator=generator, **call_kwargs(args, pipe)).images
+    if not hierarchy.rows:
+        raise UsageError("nothing was recorded: check --analyze-steps against --steps")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hierarchy.write_csv(out / "hierarchy.csv")
+    label = "with AST" if args.with_ast else "plain"
+    hierarchy.plot(out / "hierarchy.png", title=f"{args.model} ({label}): {layout.prompt}")
+    for i, image in enumerate(images):
+        stem = "image" if len(images) == 1 else f"image_{i}"
+        image.save(out / f"{stem}.png")
+        overlay(image, layout).save(out / f"{stem}_layout.png")
+    print(f"wrote {out}/hierarchy.csv ({len(hierarchy.rows)} rows), hierarchy.png and the image(s)")

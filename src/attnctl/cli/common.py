@@ -1,0 +1,140 @@
+"""What several sub-commands share: the model and sampling options, loading, generating, writing images and maps,
+and the methods' options (generated from their configs, with a model's recommendations)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import add_arguments, build, describe, given_arguments
+from ..errors import UsageError
+from ..methods.ast import AST, ASTConfig
+from ..methods.regulation import Regulation, RegulationConfig
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's controller, its config and the prefix of its command-line flags."""
+
+    controller: type
+    config: type
+    prefix: str
+
+
+METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig, ""),
+           "ast": MethodOptions(AST, ASTConfig, "ast-")}
+
+
+def add_model_options(parser, default_model: str) -> None:
+    g = parser.add_argument_group("model and sampling")
+    g.add_argument("--model", default=None,
+                   help=f"builtin:NAME, a hub id or local diffusers folder, or random:SPEC (default: {default_model})")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's usual count)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 text length of SD3/FLUX pipelines (default: the pipeline's)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+
+
+def add_method_options(parser, name: str) -> None:
+    entry = METHODS[name]
+    add_arguments(parser, entry.config, entry.prefix, title=f"{name} options")
+
+
+def method_config(name: str, args, model: str):
+    """The method's config: its defaults, then what the model folder recommends (`attnctl.json`), then the flags
+    given. Recommendations in use are printed."""
+    from ..models import recommended_options
+
+    entry = METHODS[name]
+    given = given_arguments(entry.config, args, entry.prefix)
+    recommended = {k: v for k, v in recommended_options(model, name).items() if k not in given}
+    if recommended:
+        print(f"attnctl: {name}: {model} recommends {describe(recommended)} (flags override them)")
+    return build(entry.config, None, **{**recommended, **given})
+
+
+def given_method_flags(args, name: str) -> list[str]:
+    """The flags of method `name` that were given (to refuse them with another method)."""
+    entry = METHODS[name]
+    return ["--" + entry.prefix + k.replace("_", "-") for k in given_arguments(entry.config, args, entry.prefix)]
+
+
+def call_kwargs(args, pipe) -> dict:
+    from ..models import sampling_defaults
+
+    kwargs = {**sampling_defaults(args.model), "num_images_per_prompt": args.num_images}
+    for name, key in (("steps", "num_inference_steps"), ("guidance", "guidance_scale"), ("height", "height"),
+                      ("width", "width"), ("max_sequence_length", "max_sequence_length")):
+        if getattr(args, name) is not None:
+            kwargs[key] = getattr(args, name)
+    for name in ("height", "width"):
+        multiple = getattr(pipe, "vae_scale_factor", 8) * (2 if hasattr(pipe, "transformer") else 1)
+        if name in kwargs and kwargs[name] % multiple:
+            raise UsageError(f"--{name} {kwargs[name]} must be a multiple of {multiple} for this model")
+    if "max_sequence_length" in kwargs and not hasattr(pipe, "transformer"):
+        raise UsageError("--max-sequence-length applies to SD3 and FLUX pipelines only (UNet models use 77 tokens)")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError("--steps must be at least 1")
+    return kwargs
+
+
+def resolve_model(args, joint: bool = False) -> str:
+    """--model, or the built-in UNet model (the MMDiT one when `joint` attention is needed)."""
+    from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
+
+    args.model = args.model or (DEFAULT_JOINT_MODEL if joint else DEFAULT_MODEL)
+    return args.model
+
+
+def load(args, joint: bool = False):
+    from ..models import load_pipeline, parse_dtype
+
+    return load_pipeline(resolve_model(args, joint), device=args.device, dtype=parse_dtype(args.dtype))
+
+
+def generate(pipe, prompt, args, controllers=()):
+    import torch
+
+    from ..control import apply
+
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    with apply(pipe, *controllers, prompt=prompt):
+        return pipe(prompt, generator=generator, **call_kwargs(args, pipe)).images
+
+
+def save_images(images, out: Path, stem: str = "image") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / (f"{stem}.png" if len(images) == 1 else f"{stem}_{i}.png") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: str) -> None:
+    """`captures`: label -> (Capture, images). Writes STEM.safetensors (raw maps of every label) and STEM.png (one
+    figure per image, the labels' rows side by side per resolution or depth group)."""
+    from safetensors.torch import save_file
+
+    from ..viz import maps_figure
+
+    tensors = {}
+    for label, (capture, _) in captures.items():
+        prefix = f"{label}/" if len(captures) > 1 else ""
+        tensors.update({f"{prefix}site/{name}": m.contiguous() for name, m in capture.maps().items()})
+        tensors.update({f"{prefix}group/{g}": m.contiguous() for g, m in capture.grouped().items()})
+    save_file(tensors, str(out / f"{stem}.safetensors"), metadata={"words": json.dumps(words)})
+    grouped = {label: capture.grouped() for label, (capture, _) in captures.items()}
+    n_images = len(next(iter(captures.values()))[1])
+    for i in range(n_images):
+        rows = {}
+        for group in next(iter(grouped.values())):
+            for label, (_, images) in captures.items():
+                rows[f"{label} · {group}" if len(captures) > 1 else group] = (images[i], grouped[label][group][i])
+        maps_figure(rows, words, out / (f"{stem}.png" if i == 0 else f"{stem}_{i}.png"), title=title)

@@ -1,0 +1,88 @@
+"""`attnctl generate`: images with an attention-control method, optionally with the maps of its words beside the
+plain pipeline's (same seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..errors import UsageError
+from ..methods.capture import Capture
+from .common import (METHODS, add_method_options, add_model_options, generate, given_method_flags, load,
+                     method_config, resolve_model, save_images, write_maps)
+
+
+def register(sub) -> None:
+    from ..models import DEFAULT_MODEL
+
+    p = sub.add_parser("generate", help="generate images with an attention-control method")
+    add_model_options(p, DEFAULT_MODEL)
+    p.add_argument("--method", choices=["none", *METHODS], default="regulation")
+    p.add_argument("--prompt", default=None, help="the prompt (AST takes it from the layout)")
+    p.add_argument("--layout", default=None,
+                   help="AST: layout JSON with prompt, background and regions (see attnctl.layout)")
+    p.add_argument("--maps", action="store_true",
+                   help="also write the token maps of the targets with and without the method (same seed)")
+    p.add_argument("--out", required=True, type=Path)
+    for name in METHODS:
+        add_method_options(p, name)
+    p.set_defaults(func=run)
+
+
+def _refuse_other_methods(args) -> None:
+    for name in METHODS:
+        flags = given_method_flags(args, name)
+        if name != args.method and flags and not (args.method == "none" and flags == ["--targets"]):
+            raise UsageError(f"{', '.join(flags)} belong to --method {name}, not --method {args.method}")
+
+
+def _controller(args):
+    """The method's controller, its prompt and the words to map; checked before the model loads."""
+    from ..methods.regulation import choose_targets
+
+    if args.method == "ast":
+        from ..layout import Layout
+
+        if args.prompt:
+            raise UsageError("--prompt does not apply to --method ast: the prompt is the layout's")
+        if not args.layout:
+            raise UsageError("AST needs a layout: pass --layout L.json (prompt, background and regions; see "
+                             "examples/)")
+        layout = Layout.load(args.layout)
+        method = METHODS["ast"].controller(layout, method_config("ast", args, resolve_model(args, joint=True)))
+        return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions]  # head words
+    if args.layout:
+        raise UsageError(f"--layout applies to --method ast only, not --method {args.method}")
+    if not args.prompt:
+        raise UsageError(f"--prompt is required with --method {args.method}")
+    if args.method == "none":
+        return None, args.prompt, list(getattr(args, "targets", None) or [])
+    config = method_config("regulation", args, resolve_model(args))
+    if config.targets is None:
+        config = dataclasses.replace(config, targets=choose_targets(args.prompt))
+    return METHODS["regulation"].controller(config=config), args.prompt, list(config.targets)
+
+
+def run(args) -> None:
+    _refuse_other_methods(args)
+    method, prompt, words = _controller(args)
+    pipe = load(args, joint=args.method == "ast")  # after the method's inputs are checked: cheap errors first
+    capture = Capture(words) if args.maps and words else None
+    images = generate(pipe, prompt, args, ([method] if method else []) + ([capture] if capture else []))
+    paths = save_images(images, args.out)
+    if args.method == "ast":
+        from ..viz import overlay
+
+        for image, path in zip(images, paths):
+            overlay(image, method.layout).save(path.with_name(path.stem + "_layout.png"))
+    if capture:
+        captures = {args.method: (capture, images)}
+        if method is not None:
+            plain_capture = Capture(words)
+            plain = generate(pipe, prompt, args, [plain_capture])
+            save_images(plain, args.out, "plain")
+            captures = {"plain": (plain_capture, plain), **captures}
+        write_maps(captures, words, args.out, "maps", prompt)
+    elif args.maps:
+        print("attnctl: no target words to map; pass --targets")
+    print(f"wrote {len(paths)} image(s) to {args.out}")

@@ -1,0 +1,32 @@
+"""`attnctl maps`: an image and the attention maps of chosen words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import add_arguments, build, given_arguments
+from ..errors import UsageError
+from ..methods.capture import Capture, CaptureConfig
+from .common import add_model_options, generate, load, save_images, write_maps
+
+
+def register(sub) -> None:
+    from ..models import DEFAULT_MODEL
+
+    p = sub.add_parser("maps", help="generate an image and the attention maps of chosen words")
+    add_model_options(p, DEFAULT_MODEL)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    add_arguments(p, CaptureConfig, title="maps")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    capture = Capture(config=build(CaptureConfig, None, **given_arguments(CaptureConfig, args)))
+    pipe = load(args)
+    images = generate(pipe, args.prompt, args, [capture])
+    if not capture.sums:
+        raise UsageError(f"--map-steps selects none of the {args.steps or 'default'} steps run")
+    save_images(images, args.out)
+    write_maps({"": (capture, images)}, capture.words, args.out, "maps", args.prompt)
+    print(f"wrote {args.out}/image.png, maps.png, maps.safetensors")

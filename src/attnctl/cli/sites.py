@@ -1,0 +1,30 @@
+"""`attnctl sites`: a model's attention sites as a table."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from ..models import DEFAULT_MODEL
+
+    p = sub.add_parser("sites", help="list a model's attention sites")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from ..control import Session
+    from ..models import load_pipeline
+    from ..sites import site_table
+
+    pipe = load_pipeline(args.model)
+    session = Session(pipe, [])
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    sample = getattr(session.denoiser.config, "sample_size", 64)
+    height, width = args.height or sample * scale, args.width or sample * scale
+    patch = session.family.patch_size(session.denoiser)
+    grid = (height // scale // patch, width // scale // patch)
+    print(f"{args.model}: {len(session.sites)} attention sites ({session.family.name}), token grids at "
+          f"{height}x{width}")
+    print(site_table(session.sites, grid))

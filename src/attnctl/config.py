@@ -1,0 +1,104 @@
+"""Method options, defined once: each method has a documented `@dataclass` config whose fields are declared with
+`option(...)`. From those fields come the method's keywords (`build`), the command-line flags (`add_arguments`,
+`given_arguments`), and the names a model folder's `attnctl.json` uses to recommend settings.
+
+    @dataclass
+    class MyConfig:
+        strength: float = option(1.0, "how hard to push", symbol="λ")
+
+    config = build(MyConfig, None, strength=2.0)          # MyConfig(strength=2.0); unknown names are a UsageError
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+from typing import Any, Callable
+
+from .errors import UsageError
+
+
+def option(default: Any, help: str, *, symbol: str | None = None, flag: str | None = None,
+           parse: Callable[[str], Any] | None = None, choices: tuple | None = None, cli: bool = True,
+           shown_default: str | None = None):
+    """A config field. `help` says what it means; `symbol` is the paper's symbol; `flag` replaces the field name on
+    the command line; `parse` turns the flag's text into the field's value (default: the type of `default`);
+    `choices` are the allowed values; `cli=False` keeps the field off the command line; `shown_default` describes a
+    default that is not a plain value (such as None meaning "chosen per model")."""
+    metadata = dict(help=help, symbol=symbol, flag=flag, parse=parse, choices=choices, cli=cli,
+                    shown_default=shown_default)
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def build(config_class, config=None, **options):
+    """A `config_class` instance: `config` (or the defaults) with `options` replacing fields by name."""
+    names = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise UsageError(f"unknown {config_class.__name__} option(s) {', '.join(unknown)}; the options are "
+                         f"{', '.join(names)}")
+    if config is None:
+        return config_class(**options)
+    if not isinstance(config, config_class):
+        raise UsageError(f"config must be a {config_class.__name__}, not {type(config).__name__}")
+    return dataclasses.replace(config, **options) if options else config
+
+
+def _flag(field: dataclasses.Field, prefix: str) -> str:
+    return "--" + prefix + (field.metadata.get("flag") or field.name.replace("_", "-"))
+
+
+def _dest(field: dataclasses.Field, prefix: str) -> str:
+    # its own namespace: a field may share its name with another option of the command (Regulation's `seed`)
+    return f"{prefix or 'option-'}{field.name}"
+
+
+def cli_fields(config_class) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True)]
+
+
+def default_of(field: dataclasses.Field):
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def add_arguments(parser, config_class, prefix: str = "", title: str | None = None) -> None:
+    """One flag per field of `config_class` (`--PREFIXNAME`), with the field's meaning and default as help. Flags
+    the user does not give are absent from the parsed namespace, so defaults and a model's recommendations stay in
+    the config (see `given_arguments`)."""
+    group = parser.add_argument_group(title) if title else parser
+    for field in cli_fields(config_class):
+        meta, default = field.metadata, default_of(field)
+        shown = meta.get("shown_default") or (",".join(map(str, default)) if isinstance(default, (list, tuple))
+                                               else default)
+        help_text = f"{meta['help']} (default: {shown}" + (f"; {meta['symbol']} in the paper)" if meta.get("symbol")
+                                                             else ")")
+        flag = _flag(field, prefix)
+        kwargs: dict[str, Any] = dict(dest=_dest(field, prefix), default=argparse.SUPPRESS,
+                                      help=help_text.replace("%", "%%"))
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = meta.get("parse") or type(default)
+            kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else \
+                flag[2:].upper().replace("-", "_")
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+def given_arguments(config_class, args: argparse.Namespace, prefix: str = "") -> dict:
+    """The fields whose flags were given on the command line, by field name."""
+    return {f.name: getattr(args, _dest(f, prefix)) for f in cli_fields(config_class)
+            if hasattr(args, _dest(f, prefix))}
+
+
+def flag_of(config_class, name: str, prefix: str = "") -> str:
+    """The command-line flag of a field (for messages)."""
+    return _flag(next(f for f in dataclasses.fields(config_class) if f.name == name), prefix)
+
+
+def describe(options: dict) -> str:
+    return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in options.items())
