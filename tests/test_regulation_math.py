@@ -14,13 +14,13 @@ import torch
 
 from attnctl.control import AttentionCall, StepState
 from attnctl.errors import UsageError
-from attnctl.methods import regulation_math as rm
+from attnctl.methods import regulation_math
 from attnctl.methods.regulation import Regulation
 from attnctl.offline_tokenizers import clip_tokenizer
 from attnctl.sites import AttentionSite
 from attnctl.tokens import PromptTokens, TextSegment
 
-HP = rm.Hyperparameters()
+DEFAULTS = regulation_math.Hyperparameters()
 
 
 # --- the reference -----------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def logits(rows, n, L=77, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("h,w,sigma,centres", [(16, 16, 1, 49), (24, 24, 1, 121), (32, 32, 2, 49), (8, 8, 1, 9),
                                                 (12, 20, 1, 5 * 9), (2, 2, 1, 0)])
 def test_basis_lattice_and_values(h, w, sigma, centres):
-    G, s = rm.gaussian_basis(h, w, dtype=torch.float64)
+    G, s = regulation_math.gaussian_basis(h, w, dtype=torch.float64)
     assert s == sigma and G.shape == (h * w, centres)
     if centres:
         torch.testing.assert_close(G, ref_basis(h, w), rtol=0, atol=1e-15)
@@ -105,11 +105,11 @@ CASES = [  # rows (images × heads), grid, target positions, float32 tolerance (
 ]
 
 
-def optimise(implementation, S, targets, G, w0, dtype, hp=HP):
+def optimise(implementation, S, targets, G, w0, dtype, settings=DEFAULTS):
     S_, G_, w_, idx = S.to(dtype), G.to(dtype), w0.to(dtype), torch.tensor(targets)
     if implementation == "direct":
-        return rm.optimise_direct(S_, idx, G_, w_, hp)
-    return rm.optimise_fast(*rm.split_logits(S_, idx), G_, w_, hp)
+        return regulation_math.optimise_direct(S_, idx, G_, w_, settings)
+    return regulation_math.optimise_fast(*regulation_math.split_logits(S_, idx), G_, w_, settings)
 
 
 @pytest.mark.parametrize("rows,grid,targets,tol", CASES)
@@ -117,7 +117,7 @@ def optimise(implementation, S, targets, G, w0, dtype, hp=HP):
 def test_optimisation_matches_reference(rows, grid, targets, tol, implementation):
     h, w = grid
     S = logits(rows, h * w, seed=rows)
-    G = rm.gaussian_basis(h, w, dtype=torch.float64)[0]
+    G = regulation_math.gaussian_basis(h, w, dtype=torch.float64)[0]
     w0 = torch.rand(rows, G.shape[1], len(targets), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref_losses, ref_best, ref_field = ref_optimise(S, targets, G, w0)
     ref_losses = torch.tensor(ref_losses, dtype=torch.float64)
@@ -128,9 +128,9 @@ def test_optimisation_matches_reference(rows, grid, targets, tol, implementation
     t64 = optimise(implementation, S, targets, G, w0, torch.float64)
     torch.testing.assert_close(t64.batch_losses(), ref_losses, rtol=1e-10, atol=0)
     assert int(torch.argmin(t64.batch_losses())) == ref_best
-    field64 = rm.field_of(G, t64.weights[ref_best])
+    field64 = regulation_math.field_of(G, t64.weights[ref_best])
     torch.testing.assert_close(field64, ref_field, rtol=0, atol=1e-9)
-    P64 = rm.edited_probs(S, torch.tensor(targets), field64, keep=(0, eos))
+    P64 = regulation_math.edited_probs(S, torch.tensor(targets), field64, keep=(0, eos))
     torch.testing.assert_close(P64, ref_P, rtol=0, atol=1e-10)
 
     # float32, what runs in a pipeline: the same kept iterate; loss trajectory (relative), kept field (relative to
@@ -140,9 +140,9 @@ def test_optimisation_matches_reference(rows, grid, targets, tol, implementation
     torch.testing.assert_close(t32.batch_losses().double(), ref_losses, rtol=loss_tol, atol=0)
     best = int(torch.argmin(t32.batch_losses()))
     assert best == ref_best
-    field = rm.field_of(G.float(), t32.weights[best]).double()
+    field = regulation_math.field_of(G.float(), t32.weights[best]).double()
     assert (field - ref_field).abs().max().item() <= field_tol * ref_field.abs().max().item()
-    P = rm.edited_probs(S.float(), torch.tensor(targets), field.float(), keep=(0, eos)).double()
+    P = regulation_math.edited_probs(S.float(), torch.tensor(targets), field.float(), keep=(0, eos)).double()
     assert (P - ref_P).abs().max().item() <= probs_tol
 
 
@@ -152,7 +152,7 @@ def test_fast_float32_as_close_as_direct_float32(rows, grid, targets, tol):
     (within a factor 3, or 1e-6 relative)."""
     h, w = grid
     S = logits(rows, h * w, seed=rows)
-    G = rm.gaussian_basis(h, w, dtype=torch.float64)[0]
+    G = regulation_math.gaussian_basis(h, w, dtype=torch.float64)[0]
     w0 = torch.rand(rows, G.shape[1], len(targets), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = optimise("direct", S, targets, G, w0, torch.float64).batch_losses()
     err = {impl: ((optimise(impl, S, targets, G, w0, torch.float32).batch_losses().double() - ref).abs() / ref).max()
@@ -164,11 +164,11 @@ def test_rows_follow_independent_trajectories():
     """The reference's step (rows × lr on the batch-mean loss) makes each row's iterates independent of the rest of
     the batch; only the kept iterate couples them (hence selection="image")."""
     S = logits(16, 256, seed=3)
-    G = rm.gaussian_basis(16, 16, dtype=torch.float64)[0]
+    G = regulation_math.gaussian_basis(16, 16, dtype=torch.float64)[0]
     w0 = torch.rand(16, 49, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     idx = torch.tensor([2, 5])
-    whole = rm.optimise_fast(*rm.split_logits(S, idx), G, w0, HP)
-    half = rm.optimise_fast(*rm.split_logits(S[:8], idx), G, w0[:8], HP)
+    whole = regulation_math.optimise_fast(*regulation_math.split_logits(S, idx), G, w0, DEFAULTS)
+    half = regulation_math.optimise_fast(*regulation_math.split_logits(S[:8], idx), G, w0[:8], DEFAULTS)
     torch.testing.assert_close(whole.weights[:, :8], half.weights, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(whole.row_losses[:, :8], half.row_losses, rtol=1e-10, atol=0)
 
@@ -176,13 +176,13 @@ def test_rows_follow_independent_trajectories():
 def test_quantile_gradient_goes_to_two_order_statistics():
     """With γ alone and an odd pixel count weight 0.5/0.5 falls on ranks 229 and 230 of 256: the analytic gradient
     equals autograd through torch.quantile (float64)."""
-    hp = rm.Hyperparameters(iterations=2, delta=0.0, epsilon=0.0)
+    settings = regulation_math.Hyperparameters(iterations=2, delta=0.0, epsilon=0.0)
     S = logits(3, 256, seed=5)
-    G = rm.gaussian_basis(16, 16, dtype=torch.float64)[0]
+    G = regulation_math.gaussian_basis(16, 16, dtype=torch.float64)[0]
     w0 = torch.rand(3, 49, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     idx = torch.tensor([4, 8])
-    fast = optimise("fast", S, idx.tolist(), G, w0, torch.float64, hp)
-    direct = optimise("direct", S, idx.tolist(), G, w0, torch.float64, hp)
+    fast = optimise("fast", S, idx.tolist(), G, w0, torch.float64, settings)
+    direct = optimise("direct", S, idx.tolist(), G, w0, torch.float64, settings)
     torch.testing.assert_close(fast.weights, direct.weights, rtol=1e-12, atol=1e-12)
     assert not torch.equal(fast.weights[0], fast.weights[1])
 
@@ -229,7 +229,7 @@ def test_controller_output_matches_reference_over_steps(dtype, tol):
     targets = session.prompts[0].word_positions("cat") + session.prompts[0].word_positions("dog")
     eos = len(clip_tokenizer()(PROMPT)["input_ids"]) - 1
     gen = torch.Generator().manual_seed(7)
-    G = rm.gaussian_basis(16, 16, dtype=torch.float64)[0]
+    G = regulation_math.gaussian_basis(16, 16, dtype=torch.float64)[0]
     previous = None
     for s in range(2):
         call, step = make_call(site, s, 4, slice(2, 4), dtype=dtype, seed=s)

@@ -19,7 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from . import attention as attn_ops
+from .attention import attention, attention_with_lse, default_scale, key_probs
 from .errors import UsageError
 from .families import family_of
 from .sites import AttentionSite, downsampled
@@ -60,7 +60,7 @@ class AttentionCall:
         self.text: slice = text  # key positions of the text tokens
         self.image: slice = image  # query (and, for joint sites, key) positions of the image tokens
         self.grid: tuple[int, int] = grid
-        self.scale = attn_ops.default_scale(q) if scale is None else scale
+        self.scale = default_scale(q) if scale is None else scale
         self._out = None
         self._lse = None
         self._text_probs = None
@@ -68,13 +68,13 @@ class AttentionCall:
 
     def output(self) -> torch.Tensor:
         if self._out is None:
-            self._out = attn_ops.attention(self.q, self.k, self.v, scale=self.scale)
+            self._out = attention(self.q, self.k, self.v, scale=self.scale)
         return self._out
 
     def lse(self) -> torch.Tensor:
         """Row log-sum-exp of the unmodified logits, float32 (batch, heads, queries)."""
         if self._lse is None:
-            out, self._lse = attn_ops.attention_with_lse(self.q, self.k, self.v, scale=self.scale)
+            out, self._lse = attention_with_lse(self.q, self.k, self.v, scale=self.scale)
             if self._out is None:
                 self._out = out
         return self._lse
@@ -83,7 +83,7 @@ class AttentionCall:
         """Image-query → text-key probabilities in use, float32 (batch, heads, image tokens, text tokens)."""
         if self._text_probs is None:
             lse = self.lse()[:, :, self.image]
-            self._text_probs = attn_ops.key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale)
+            self._text_probs = key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale)
         return self._text_probs
 
     def set_output(self, out: torch.Tensor, text_probs: torch.Tensor | None = None) -> None:
@@ -231,7 +231,7 @@ class Session:
             if not self._warned_mask:
                 warnings.warn(f"{site.name}: an attention mask is in use; attnctl leaves masked calls unchanged")
                 self._warned_mask = True
-            return attn_ops.attention(q, k, v, mask=mask)
+            return attention(q, k, v, mask=mask)
         grid = grid_of(image.stop - image.start, self.step.token_grid, site)
         call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid)
         for c in self._active[site.name]:

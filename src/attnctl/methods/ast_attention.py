@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import attention as attn_ops
+from ..attention import attention, attention_with_lse, cpu_attention_with_lse
 
 DIRECT_CHUNK = 1024
 
@@ -97,19 +97,19 @@ def _chunks(rows: slice, size: int):
 
 def direct_attention(q, k, v, scale, tables: TuningTables, chunk: int = DIRECT_CHUNK, want_text_probs: bool = False):
     """The formula per query chunk: P = softmax(S), B, softmax(S + B)·V. Returns (out, text probs or None)."""
-    cdt = _compute_dtype(q.dtype)
-    kc, vc = k.to(cdt), v.to(cdt)
-    out = torch.empty(q.shape, dtype=cdt, device=q.device)
+    compute_dtype = _compute_dtype(q.dtype)
+    kc, vc = k.to(compute_dtype), v.to(compute_dtype)
+    out = torch.empty(q.shape, dtype=compute_dtype, device=q.device)
     probs = _text_probs_buffer(q, tables) if want_text_probs else None
     for rows, blocks in tables.groups():
         for c in _chunks(rows, chunk):
-            S = (q[:, :, c].to(cdt) @ kc.transpose(-1, -2)) * scale
+            S = (q[:, :, c].to(compute_dtype) @ kc.transpose(-1, -2)) * scale
             P = torch.softmax(S, dim=-1)
             B = torch.zeros_like(S)
             local = _local(c, rows.start)
             for keys, alpha, q_lab, k_lab in blocks:
-                M = (q_lab[:, local, None] == k_lab[:, None, :]).to(cdt)[:, None]
-                a = alpha[:, local].to(cdt)[:, None, :, None]
+                M = (q_lab[:, local, None] == k_lab[:, None, :]).to(compute_dtype)[:, None]
+                a = alpha[:, local].to(compute_dtype)[:, None, :, None]
                 B[..., keys] = a * (M - P[..., keys])
             T = torch.softmax(S + B, dim=-1)
             out[:, :, c] = T @ vc
@@ -128,7 +128,7 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
                    want_text_probs: bool = False, approximate: bool = False):
     """Exact two-pass AST attention with memory O(N·head_dim) (see the module doc). `lse`: the rows' log-sum-exp of
     the plain logits if already known (float32 (B, H, N)). Returns (out, text probs or None)."""
-    cdt = _compute_dtype(q.dtype)
+    compute_dtype = _compute_dtype(q.dtype)
     if approximate:
         return _approximate_attention(q, k, v, scale, tables, budget, want_text_probs)
     if lse is None:
@@ -136,22 +136,22 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
     batch, heads, n, dim = q.shape
     budget = budget or max(1 << 18, 2 * q.numel())
     size = max(16, budget // max(1, batch * heads * n))
-    kt = k.to(cdt).transpose(-1, -2).reshape(batch * heads, dim, n)
-    vc = v.to(cdt).reshape(batch * heads, n, dim)
-    out = torch.empty(q.shape, dtype=cdt, device=q.device)
+    kt = k.to(compute_dtype).transpose(-1, -2).reshape(batch * heads, dim, n)
+    vc = v.to(compute_dtype).reshape(batch * heads, n, dim)
+    out = torch.empty(q.shape, dtype=compute_dtype, device=q.device)
     probs = _text_probs_buffer(q, tables) if want_text_probs else None
     for rows, blocks in tables.groups():
         for c in _chunks(rows, size):
             rows_c = c.stop - c.start
             local = _local(c, rows.start)
-            neg_lse = lse[:, :, c].to(cdt).neg().reshape(batch * heads, rows_c, 1)
-            qc = q[:, :, c].to(cdt).reshape(batch * heads, rows_c, dim)
+            neg_lse = lse[:, :, c].to(compute_dtype).neg().reshape(batch * heads, rows_c, 1)
+            qc = q[:, :, c].to(compute_dtype).reshape(batch * heads, rows_c, dim)
             # U = S − L in one fused op; U <= 0 and exp(U) = P
             U = torch.baddbmm(neg_lse, qc, kt, alpha=scale).view(batch, heads, rows_c, n)
             if blocks:
-                A, AM = _bias_tables(blocks, local, batch, rows_c, n, cdt, q.device)  # (B, 1, c, N) each
-                U.addcmul_(U.exp(), A, value=-1.0)  # − α·P
-                U.add_(AM)  # + α·M − max|α| (shift: keeps every exponent <= 0)
+                alphas, shifted_targets = _bias_tables(blocks, local, batch, rows_c, n, compute_dtype, q.device)
+                U.addcmul_(U.exp(), alphas, value=-1.0)  # − α·P
+                U.add_(shifted_targets)  # + α·M − max|α| (shift: keeps every exponent <= 0)
             E = U.exp_()
             denom = E.sum(dim=-1, keepdim=True)
             out[:, :, c] = torch.bmm(E.view(batch * heads, rows_c, n), vc).view(batch, heads, rows_c, dim).div_(denom)
@@ -162,21 +162,22 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
 
 
 def _bias_tables(blocks, local: slice, batch: int, rows: int, n: int, dtype, device):
-    """Per query chunk: A = α of each (row, key) (0 on untouched keys) and α·M − max|α| (the row's shift)."""
-    A = torch.zeros(batch, 1, rows, n, dtype=dtype, device=device)
-    M = torch.zeros(batch, 1, rows, n, dtype=torch.bool, device=device)
+    """Per query chunk, both (B, 1, rows, N): α of each (row, key) (0 on untouched keys), and α·M − max|α| (the
+    target term less the row's shift)."""
+    alphas = torch.zeros(batch, 1, rows, n, dtype=dtype, device=device)
+    targets = torch.zeros(batch, 1, rows, n, dtype=torch.bool, device=device)  # M
     for keys, alpha, q_lab, k_lab in blocks:
-        A[..., keys] = alpha[:, local].to(dtype)[:, None, :, None]
-        M[..., keys] = (q_lab[:, local, None] == k_lab[:, None, :])[:, None]
-    bound = A.abs().amax(dim=-1, keepdim=True)
-    return A, (A * M).sub_(bound)
+        alphas[..., keys] = alpha[:, local].to(dtype)[:, None, :, None]
+        targets[..., keys] = (q_lab[:, local, None] == k_lab[:, None, :])[:, None]
+    bound = alphas.abs().amax(dim=-1, keepdim=True)
+    return alphas, (alphas * targets).sub_(bound)
 
 
 def row_lse(q, k, v, scale) -> torch.Tensor:
     """Row log-sum-exp of the plain logits from the fused kernel (float32; float64 for float64 inputs on CPU)."""
     if q.dtype == torch.float64 and q.device.type == "cpu":
-        return attn_ops.cpu_attention_with_lse(q, k, v, scale)[1]
-    return attn_ops.attention_with_lse(q, k, v, scale=scale)[1]
+        return cpu_attention_with_lse(q, k, v, scale)[1]
+    return attention_with_lse(q, k, v, scale=scale)[1]
 
 
 def _approximate_attention(q, k, v, scale, tables, budget, want_text_probs):
@@ -190,14 +191,14 @@ def _approximate_attention(q, k, v, scale, tables, budget, want_text_probs):
         for c in _chunks(rows, size):
             local = _local(c, rows.start)
             if not blocks:
-                out[:, :, c] = attn_ops.attention(q[:, :, c], k, v, scale=scale)
+                out[:, :, c] = attention(q[:, :, c], k, v, scale=scale)
                 mask = None
             else:
                 mask = torch.zeros(batch, 1, c.stop - c.start, n, dtype=q.dtype, device=q.device)
                 for keys, alpha, q_lab, k_lab in blocks:
                     m = (q_lab[:, local, None] == k_lab[:, None, :])[:, None]
                     mask[..., keys] = (m * alpha[:, local][:, None, :, None]).to(q.dtype)
-                out[:, :, c] = attn_ops.attention(q[:, :, c], k, v, mask=mask, scale=scale)
+                out[:, :, c] = attention(q[:, :, c], k, v, mask=mask, scale=scale)
             if probs is not None and rows == tables.image:
                 S = (q[:, :, c].float() @ k[:, :, tables.text].float().transpose(-1, -2)) * scale
                 full = (q[:, :, c].float() @ k.float().transpose(-1, -2)) * scale

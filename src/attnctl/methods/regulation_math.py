@@ -95,7 +95,7 @@ def split_logits(logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Ten
 
 
 def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
-                  hp: Hyperparameters) -> Trajectory:
+                  settings: Hyperparameters) -> Trajectory:
     """The optimisation on (rows, k, N) tensors with an analytic gradient. `target_logits` (rows, N, k),
     `rest_lse` (rows, N), `basis` (N, K), `w0` (rows, K, k); all in one float dtype (float32 in use)."""
     rows, n, k = target_logits.shape
@@ -104,25 +104,26 @@ def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: to
     rest = rest_lse.unsqueeze(1)  # (rows, 1, N)
     basis_t = basis.t().contiguous()  # (K, N)
     w = w0.transpose(1, 2).contiguous()  # (rows, k, K)
-    lo, hi, frac = _quantile_ranks(n, hp.quantile)
+    lo, hi, frac = _quantile_ranks(n, settings.quantile)
     n_top = n - lo  # the values at sorted positions ≥ lo, largest first: position lo is the last, hi the one before
     at_lo, at_hi = n_top - 1, n_top - 1 - (hi - lo)
-    share = hp.theta(k) / k
-    c_q, c_mu, c_w = 2.0 * hp.gamma / k, 2.0 * hp.delta / (k * n), 2.0 * hp.epsilon / (n_centres * k)
+    share = settings.theta(k) / k
+    c_q, c_mu = 2.0 * settings.gamma / k, 2.0 * settings.delta / (k * n)
+    c_w = 2.0 * settings.epsilon / (n_centres * k)
     losses, iterates = [], []
-    for it in range(hp.iterations):
+    for it in range(settings.iterations):
         a = torch.addmm(s.view(-1, n), w.view(-1, n_centres), basis_t).view(rows, k, n)
         lse = torch.logaddexp(rest, torch.logsumexp(a, dim=1, keepdim=True))
         m = torch.exp(a - lse)  # (rows, k, N): the target columns of softmax over all tokens
         top, idx = torch.topk(m, n_top, dim=-1)
         v_lo, v_hi = top[..., at_lo], top[..., at_hi]
-        dq = v_lo + frac * (v_hi - v_lo) - hp.quantile_target  # (rows, k)
+        dq = v_lo + frac * (v_hi - v_lo) - settings.quantile_target  # (rows, k)
         dmu = m.mean(dim=-1) - share
-        row_loss = (hp.gamma * (dq * dq).mean(-1) + hp.delta * (dmu * dmu).mean(-1)
-                    + hp.epsilon * (w * w).mean(dim=(-2, -1)))
+        row_loss = (settings.gamma * (dq * dq).mean(-1) + settings.delta * (dmu * dmu).mean(-1)
+                    + settings.epsilon * (w * w).mean(dim=(-2, -1)))
         losses.append(row_loss)
         iterates.append(w)
-        if it == hp.iterations - 1:
+        if it == settings.iterations - 1:
             break
         # ∂L_r/∂m: the mean term on every pixel, the quantile term on its two order statistics
         g = (c_mu * dmu).unsqueeze(-1).expand(rows, k, n).contiguous()
@@ -133,38 +134,39 @@ def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: to
         # through the softmax (the untouched columns do not depend on w), then the basis
         ga = m * (g - (g * m).sum(dim=1, keepdim=True))
         # w ← w − step · (c_w · w + ∂L/∂A · G), in one fused op
-        w = torch.addmm(w.view(-1, n_centres), ga.view(-1, n), basis, beta=1.0 - hp.step_size * c_w,
-                        alpha=-hp.step_size).view(rows, k, n_centres)
+        w = torch.addmm(w.view(-1, n_centres), ga.view(-1, n), basis, beta=1.0 - settings.step_size * c_w,
+                        alpha=-settings.step_size).view(rows, k, n_centres)
     return Trajectory(torch.stack(losses), torch.stack(iterates).transpose(-1, -2))
 
 
 def optimise_direct(logits: torch.Tensor, targets: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
-                    hp: Hyperparameters) -> Trajectory:
+                    settings: Hyperparameters) -> Trajectory:
     """The formulas as written: full logits (rows, N, L), softmax over all L tokens, torch.quantile, autograd on the
     batch loss, step (rows · step size). Same arguments and result as `optimise_fast` otherwise."""
     rows, n, n_text = logits.shape
     k = targets.numel()
-    theta = hp.theta(k)
+    theta = settings.theta(k)
     w = w0.clone()
     losses, iterates = [], []
-    for it in range(hp.iterations):
+    for it in range(settings.iterations):
         w = w.detach().requires_grad_(True)
         with torch.enable_grad():
             field = torch.einsum("nc,rck->rnk", basis, w)  # A_t = Σ_c w_{c,t} G_c
             additive = torch.zeros_like(logits).index_copy(-1, targets, field)
             maps = torch.softmax(logits + additive, dim=-1)[..., targets]  # (rows, N, k)
-            q = torch.quantile(maps, hp.quantile, dim=1)  # (rows, k)
+            q = torch.quantile(maps, settings.quantile, dim=1)  # (rows, k)
             mean = maps.mean(dim=1)
-            loss = (hp.gamma * ((q - hp.quantile_target) ** 2).mean() + hp.delta * ((mean - theta / k) ** 2).mean()
-                    + hp.epsilon * (w**2).mean())
+            loss = (settings.gamma * ((q - settings.quantile_target) ** 2).mean()
+                    + settings.delta * ((mean - theta / k) ** 2).mean() + settings.epsilon * (w**2).mean())
         with torch.no_grad():
-            losses.append(hp.gamma * ((q - hp.quantile_target) ** 2).mean(-1)
-                          + hp.delta * ((mean - theta / k) ** 2).mean(-1) + hp.epsilon * (w**2).mean(dim=(1, 2)))
+            losses.append(settings.gamma * ((q - settings.quantile_target) ** 2).mean(-1)
+                          + settings.delta * ((mean - theta / k) ** 2).mean(-1)
+                          + settings.epsilon * (w**2).mean(dim=(1, 2)))
         iterates.append(w.detach())
-        if it == hp.iterations - 1:
+        if it == settings.iterations - 1:
             break
         (grad,) = torch.autograd.grad(loss, [w])
-        w = w.detach() - rows * hp.step_size * grad
+        w = w.detach() - rows * settings.step_size * grad
     return Trajectory(torch.stack(losses), torch.stack(iterates))
 
 
