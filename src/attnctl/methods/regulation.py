@@ -37,7 +37,6 @@ from . import regulation_math
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAYERS = ("down_blocks.2", "up_blocks.1")
 DEFAULT_EDIT_STEPS = 25
 IMPLEMENTATIONS = ("fast", "direct")
 SELECTIONS = ("batch", "image")
@@ -97,9 +96,10 @@ class RegulationConfig:
         None, "words of the prompt to regulate (every sub-token of a word is a target; word#2 for a repeat), one list "
         "for all prompts or one list per prompt; None chooses each prompt's nouns (an attnctl extension)",
         parse=_word_list, shown_default="the prompt's nouns")
-    layers: tuple = option(
-        DEFAULT_LAYERS, "cross-attention layers to edit: stages such as down_blocks.2, site-name prefixes, or 'all'",
-        parse=_word_list)
+    layers: tuple | None = option(
+        None, "cross-attention layers to edit: stages such as down_blocks.2, site-name prefixes, or 'all'",
+        parse=_word_list, shown_default="the coarsest cross-attention stages outside the mid block: SD 1.x/2.x "
+        "down_blocks.2, up_blocks.1 (the paper's 16x16 layers at 512²), SDXL down_blocks.2, up_blocks.0")
     edit_steps: int | tuple | None = option(
         None, "edit the first N denoising steps (API: or a collection of step indices); more than the run has is an "
         "error", parse=int, shown_default=f"{DEFAULT_EDIT_STEPS}, or every step of a shorter run")
@@ -179,7 +179,7 @@ class Regulation(Controller):
         if not cross:
             raise UsageError("Attention Regulation edits UNet cross-attention (SD 1.x/2.x, SDXL); this "
                              f"{session.family.name} model has no cross-attention sites")
-        self._site_names = _select_sites(cross, self.config.layers)
+        self._site_names = _select_sites(cross, self.config.layers or _coarsest_stages(cross))
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
@@ -360,7 +360,9 @@ def _normalise_targets(targets):
     raise UsageError("targets must be a list of words (for every prompt) or one non-empty list of words per prompt")
 
 
-def _normalise_layers(layers) -> tuple[str, ...]:
+def _normalise_layers(layers) -> tuple[str, ...] | None:
+    if layers is None:
+        return None
     if isinstance(layers, str):
         layers = [x.strip() for x in layers.split(",") if x.strip()]
     layers = tuple(layers)
@@ -388,6 +390,16 @@ def _normalise_steps(edit_steps):
 
 def _matches(name: str, layer: str) -> bool:
     return layer == "all" or name == layer or name.startswith(layer + ".")
+
+
+def _coarsest_stages(cross_sites) -> tuple[str, ...]:
+    """The default layers: the stages outside the mid block whose grid is the coarsest. The paper edits SD 1.x's
+    16x16 stages at 512², which are these; on SDXL they are down_blocks.2 and up_blocks.0."""
+    outer = [s for s in cross_sites if s.stage != "mid_block"] or list(cross_sites)
+    coarsest = max(s.downsample for s in outer)
+    stages = tuple(dict.fromkeys(s.stage for s in outer if s.downsample == coarsest))
+    log.debug("Regulation layers: %s (the coarsest cross-attention stages)", ", ".join(stages))
+    return stages
 
 
 def _select_sites(cross_sites, layers) -> set[str]:
