@@ -1,14 +1,21 @@
-"""attnctl: training-free attention control for diffusers text-to-image pipelines."""
+"""attnctl: training-free attention control for diffusers text-to-image pipelines.
 
+    import attnctl
+    with attnctl.apply(pipe, attnctl.Regulation(["cat", "dog"]), prompt="a cat and a dog"):
+        image = pipe("a cat and a dog").images[0]
+"""
+
+from .analysis import Hierarchy
 from .control import AttentionCall, Controller, Session, StepState, apply
 from .errors import UsageError
 from .layout import Layout
-from .methods.ast import AST
-from .methods.capture import Capture
-from .methods.regulation import Regulation
+from .methods.ast import AST, ASTConfig
+from .methods.capture import Capture, CaptureConfig
+from .methods.regulation import Regulation, RegulationConfig
 from .models import load_pipeline
 from .sites import AttentionSite
 
-__all__ = ["apply", "Capture", "Regulation", "AST", "Layout", "Controller", "AttentionCall", "AttentionSite", "Session", "StepState",
-           "UsageError", "load_pipeline"]
+__all__ = ["apply", "Capture", "CaptureConfig", "Regulation", "RegulationConfig", "AST", "ASTConfig", "Hierarchy",
+           "Layout", "Controller", "AttentionCall", "AttentionSite", "Session", "StepState", "UsageError",
+           "load_pipeline"]
 __version__ = "0.1.0"
