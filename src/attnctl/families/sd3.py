@@ -13,6 +13,52 @@ def _heads(x, batch, heads, head_dim):
     return x.view(batch, -1, heads, head_dim).transpose(1, 2)
 
 
+def joint_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """Query, key and value of an SD3 joint-attention block, as diffusers' JointAttnProcessor2_0 projects and
+    normalises them: each (batch, heads, tokens, head_dim) with the image tokens first, then the text tokens when
+    `encoder_hidden_states` is given. Returns (query, key, value, number of text tokens).
+
+        query, key, value, n_text = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        out = F.scaled_dot_product_attention(query, key, value)
+        image_out, text_out = joint_out(attn, out, hidden_states.shape[1], with_text=True)
+    """
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    n_text = 0
+    if encoder_hidden_states is not None:
+        eq, ek, ev = (
+            _heads(p(encoder_hidden_states), batch, attn.heads, head_dim)
+            for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        )
+        if attn.norm_added_q is not None:
+            eq = attn.norm_added_q(eq)
+        if attn.norm_added_k is not None:
+            ek = attn.norm_added_k(ek)
+        query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
+        n_text = eq.shape[2]
+    return query, key, value, n_text
+
+
+def joint_out(attn, out, n_image: int, with_text: bool):
+    """The output projections of an SD3 joint-attention block for the attention output `out` (batch, heads, tokens,
+    head_dim; image tokens first): the image part through `to_out`; with text, also the text part, through
+    `to_add_out` unless the block is `context_pre_only`. Returns the image output, or (image, text) outputs."""
+    batch, heads, _, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+    if with_text:
+        out, text_out = out[:, :n_image], out[:, n_image:]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return (out, text_out) if with_text else out
+
+
 class SD3JointProcessor:
     """Computes what diffusers' JointAttnProcessor2_0 computes, with the attention done by the session."""
 
@@ -20,39 +66,12 @@ class SD3JointProcessor:
         self.site, self.session = site, session
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
-        batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (_heads(t, batch, attn.heads, head_dim) for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        n_image = query.shape[2]
-        n_text = 0
-        if encoder_hidden_states is not None:
-            eq, ek, ev = (
-                _heads(p(encoder_hidden_states), batch, attn.heads, head_dim)
-                for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-            )
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
-            n_text = eq.shape[2]
-
+        query, key, value, n_text = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        n_image = query.shape[2] - n_text
         out = self.session.attend(
             self.site, query, key, value, text=slice(n_image, n_image + n_text), image=slice(0, n_image)
         )
-
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        if encoder_hidden_states is not None:
-            out, text_out = out[:, :n_image], out[:, n_image:]
-            if not attn.context_pre_only:
-                text_out = attn.to_add_out(text_out)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return (out, text_out) if encoder_hidden_states is not None else out
+        return joint_out(attn, out.to(query.dtype), n_image, with_text=encoder_hidden_states is not None)
 
 
 class SD3Family(Family):
