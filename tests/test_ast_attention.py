@@ -60,22 +60,14 @@ def test_formula_equals_the_reference_recipe_float64(text_first):
 
 
 @pytest.mark.parametrize("text_first", [True, False])
-@pytest.mark.parametrize("chunk", [1, 6, 1024])
-def test_direct_path_equals_the_formula_float64(text_first, chunk):
-    q, k, v, scale, tables = make_case(text_first, seed=1)
+@pytest.mark.parametrize("path, seed, options", [
+    *((direct_attention, 1, {"chunk": chunk}) for chunk in (1, 6, 1024)),
+    *((fast_attention, 2, {"budget": budget}) for budget in (1, 500, None)),
+], ids=lambda x: x.__name__ if callable(x) else str(x))
+def test_direct_and_fast_paths_equal_the_formula_float64(text_first, path, seed, options):
+    q, k, v, scale, tables = make_case(text_first, seed=seed)
     want_out, want_probs = recipe(q, k, v, scale, tables)
-    out, probs = direct_attention(q, k, v, scale, tables, chunk=chunk, want_text_probs=True)
-    assert out.dtype == torch.float64
-    assert (out - want_out).abs().max() < 1e-12
-    assert (probs.double() - want_probs).abs().max() < 1e-7
-
-
-@pytest.mark.parametrize("text_first", [True, False])
-@pytest.mark.parametrize("budget", [1, 500, None])
-def test_fast_path_equals_the_formula_float64(text_first, budget):
-    q, k, v, scale, tables = make_case(text_first, seed=2)
-    want_out, want_probs = recipe(q, k, v, scale, tables)
-    out, probs = fast_attention(q, k, v, scale, tables, budget=budget, want_text_probs=True)
+    out, probs = path(q, k, v, scale, tables, want_text_probs=True, **options)
     assert out.dtype == torch.float64
     assert (out - want_out).abs().max() < 1e-12
     assert (probs.double() - want_probs).abs().max() < 1e-7
