@@ -3,8 +3,7 @@
 * :mod:`.data`    seeded scenes of flat-coloured shapes, captions, masks, the held-out split
 * :mod:`.scorer`  exact detector: colour segmentation + shape classification + matching
 * :mod:`.models`  configs/builders of the tiny pipelines and their small CLIP BPE vocabulary
-* :mod:`.train`   training from scratch (``python -m attnctl.shapes.train``)
-* :mod:`.cli`     ``attnctl shapes train``
+* :mod:`.train`   training from scratch (``attnctl shapes train``; its flags in :mod:`attnctl.cli.shapes`)
 
 The trained pipelines ship in ``attnctl/builtin/shapes-unet`` (StableDiffusionPipeline) and
 ``attnctl/builtin/shapes-mmdit`` (StableDiffusion3Pipeline); load them as ``builtin:shapes-unet`` /
