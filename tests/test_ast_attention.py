@@ -34,15 +34,17 @@ def recipe(q, k, v, scale, tables):
     tuned = P.clone()
     img = list(range(tables.image.start, tables.image.stop))
     txt = list(range(tables.text.start, tables.text.stop))
+    blocks = [  # (rows, cols, alpha, target of row i and column j in batch row b)
+        (img, img, tables.alpha_i2i, lambda b, i, j: tables.img_label[b, i] == tables.img_label[b, j]),
+        (img, txt, tables.alpha_i2t, lambda b, i, j: tables.img_label[b, i] == tables.i2t_label[b, j]),
+        (txt, txt, tables.alpha_t2t, lambda b, i, j: i == j or tables.t2t_label[b, i] == tables.t2t_label[b, j]),
+    ]
     for b in range(batch):
-        for blocks, rows, cols, alpha, target in [
-            ("i2i", img, img, tables.alpha_i2i, lambda i, j: tables.img_label[b, i] == tables.img_label[b, j]),
-            ("i2t", img, txt, tables.alpha_i2t, lambda i, j: tables.img_label[b, i] == tables.i2t_label[b, j]),
-            ("t2t", txt, txt, tables.alpha_t2t, lambda i, j: i == j or tables.t2t_label[b, i] == tables.t2t_label[b, j]),
-        ]:
+        for rows, cols, alpha, target in blocks:
             if alpha is None:
                 continue
-            M = torch.tensor([[float(target(i, j)) for j in range(len(cols))] for i in range(len(rows))], dtype=torch.float64)
+            M = torch.tensor([[float(target(b, i, j)) for j in range(len(cols))] for i in range(len(rows))],
+                             dtype=torch.float64)
             block = P[b][:, rows][:, :, cols]
             tuned[b][:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = block * torch.exp(
                 alpha[b].double()[None, :, None] * (M - block))

@@ -6,6 +6,7 @@ import torch
 
 import attnctl
 from attnctl.attention import explicit_probs
+
 from conftest import call_kwargs, run, tiny_pipe
 
 PROMPT = "a red cat and a blue dog"

@@ -124,7 +124,8 @@ def test_optimisation_matches_reference(rows, grid, targets, tol, implementation
     eos = max(targets) + 1
     ref_P = ref_probs(S, targets, ref_field, eos)
 
-    # float64: the same trajectory, kept iterate, field and probabilities to rounding (measured: losses <= 4e-13 relative, probabilities <= 4e-12)
+    # float64: the same trajectory, kept iterate, field and probabilities to rounding (measured: losses <= 4e-13
+    # relative, probabilities <= 4e-12)
     t64 = optimise(implementation, S, targets, G, w0, torch.float64)
     torch.testing.assert_close(t64.batch_losses(), ref_losses, rtol=1e-10, atol=0)
     assert int(torch.argmin(t64.batch_losses())) == ref_best

@@ -38,7 +38,8 @@ def attention_with_lse(q, k, v, scale=None) -> tuple[torch.Tensor, torch.Tensor]
             if q.dtype in (torch.float16, torch.bfloat16):
                 res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
             else:
-                res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+                res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
+                                                                             scale=scale)
             return res[0], res[1][..., : q.shape[-2]].float()
         except RuntimeError:
             pass  # unsupported head size or layout: fall through to the chunked path

@@ -97,7 +97,7 @@ class Controller:
 
     observer = False  # observers run after the methods and never change the output
 
-    def attach(self, session: "Session") -> None:
+    def attach(self, session: Session) -> None:
         """Validate inputs against the pipeline (sites, prompts) and prepare; raise UsageError on bad input."""
 
     def wants(self, site: AttentionSite) -> bool:
@@ -229,7 +229,8 @@ class Session:
         """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out."""
         if mask is not None:
             if not self._warned_mask:
-                warnings.warn(f"{site.name}: an attention mask is in use; attnctl leaves masked calls unchanged")
+                warnings.warn(f"{site.name}: an attention mask is in use; attnctl leaves masked calls unchanged",
+                              stacklevel=1)
                 self._warned_mask = True
             return attention(q, k, v, mask=mask)
         grid = grid_of(image.stop - image.start, self.step.token_grid, site)

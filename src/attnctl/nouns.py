@@ -18,7 +18,8 @@ Taggers:
 
 from __future__ import annotations
 
-from .text import english_pipeline, words as split_words
+from .text import english_pipeline
+from .text import words as split_words
 
 _DETERMINERS = set("""a an the this that these those some any each every no another other such its his her their my
 your our all both either neither few many several much more most""".split())
@@ -61,7 +62,7 @@ def choose_nouns(prompt: str, tagger: str = "auto") -> list[str]:
                           "python -m spacy download en_core_web_sm")
     flags = _spacy_flags(nlp, prompt, words) if nlp is not None else _rule_flags(words)
     heads = []
-    for i, (word, start, end) in enumerate(words):
+    for i, (_, _, end) in enumerate(words):
         if not flags[i]:
             continue
         nxt = i + 1

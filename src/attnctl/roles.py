@@ -101,7 +101,8 @@ def _spacy_spans(nlp, phrase: str) -> list[tuple[int, int]]:
         return []
     chunk = chunks[0]
     root = chunk.root
-    modifiers = [t for t in chunk if t.dep_ in ("amod", "conj", "compound") and t.head == root and t.pos_ in ("ADJ", "NOUN")]
+    modifiers = [t for t in chunk
+                 if t.dep_ in ("amod", "conj", "compound") and t.head == root and t.pos_ in ("ADJ", "NOUN")]
     if not modifiers:
         return []
     return [(min(t.idx for t in modifiers), max(t.idx + len(t.text) for t in modifiers))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
+from functools import cache
 
 #: A word: a run of letters, digits, underscores, apostrophes and hyphens ("red-haired", "girl's").
 WORD = re.compile(r"[\w'-]+")
@@ -48,7 +48,7 @@ def english_pipeline():
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_spacy(name: str):
     """The spaCy pipeline `name`, loaded once per name; None when spaCy is not installed or the pipeline does not
     load (not installed, or built for another spaCy version)."""

@@ -12,7 +12,8 @@ import warnings
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .text import phrase_spans, words as split_words
+from .text import phrase_spans
+from .text import words as split_words
 
 _MARKERS = ("</w>", "\u2581", "\u0120", "##")
 

@@ -45,7 +45,8 @@ class FluxJointProcessor:
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
-            text_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            n_text = encoder_hidden_states.shape[1]
+            text_out, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
             text_out = attn.to_add_out(text_out.contiguous())
             return out, text_out
@@ -60,8 +61,10 @@ class FluxFamily(Family):
     def discover(self, transformer) -> list[AttentionSite]:
         double = len(transformer.transformer_blocks)
         names = [(f"transformer_blocks.{i}.attn", "double") for i in range(double)]
-        names += [(f"single_transformer_blocks.{i}.attn", "single") for i in range(len(transformer.single_transformer_blocks))]
-        return [AttentionSite(n, self.name, "joint", i, len(names), stage, 1, True) for i, (n, stage) in enumerate(names)]
+        single = len(transformer.single_transformer_blocks)
+        names += [(f"single_transformer_blocks.{i}.attn", "single") for i in range(single)]
+        return [AttentionSite(n, self.name, "joint", i, len(names), stage, 1, True)
+                for i, (n, stage) in enumerate(names)]
 
     def make_processor(self, site, session):
         return FluxJointProcessor(site, session)

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..attention import attention, attention_with_lse, cpu_attention_with_lse
 
@@ -59,7 +58,7 @@ class TuningTables:
             text_keys.append((self.text, self.alpha_t2t, self.t2t_label, self.t2t_label))
         return [(self.image, image_keys), (self.text, text_keys)]
 
-    def to(self, device) -> "TuningTables":
+    def to(self, device) -> TuningTables:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TuningTables(self.text, self.image, move(self.img_label), move(self.i2t_label), move(self.t2t_label),
                             move(self.alpha_i2i), move(self.alpha_i2t), move(self.alpha_t2t))

@@ -40,7 +40,7 @@ def _bpe(word: tuple[str, ...], ranks: dict[tuple[str, str], int]) -> tuple[str,
         best, _ = min(pairs)
         if best == 1 << 30:
             break
-        a, b = min((p for p in ranks if ranks[p] == best))
+        a, b = min(p for p in ranks if ranks[p] == best)
         out, k = [], 0
         while k < len(parts):
             if k + 1 < len(parts) and parts[k] == a and parts[k + 1] == b:
