@@ -12,6 +12,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-clock budget of this run, VAE included; a checkpoint is written when it runs out")
     p.add_argument("--steps", type=int, default=6000,
                    help="denoiser steps in all, over every resumed run; the learning-rate schedule follows them")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end this run at this step (checkpointed; --resume continues with the same schedule)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/state.pt (weights, EMA, optimiser, step) if it exists")
     p.add_argument("--init", default=None,

@@ -20,15 +20,15 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, models
 from ..errors import UsageError
+from ..families.sd3 import joint_out, joint_qkv
+from . import data, models
 
 
 def log(msg: str) -> None:
@@ -130,29 +130,11 @@ class RepeatedLastTokenJointProcessor:
         self.log_repeats = math.log(repeats)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(t):
-            return t.view(b, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        q, k, v, _ = joint_qkv(attn, hidden_states, encoder_hidden_states)
         bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
         bias[-1] = self.log_repeats
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
-        img, txt = out[:, :n_img], out[:, n_img:]
-        img = attn.to_out[1](attn.to_out[0](img))
-        if attn.context_pre_only:
-            return img, txt
-        return img, attn.to_add_out(txt)
+        return joint_out(attn, out, hidden_states.shape[1], with_text=True)
 
 
 def sd3_text(text_encoder, text_encoder_2, ids, t5_tokens: int):
@@ -195,8 +177,8 @@ class EpsilonUNet:
         from diffusers import DDPMScheduler
 
         self.parts = {"unet": models.build_unet(), "text_encoder": models.build_text_encoder()}
-        noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule=models.build_unet_scheduler().config.beta_schedule,
-                              prediction_type="epsilon")
+        betas = models.build_unet_scheduler().config.beta_schedule
+        noise = DDPMScheduler(num_train_timesteps=1000, beta_schedule=betas, prediction_type="epsilon")
         self.alphas = noise.alphas_cumprod.to(device)
 
     @staticmethod
@@ -297,9 +279,9 @@ def init_from(parts: dict[str, torch.nn.Module], folder: str) -> None:
 def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed: int = 0,
                    batch: int = 64, lr: float | None = None, n_scenes: int = 24_000, total_steps: int = 6000,
                    checkpoint_minutes: float = 10.0, cfg_drop: float = 0.1, init: str | None = None,
-                   resume: bool = False):
+                   resume: bool = False, stop_at: int | None = None):
     """Train for at most `minutes` of this run, up to `total_steps` in all; with `resume` continue from the state
-    saved in `out` (weights, EMA, optimiser, step, random state). The learning rate follows the step count (warm-up,
+    saved in `out` (weights, EMA, optimiser, step, random state); `stop_at` ends this run at that step. The learning rate follows the step count (warm-up,
     then cosine to 10% at `total_steps`), so a training split into several runs follows the same schedule."""
     torch.manual_seed(seed)
     tokenizer = models.build_tokenizer()
@@ -357,8 +339,9 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
         os.replace(state_path + ".tmp", state_path)
         log(f"checkpoint -> {folder} and {state_path} (step {step}/{total_steps})")
 
+    stop = _stop_on_signal()
     try:
-        while step < total_steps and time.time() - t0 < budget:
+        while step < min(total_steps, stop_at or total_steps) and time.time() - t0 < budget and not stop:
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * _cosine(step / total_steps))
             idx = torch.randint(0, len(mean), (batch,), generator=gen)
@@ -390,6 +373,20 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
 
 # ----------------------------------------------------------------------------------------------
 # Entry points
+
+
+def _stop_on_signal() -> list:
+    """A list that becomes non-empty when SIGTERM or SIGINT arrives, so that training stops after its current step
+    and writes its checkpoint (a session or job scheduler ending the process, Ctrl-C)."""
+    import signal
+
+    stop: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, lambda number, frame: stop.append(number))
+        except ValueError:  # not the main thread
+            pass
+    return stop
 
 
 def _folder(spec: str) -> str:
@@ -432,6 +429,7 @@ def run_training(args: argparse.Namespace) -> str:
     remaining = args.minutes - (time.time() - t0) / 60.0
     folder = train_denoiser(args.family, vae, out, max(0.5, remaining - 1.0), args.device, args.seed,
                             batch=args.batch, lr=args.lr, n_scenes=args.scenes, total_steps=args.steps,
-                            checkpoint_minutes=args.checkpoint_minutes, init=init, resume=args.resume)
+                            checkpoint_minutes=args.checkpoint_minutes, init=init, resume=args.resume,
+                            stop_at=args.stop_at)
     log(f"done in {(time.time() - t0) / 60:.1f} min: {folder}")
     return folder

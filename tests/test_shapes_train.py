@@ -1,0 +1,47 @@
+"""The shapes trainer in pieces: a run that stops and resumes equals one run, bit for bit; --init takes every tensor
+whose shape matches; the checkpoint is a loadable pipeline."""
+
+import torch
+from safetensors.torch import load_file
+
+from attnctl.models import BUILTIN_DIR
+
+
+def train(cli, out, steps, *extra):
+    code, _, err = cli("shapes", "train", "--family", "unet", "--out", out, "--vae", "builtin:shapes-unet",
+                       "--steps", steps, "--scenes", 16, "--batch", 4, "--minutes", 5, *extra)
+    assert code == 0, err
+    return torch.load(out / "state.pt", weights_only=False)
+
+
+def test_resumed_training_equals_one_run(tmp_path, cli):
+    whole = train(cli, tmp_path / "whole", 4)
+    train(cli, tmp_path / "pieces", 4, "--stop-at", 2)
+    assert torch.load(tmp_path / "pieces" / "state.pt", weights_only=False)["step"] == 2
+    pieces = train(cli, tmp_path / "pieces", 4, "--resume")
+    assert whole["step"] == pieces["step"] == 4
+    assert whole["losses"] == pieces["losses"]
+    for part in ("unet", "text_encoder"):
+        for name, tensor in whole["parts"][part].items():
+            assert torch.equal(tensor, pieces["parts"][part][name]), name
+        for name, tensor in whole["ema"][part].items():
+            assert torch.equal(tensor, pieces["ema"][part][name]), name
+    # the checkpoint is an ordinary pipeline folder with the EMA weights in fp16
+    saved = load_file(str(tmp_path / "pieces" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    name = "conv_in.weight"
+    assert saved[name].dtype == torch.float16
+    assert torch.equal(saved[name], pieces["ema"]["unet"][name].half())
+
+
+def test_init_takes_the_matching_tensors(tmp_path, cli):
+    import attnctl.shapes.train as trainer
+
+    objective = trainer.FlowMMDiT("cpu")  # 16x16 tokens (patch 1): the shipped 8x8 model's patch layers differ
+    trainer.init_from(objective.parts, str(BUILTIN_DIR / "shapes-mmdit"))
+    shipped = load_file(str(BUILTIN_DIR / "shapes-mmdit" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    own = objective.parts["transformer"].state_dict()
+    taken = [k for k in shipped if k in own and own[k].shape == shipped[k].shape]
+    assert len(taken) == len(own) - 4  # the patch embedding, its positions and the output projection are fresh
+    for k in taken:
+        assert torch.equal(own[k], shipped[k].float()), k
+    assert own["proj_out.weight"].shape != shipped["proj_out.weight"].shape
