@@ -5,7 +5,6 @@ import csv
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import attnctl
 from attnctl.analysis import COLUMNS, Hierarchy

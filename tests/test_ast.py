@@ -45,6 +45,16 @@ def test_no_tuned_steps_gives_the_plain_pipeline_exactly(name):
     assert np.array_equal(generate(name, ast), plain)
 
 
+def test_strength_scales_the_weights_and_zero_is_plain():
+    plain = run(tiny_pipe("sd3"), PROMPT, **kwargs("sd3"))
+    assert np.array_equal(generate("sd3", AST(LAYOUT, strength=0.0)), plain)
+    assert np.array_equal(generate("sd3", AST(LAYOUT, strength=1.0)), generate("sd3", AST(LAYOUT)))
+    # strength s is the same as every weight times s (τ·s·w = τ·(s·w))
+    half = generate("sd3", AST(LAYOUT, strength=0.5))
+    weights = generate("sd3", AST(LAYOUT, w_t2t=1.75, w_i2t=2.5, w_i2i=1.75))
+    assert np.abs(half - weights).max() < 1e-5  # float32 rounding of τ·s·w against τ·(s·w)
+
+
 @pytest.mark.parametrize("name", JOINT)
 def test_fast_and_direct_paths_equal_the_formula_in_a_pipeline(name):
     plain = run(tiny_pipe(name), PROMPT, **kwargs(name))
@@ -177,7 +187,8 @@ def test_schedule_maps_by_relative_depth_and_can_be_overridden():
     assert roles[12] == ("instance",) and roles[13] == ("instance", "background")
     assert roles[33] == ("attribute",) and roles[34] == ("i2t only",)
     custom = AST(LAYOUT, schedule='[{"from": 0, "to": 0.5, "blocks": ["i2t"], "roles": ["attribute"]}]')
-    assert custom.band(sd35[0]) == parse_schedule([{"from": 0, "to": 0.5, "blocks": ["i2t"], "roles": ["attribute"]}])[0]
+    expected = parse_schedule([{"from": 0, "to": 0.5, "blocks": ["i2t"], "roles": ["attribute"]}])[0]
+    assert custom.band(sd35[0]) == expected
     assert custom.band(sd35[0]).start == Fraction(0) and not custom.band(sd35[0]).i2i
     assert custom.band(sd35[20]) is None and not custom.wants(sd35[20])
     with pytest.raises(UsageError, match="i2t block needs the roles"):

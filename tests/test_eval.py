@@ -28,7 +28,9 @@ def test_suite_is_held_out_and_covers_every_category():
         objs = case.objects
         assert len(set(objs)) == len(objs)
         if len(objs) == 2:
-            assert data.is_heldout_pair(objs[0], objs[1])
+            assert data.is_heldout_pair(objs[0], objs[1]) == ("seen_pairs" not in case.categories)
+        if len(objs) == 3:
+            assert data.is_heldout_triple(objs)
         for phrase in case.phrases:
             assert phrase in case.prompt
 
@@ -60,7 +62,68 @@ def test_wilson_interval():
 
 
 def test_summary_counts():
-    rows = [{"method": "none", "model": "builtin:shapes-unet", "category": "layout", "success": s} for s in (1, 0, 1, 1)]
+    rows = [{"method": "none (shapes-unet)", "model": "builtin:shapes-unet", "category": "layout", "success": s,
+             "q90_min": q} for s, q in ((1, 0.2), (0, 0.4), (1, float("nan")), (1, 0.6))]
     summary = summarize(rows)
     assert summary["none (shapes-unet)"]["layout"]["successes"] == 3
     assert summary["none (shapes-unet)"]["layout"]["n"] == 4
+    q90 = summary["none (shapes-unet)"]["layout"]["q90_min"]  # NaN (not measured) is left out
+    assert q90["mean"] == pytest.approx(0.4)
+    half = 1.96 * (((0.2 ** 2 + 0 + 0.2 ** 2) / 3) ** 0.5) / 3 ** 0.5
+    assert q90["ci95"] == pytest.approx([0.4 - half, 0.4 + half])
+
+
+def test_target_coverage_is_the_quantile_of_each_words_attention():
+    """TargetCoverage against the definition computed directly in float64 from the recorded probabilities."""
+    import torch
+
+    import attnctl
+    from attnctl.analysis import TargetCoverage
+
+    from conftest import run, tiny_pipe
+
+    class Probabilities(attnctl.Controller):
+        observer = True
+
+        def __init__(self):
+            self.calls = []
+
+        def wants(self, site):
+            return site.stage == "down_blocks.1"
+
+        def __call__(self, call):
+            rows = call.step.cond_rows
+            self.calls.append(call.text_probs()[rows].double().mean(dim=1))
+
+    pipe = tiny_pipe("unet")
+    prompt = "a red cat and a blue dog"
+    coverage = TargetCoverage(["cat", "dog"], sites=lambda s: s.stage == "down_blocks.1")
+    probs = Probabilities()
+    with attnctl.apply(pipe, coverage, probs, prompt=prompt) as session:
+        run(pipe, prompt, height=64, width=64, num_inference_steps=2, num_images_per_prompt=2, output_type="latent")
+        positions = [session.prompts[0].word_positions(w) for w in ("cat", "dog")]
+    expected = torch.stack([torch.stack([torch.quantile(p[:, :, pos].sum(-1), 0.9, dim=-1) for pos in positions],
+                                        dim=1) for p in probs.calls]).mean(0)  # (images, words)
+    torch.testing.assert_close(coverage.per_image(), expected, rtol=1e-5, atol=1e-7)
+    ratio = expected.min(1).values / expected.max(1).values
+    torch.testing.assert_close(coverage.balance(), ratio, rtol=1e-5, atol=1e-7)
+
+
+def test_suite_runs_with_attention_measurements():
+    from attnctl.eval import Arm, run_suite, summarize
+
+    cases = [c for c in build_suite(1) if c.categories == ("layout",)]
+    arms = [Arm("none", "builtin:shapes-unet"), Arm("regulation", "builtin:shapes-unet", {"edit_steps": 1}),
+            Arm("ast", "builtin:shapes-mmdit", {"tuned_steps": 1})]
+    rows = run_suite(arms, cases, [0], steps=2, guidance=3.0, progress=False)
+    assert len(rows) == len(arms) * len(cases)
+    for row in rows:
+        unet = "unet" in row["model"]
+        assert math.isnan(row["q90_min"]) != unet and math.isnan(row["share_instance"]) == unet
+        if unet:
+            assert 0 < row["q90_min"] <= row["q90_mean"] <= 1 and 0 < row["balance"] <= 1
+        else:
+            assert 0 <= row["share_instance"] <= 1
+    summary = summarize(rows)
+    assert set(summary) == {"none (shapes-unet)", "regulation (shapes-unet)", "ast (shapes-mmdit)"}
+    assert "q90_min" in summary["regulation (shapes-unet)"]["layout"]

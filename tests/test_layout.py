@@ -11,9 +11,9 @@ from PIL import Image
 
 from attnctl import UsageError
 from attnctl.layout import Layout
-from attnctl.viz import overlay
 from attnctl.roles import attribute_spans
 from attnctl.tokens import PromptTokens
+from attnctl.viz import overlay
 
 from conftest import tiny_pipe
 
@@ -99,7 +99,8 @@ def test_repeated_phrase_binds_to_the_nth_occurrence():
     assert second.phrase == tokens.phrase_positions("a dog", 2)
     assert first.phrase != second.phrase
     # an explicit occurrence wins, the other region takes the remaining one
-    lay = layout([{"phrase": "a dog", "box": [0, 0, 0.5, 1], "occurrence": 2}, {"phrase": "a dog", "box": [0.5, 0, 1, 1]}],
+    lay = layout([{"phrase": "a dog", "box": [0, 0, 0.5, 1], "occurrence": 2},
+                  {"phrase": "a dog", "box": [0.5, 0, 1, 1]}],
                  prompt="a dog and a dog on the grass")
     bound = lay.bind(tokens, parser="rules")
     assert bound.regions[0].phrase == second.phrase and bound.regions[1].phrase == first.phrase
@@ -171,13 +172,17 @@ def test_phrase_cut_from_the_prompt_or_claimed_twice():
         lay.bind(prompt_tokens(lay.prompt), parser="rules")
 
 
-def test_overlay_tints_regions_only():
+def test_overlay_enlarges_tints_regions_only_and_labels_below():
     lay = layout([{"phrase": "a red dog", "box": [0, 0, 0.5, 0.5]}])
     image = Image.new("RGB", (64, 64), (128, 128, 128))
+    image.putpixel((40, 40), (0, 0, 0))
     out = np.asarray(overlay(image, lay)).astype(int)
-    assert out.shape == (64, 64, 3)
-    assert (out[34:48, 34:60] == 128).all()  # background untouched (the caption is below)
-    assert (out[20, 20] != 128).any()  # inside the region: tinted
+    assert out.shape[1] == 256 and out.shape[0] > 256  # 4x, a legend strip below (region + background)
+    picture = out[:256]
+    assert (picture[136:156, 136:240] == 128).all() and (picture[168:256, 136:256] == 128).all()  # background untouched: no text over the picture
+    assert (picture[160:164, 160:164] == 0).all()  # one pixel became a 4x4 block, not smoothed
+    assert (picture[80, 80] != 128).any()  # inside the region: tinted
+    assert (out[256:] != 255).any()  # the legend
 
 
 def test_spacy_rule_on_a_parse():

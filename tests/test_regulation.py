@@ -3,13 +3,13 @@ batch layouts, dtypes and schedulers it runs with, and the errors a user sees.""
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import attnctl
 from attnctl.methods.regulation import Regulation, RegulationConfig, choose_targets
+
 from conftest import run, tiny_pipe
 
 PROMPT = "a cat and a dog"
@@ -143,7 +143,7 @@ def test_without_guidance_the_whole_batch_is_edited():
     rec = Recorder()
     with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=1), rec, prompt=PROMPT):
         run(pipe, PROMPT, **kwargs(steps=2, guidance_scale=1.0, num_images_per_prompt=2))
-    for (name, step), call in rec.calls.items():
+    for (name, _step), call in rec.calls.items():
         if edited(name):
             assert call["cond"] == slice(0, 2)
             for row in range(2):
@@ -247,3 +247,16 @@ def test_cli_bad_input_exits_cleanly(tmp_path, flags, message, cli):
                          "--steps", "1", "--height", "64", "--width", "64", "--out", tmp_path, *flags)
     assert code == 2, err
     assert message in err and "Traceback" not in err + out
+
+
+def test_strength_zero_is_the_plain_pipeline_and_one_the_method():
+    pipe = tiny_pipe("unet")
+    plain = run(pipe, PROMPT, **kwargs(steps=1, size=128))
+    outputs = {}
+    for strength in (None, 0.0, 1.0, 0.5):
+        options = {} if strength is None else {"strength": strength}
+        with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=1, iterations=5, **options), prompt=PROMPT):
+            outputs[strength] = run(pipe, PROMPT, **kwargs(steps=1, size=128))
+    assert torch.equal(outputs[0.0], plain)
+    assert torch.equal(outputs[1.0], outputs[None])
+    assert not torch.equal(outputs[0.5], outputs[None]) and not torch.equal(outputs[0.5], plain)

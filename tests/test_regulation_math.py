@@ -1,4 +1,5 @@
-"""Attention Regulation against a direct float64 implementation of METHODS.md §1, written here from the formulas.
+"""Attention Regulation against a direct float64 implementation of docs/methods.md §1.2–§1.4, written here from the
+formulas.
 
 The reference below keeps every detail the specification names: the field on the target columns of the full logits,
 softmax over all 77 tokens, torch.quantile (linear), one loss over the batch (data terms averaged over (rows,
@@ -15,12 +16,12 @@ import torch
 from attnctl.control import AttentionCall, StepState
 from attnctl.errors import UsageError
 from attnctl.methods import regulation_math
-from attnctl.methods.regulation import Regulation
+from attnctl.methods.regulation import Regulation, RegulationConfig
 from attnctl.offline_tokenizers import clip_tokenizer
 from attnctl.sites import AttentionSite
 from attnctl.tokens import PromptTokens, TextSegment
 
-DEFAULTS = regulation_math.Hyperparameters()
+DEFAULTS = RegulationConfig()
 
 
 # --- the reference -----------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def test_rows_follow_independent_trajectories():
 def test_quantile_gradient_goes_to_two_order_statistics():
     """With γ alone and an odd pixel count weight 0.5/0.5 falls on ranks 229 and 230 of 256: the analytic gradient
     equals autograd through torch.quantile (float64)."""
-    settings = regulation_math.Hyperparameters(iterations=2, delta=0.0, epsilon=0.0)
+    settings = RegulationConfig(iterations=2, delta=0.0, epsilon=0.0)
     S = logits(3, 256, seed=5)
     G = regulation_math.gaussian_basis(16, 16, dtype=torch.float64)[0]
     w0 = torch.rand(3, 49, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

@@ -146,20 +146,6 @@ def test_every_single_object_is_trained():
     assert seen == set(data.ALL_OBJECTS)
 
 
-def test_evaluation_prompts():
-    singles = data.single_object_prompts()
-    assert len(singles) == len(data.COLOURS) * len(data.SHAPES)
-    assert singles[0] == ("a red circle", (("red", "circle"),))
-    held = data.pair_prompts("heldout")
-    assert len(held) == 2 * len(data.HELDOUT_PAIRS)
-    for caption, (a, b) in held:
-        assert data.is_heldout_pair(a, b)
-        assert caption == f"a {a[0]} {a[1]} and a {b[0]} {b[1]}"
-    left = data.pair_prompts("train", relation="to the left of")
-    assert left[0][0].count(" to the left of ") == 1
-    assert len(left) + len(held) == 15 * 14
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError):
         data.sample_scene(0, n_objects=4)

@@ -32,6 +32,62 @@ from .errors import UsageError
 from .layout import Layout, load_layout
 from .roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
 
+
+class TargetCoverage(Controller):
+    """Observer of what Attention Regulation optimises: per image, each target word's attention coverage — the
+    `quantile` (0.9) of its probability over the pixels (its sub-tokens summed, mean over heads) — averaged over the
+    recorded sites and steps. `balance()` is the weakest target's coverage over the strongest's (1 = even).
+
+        coverage = TargetCoverage(["cat", "dog"], sites=lambda site: site.stage == "down_blocks.2")
+        with attnctl.apply(pipe, coverage, prompt="a cat and a dog"):
+            pipe("a cat and a dog")
+        coverage.per_image()      # (images, words)
+    """
+
+    observer = True
+
+    def __init__(self, words, sites=None, steps=None, quantile: float = 0.9):
+        self.words = list(words)
+        self.site_filter = sites
+        self.steps = None if steps is None else set(steps)
+        self.quantile = quantile
+
+    def attach(self, session) -> None:
+        if not session.prompts:
+            raise UsageError("TargetCoverage needs the prompt: pass prompt=... to attnctl.apply")
+        self.positions = [[p.word_positions(w) for w in self.words] for p in session.prompts]
+        self.sums: torch.Tensor | None = None
+        self.count = 0
+
+    def wants(self, site) -> bool:
+        return self.site_filter is None or self.site_filter(site)
+
+    def __call__(self, call: AttentionCall) -> None:
+        rows = call.step.cond_rows
+        if rows.stop <= rows.start or (self.steps is not None and call.step.index not in self.steps):
+            return
+        probs = call.text_probs()[rows].mean(dim=1).float()  # (rows, image tokens, text tokens)
+        n_text = probs.shape[-1]
+        values = torch.stack([
+            torch.stack([probs[r][:, [p for p in positions if p < n_text]].sum(-1) for positions in
+                         self.positions[min(call.step.prompt_of_row(r), len(self.positions) - 1)]])
+            for r in range(probs.shape[0])])  # (rows, words, image tokens)
+        coverage = torch.quantile(values, self.quantile, dim=-1).double().cpu()
+        self.sums = coverage if self.sums is None else self.sums + coverage
+        self.count += 1
+
+    def per_image(self) -> torch.Tensor:
+        """(images, words): mean coverage over the recorded calls."""
+        if self.sums is None:
+            raise UsageError("TargetCoverage recorded nothing: check its sites and steps")
+        return self.sums / self.count
+
+    def balance(self) -> torch.Tensor:
+        """(images,): the weakest target's coverage over the strongest's."""
+        per_image = self.per_image()
+        return per_image.min(dim=1).values / per_image.max(dim=1).values.clamp_min(1e-12)
+
+
 COLUMNS = ("step", "timestep", "block", "site", "stage", "depth", "role", "share", "area", "mass")
 
 
@@ -101,7 +157,8 @@ class Hierarchy(Controller):
             acc[r["role"]][r["depth"]].append((r["share"], r["area"], r["mass"]))
         out = {}
         for role, sites in acc.items():
-            out[role] = [(d, *(sum(v[i] for v in vals) / len(vals) for i in range(3))) for d, vals in sorted(sites.items())]
+            out[role] = [(d, *(sum(v[i] for v in vals) / len(vals) for i in range(3)))
+                         for d, vals in sorted(sites.items())]
         return out
 
     def write_csv(self, path) -> None:

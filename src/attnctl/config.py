@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import UsageError
 

@@ -1,21 +1,28 @@
-"""`attnctl eval --suite shapes`: the methods compared on held-out shapes-world prompts, scored exactly.
+"""`attnctl eval --suite shapes`: the methods compared on shapes-world prompts, scored exactly, with what each
+method does to attention measured on the same samples.
 
-Categories (every prompt uses object pairs never seen together in training, or triples, which training never has):
-- two_objects:    "a red circle and a blue square" — success: both shapes are there (any colour);
+Categories (every prompt but the seen pairs uses combinations never shown together in training):
+- seen_pairs:     "a red circle and a blue square" with a pair trained on (the control) — success: both bound;
+- two_objects:    "a red circle and a blue square", a held-out pair — success: both shapes are there (any colour);
 - colour_binding: the same images — success: both shapes are there, each in its own colour;
-- three_objects:  "a red circle and a blue square and a green triangle" — success: all three bound;
+- three_objects:  "a red circle and a blue square and a green triangle", never together in training — success: all
+                  three bound;
 - layout:         "a red circle to the left of a blue square" — success: both bound, each mostly inside its region
                   (the half of the image the relation names; AST is given those regions as its layout).
 Each (prompt, seed) is one sample; rates come with 95% Wilson intervals. Regulation selects its best iterate per
 image (`selection="image"`), which is what the reference does at its only batch size, 1, while letting us batch seeds.
 With several processes (`accelerate launch -m attnctl.cli eval ...`), prompts are split between them.
+
+Attention, per sample, beside the image: on the UNet model each target's coverage (the 90th-percentile probability
+Regulation optimises, at the layers it edits, every step; `analysis.TargetCoverage`) and the balance between targets;
+on the MMDiT model the share of the instance and attribute words' attention inside their regions (the hierarchy
+analysis, every joint site and step).
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -24,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
-CATEGORIES = ("two_objects", "colour_binding", "three_objects", "layout")
+CATEGORIES = ("seen_pairs", "two_objects", "colour_binding", "three_objects", "layout")
+ATTENTION = ("q90_min", "q90_mean", "balance", "share_instance", "share_attribute")
 HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
           "bottom": (0.0, 0.5, 1.0, 1.0)}
 THIRDS = [(0.0, 0.0, 1 / 3, 1.0), (1 / 3, 0.0, 2 / 3, 1.0), (2 / 3, 0.0, 1.0, 1.0)]
@@ -45,27 +53,31 @@ class Case:
 
 
 def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
+    """`prompts_per_category` prompts of each category (fewer where fewer exist), in a fixed random order."""
     from .shapes import data
 
     rng = random.Random(rng_seed)
-    pairs = [(a, b) for a, b in itertools.permutations(data.ALL_OBJECTS, 2)
-             if data.is_heldout_pair(a, b) and a[0] != b[0] and a[1] != b[1]]
-    rng.shuffle(pairs)
-    cases = []
-    for a, b in pairs[:prompts_per_category]:
-        cases.append(Case(("two_objects", "colour_binding"), f"a {a[0]} {a[1]} and a {b[0]} {b[1]}", [a, b],
-                          [HALVES["left"], HALVES["right"]]))
+    distinct = [(a, b) for a, b in itertools.permutations(data.ALL_OBJECTS, 2) if a[0] != b[0] and a[1] != b[1]]
+    held = [p for p in distinct if data.is_heldout_pair(*p)]
+    seen = [p for p in distinct if not data.is_heldout_pair(*p)]
+    rng.shuffle(held)
+    rng.shuffle(seen)
+    pair_prompt = lambda a, b: f"a {a[0]} {a[1]} and a {b[0]} {b[1]}"  # noqa: E731
+    cases = [Case(("two_objects", "colour_binding"), pair_prompt(a, b), [a, b], [HALVES["left"], HALVES["right"]])
+             for a, b in held[:prompts_per_category]]
     relations = list(RELATION_SIDES)
-    for k, (a, b) in enumerate(pairs[:prompts_per_category]):
+    for k, (a, b) in enumerate(held[:prompts_per_category]):
         rel = relations[k % len(relations)]
         sides = RELATION_SIDES[rel]
         cases.append(Case(("layout",), f"a {a[0]} {a[1]} {rel} a {b[0]} {b[1]}", [a, b],
                           [HALVES[sides[0]], HALVES[sides[1]]], relation=rel))
     triples = [t for t in itertools.permutations(data.ALL_OBJECTS, 3)
-               if len({o[0] for o in t}) == 3 and len({o[1] for o in t}) == 3]
+               if len({o[0] for o in t}) == 3 and len({o[1] for o in t}) == 3 and data.is_heldout_triple(t)]
     rng.shuffle(triples)
     for t in triples[:prompts_per_category]:
         cases.append(Case(("three_objects",), " and ".join(f"a {c} {s}" for c, s in t), list(t), list(THIRDS)))
+    cases += [Case(("seen_pairs",), pair_prompt(a, b), [a, b], [HALVES["left"], HALVES["right"]])
+              for a, b in seen[:prompts_per_category]]
     for case in cases:
         case.phrases = [f"a {c} {s}" for c, s in case.objects]
     return cases
@@ -81,7 +93,7 @@ def score_case(case: Case, image) -> dict[str, bool | float]:
     bound = all(o.bound for o in objs)
     inside = all(bool(o.inside) for o in objs)
     relation = case.relation is None or relation_holds(objs[0], objs[1], case.relation)
-    success = {"two_objects": present, "colour_binding": bound, "three_objects": bound,
+    success = {"seen_pairs": bound, "two_objects": present, "colour_binding": bound, "three_objects": bound,
                "layout": bound and inside and relation}
     return {"success": {c: success[c] for c in case.categories}, "present": present, "bound": bound,
             "inside": inside, "relation": relation, "mean_iou": float(np.mean([o.iou or 0.0 for o in objs])),
@@ -98,28 +110,85 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
-# --- methods ----------------------------------------------------------------------------------------------------
+# --- methods ---------------------------------------------------------------------------------------------------
 
-def controllers_for(method: str, case: Case) -> list:
-    if method == "none":
+@dataclass
+class Arm:
+    """One column of the comparison: a method (none, regulation, ast) with options on a model."""
+
+    method: str
+    model: str
+    options: dict = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self):
+        self.label = self.label or f"{self.method} ({self.model.split(':')[-1]})"
+
+
+def controllers_for(arm: Arm, case: Case) -> list:
+    """The method's controller for one case, with the model's recommended options and the arm's own."""
+    from .models import recommended_options
+
+    if arm.method == "none":
         return []
-    if method == "regulation":
+    options = {**recommended_options(arm.model, arm.method), **arm.options}
+    if arm.method == "regulation":
         from .methods.regulation import Regulation
 
-        return [Regulation(targets=[s for _, s in case.objects], selection="image")]
-    if method == "ast":
-        from .layout import Layout
+        return [Regulation(targets=[s for _, s in case.objects], **{"selection": "image", **options})]
+    if arm.method == "ast":
         from .methods.ast import AST
 
-        layout = Layout.from_dict({"prompt": case.prompt, "background": "", "regions": [
-            {"phrase": phrase, "box": list(box)} for phrase, box in zip(case.phrases, case.boxes)]})
-        return [AST(layout)]
-    raise ValueError(method)
+        return [AST(case_layout(case), **options)]
+    raise ValueError(arm.method)
 
 
-def run_suite(methods: list[tuple[str, str]], cases: list[Case], seeds: list[int], steps: int, guidance: float,
-              device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Generate and score every (method, case, seed). `methods` are (method, model spec) pairs."""
+def case_layout(case: Case):
+    from .layout import Layout
+
+    return Layout.from_dict({"prompt": case.prompt, "background": "", "regions": [
+        {"phrase": phrase, "box": list(box)} for phrase, box in zip(case.phrases, case.boxes)]})
+
+
+def observers_for(arm: Arm, case: Case, pipe) -> list:
+    """What measures attention on this model: target coverage at Regulation's layers (UNet models), the hierarchy
+    analysis (joint attention)."""
+    from .analysis import Hierarchy, TargetCoverage
+    from .control import Session
+    from .methods.regulation import RegulationConfig, edited_sites
+    from .models import recommended_options
+
+    sites = Session(pipe, []).sites
+    if any(s.kind == "cross" for s in sites):
+        options = {**recommended_options(arm.model, "regulation"),
+                   **(arm.options if arm.method == "regulation" else {})}
+        names = edited_sites(RegulationConfig(**{k: v for k, v in options.items() if k == "layers"}), sites)
+        return [TargetCoverage([s for _, s in case.objects], sites=lambda site: site.name in names)]
+    return [Hierarchy(case_layout(case), role_parser="rules")]
+
+
+def attention_columns(observers, n_images: int) -> list[dict]:
+    """Per image: the attention measurements of `observers_for` (NaN where not measured)."""
+    from .analysis import Hierarchy, TargetCoverage
+
+    columns = [dict.fromkeys(ATTENTION, float("nan")) for _ in range(n_images)]
+    for observer in observers:
+        if isinstance(observer, TargetCoverage):
+            coverage, balance = observer.per_image(), observer.balance()
+            for i, row in enumerate(columns):
+                row.update(q90_min=float(coverage[i].min()), q90_mean=float(coverage[i].mean()),
+                           balance=float(balance[i]))
+        elif isinstance(observer, Hierarchy):  # the rows of all images together: one value per case
+            for role in ("instance", "attribute"):
+                shares = [r["share"] for r in observer.rows if r["role"] == role and not math.isnan(r["share"])]
+                for row in columns:
+                    row[f"share_{role}"] = float(np.mean(shares)) if shares else float("nan")
+    return columns
+
+
+def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, guidance: float,
+              device: str = "cpu", progress: bool = True, measure: bool = True) -> list[dict]:
+    """Generate and score every (arm, case, seed), with the attention measurements when `measure`."""
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -129,24 +198,30 @@ def run_suite(methods: list[tuple[str, str]], cases: list[Case], seeds: list[int
 
     state = PartialState()
     rows = []
-    for method, model in methods:
-        pipe = load_pipeline(model, device=device if state.num_processes == 1 else state.device)
-        pipe.set_progress_bar_config(disable=True)
+    pipes: dict[str, object] = {}
+    for arm in arms:
+        if arm.model not in pipes:
+            pipes[arm.model] = load_pipeline(arm.model, device=device if state.num_processes == 1 else state.device)
+            pipes[arm.model].set_progress_bar_config(disable=True)
+        pipe = pipes[arm.model]
         with state.split_between_processes(list(range(len(cases)))) as mine:
-            for i in tqdm(mine, desc=f"{method} on {model}", disable=not progress or not state.is_main_process):
+            for i in tqdm(mine, desc=arm.label, disable=not progress or not state.is_main_process):
                 case = cases[i]
                 generators = [torch.Generator().manual_seed(1000 * s + i) for s in seeds]
-                with apply(pipe, *controllers_for(method, case), prompt=case.prompt):
+                observers = observers_for(arm, case, pipe) if measure else []
+                with apply(pipe, *controllers_for(arm, case), *observers, prompt=case.prompt):
                     images = pipe(case.prompt, num_images_per_prompt=len(seeds), generator=generators,
                                   num_inference_steps=steps, guidance_scale=guidance, output_type="pil").images
-                for seed, image in zip(seeds, images):
+                attention = attention_columns(observers, len(images))
+                for seed, image, measured in zip(seeds, images, attention):
                     s = score_case(case, image)
                     for category, ok in s["success"].items():
-                        rows.append({"method": method, "model": model, "category": category, "prompt": case.prompt,
-                                     "seed": seed, "success": int(ok), "present": int(s["present"]),
-                                     "bound": int(s["bound"]), "inside": int(s["inside"]),
-                                     "relation": int(s["relation"]), "mean_iou": round(s["mean_iou"], 4),
-                                     "count": s["count"]})
+                        rows.append({"method": arm.label, "model": arm.model, "category": category,
+                                     "prompt": case.prompt, "seed": seed, "success": int(ok),
+                                     "present": int(s["present"]), "bound": int(s["bound"]),
+                                     "inside": int(s["inside"]), "relation": int(s["relation"]),
+                                     "mean_iou": round(s["mean_iou"], 4), "count": s["count"],
+                                     **{k: round(v, 5) for k, v in measured.items()}})
     return _gather(rows, state)
 
 
@@ -159,15 +234,23 @@ def _gather(rows: list[dict], state) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    summary = {}
+    """Per arm and category: the success rate with its 95% Wilson interval, and the mean of each attention
+    measurement with a 95% normal interval."""
+    groups: dict = {}
     for row in rows:
-        key = (f"{row['method']} ({row['model'].split(':')[-1]})", row["category"])
-        s, n = summary.get(key, (0, 0))
-        summary[key] = (s + row["success"], n + 1)
-    out = {}
-    for (label, category), (s, n) in summary.items():
-        rate, lo, hi = wilson(s, n)
-        out.setdefault(label, {})[category] = {"rate": rate, "ci95": [lo, hi], "n": n, "successes": s}
+        groups.setdefault(row["method"], {}).setdefault(row["category"], []).append(row)
+    out: dict = {}
+    for label, categories in groups.items():
+        for category, members in categories.items():
+            s, n = sum(r["success"] for r in members), len(members)
+            rate, lo, hi = wilson(s, n)
+            entry = {"rate": rate, "ci95": [lo, hi], "n": n, "successes": s}
+            for key in ATTENTION:
+                values = [r[key] for r in members if key in r and not math.isnan(r[key])]
+                if values:
+                    mean, half = float(np.mean(values)), 1.96 * float(np.std(values)) / math.sqrt(len(values))
+                    entry[key] = {"mean": mean, "ci95": [mean - half, mean + half]}
+            out.setdefault(label, {})[category] = entry
     return out
 
 
@@ -186,8 +269,46 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
             cells.append("—" if r is None else f"{r['rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Success rate [95% Wilson interval] (samples = prompts x seeds). See attnctl/eval.py for what "
-              "counts as success in each category."]
+              "counts as success in each category.", ""]
+    lines += attention_table(summary)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     from .viz import eval_figure
 
     eval_figure(summary, CATEGORIES, out / "results.png")
+
+
+def attention_table(summary: dict) -> list[str]:
+    """Markdown rows: per arm and category, the mean attention measurements [95% interval]."""
+    lines = ["| method (model) | category | " + " | ".join(ATTENTION) + " |", "|---|---|" + "---|" * len(ATTENTION)]
+    for label, cats in summary.items():
+        for c in CATEGORIES:
+            r = cats.get(c)
+            if r is None or not any(k in r for k in ATTENTION):
+                continue
+            cells = [f"{r[k]['mean']:.3f} [{r[k]['ci95'][0]:.3f}, {r[k]['ci95'][1]:.3f}]" if k in r else "—"
+                     for k in ATTENTION]
+            lines.append(f"| {label} | {c} | " + " | ".join(cells) + " |")
+    return lines + ["", "Attention per sample (mean [95% interval]): q90 = a target's 90th-percentile attention at "
+                    "Regulation's layers (min and mean over the targets), balance = weakest / strongest target; "
+                    "share = the fraction of the instance / attribute words' attention inside their regions."]
+
+
+def dose_arms(method: str, model: str, strengths: list[float]) -> list[Arm]:
+    """One arm per strength of `method` (0 is the plain model)."""
+    return [Arm(method, model, {"strength": s}, label=f"{method} ×{s:g}") for s in strengths]
+
+
+def write_dose(summary: dict, strengths: list[float], method: str, out: Path, command: str) -> None:
+    """dose.md (success per category and strength) and dose.png (the curves with their intervals)."""
+    out.mkdir(parents=True, exist_ok=True)
+    categories = [c for c in CATEGORIES if any(c in cats for cats in summary.values())]
+    lines = [f"Dose-response of {method}. Command: `{command}`", "",
+             "| strength | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    for strength, (_label, cats) in zip(strengths, summary.items()):
+        cells = [f"{cats[c]['rate']:.3f} [{cats[c]['ci95'][0]:.3f}, {cats[c]['ci95'][1]:.3f}]" if c in cats else "—"
+                 for c in categories]
+        lines.append(f"| {strength:g} | " + " | ".join(cells) + " |")
+    (out / "dose.md").write_text("\n".join(lines) + "\n")
+    from .viz import dose_figure
+
+    dose_figure(summary, strengths, categories, f"{method}: success vs strength (0 = plain)", out / "dose.png")

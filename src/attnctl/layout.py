@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import roles as role_lib
 from .errors import UsageError
+from .text import phrase_spans
 
 _REGION_KEYS = {"phrase", "box", "mask", "color", "attribute", "occurrence"}
 _TOP_KEYS = {"prompt", "background", "regions", "sketch"}
@@ -89,7 +90,7 @@ class Layout:
 
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path) -> "Layout":
+    def load(cls, path) -> Layout:
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -100,7 +101,7 @@ class Layout:
         return cls.from_dict(data, base=path.parent, where=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, base=".", where: str = "layout") -> "Layout":
+    def from_dict(cls, data: dict, base=".", where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise UsageError(f"{where}: a layout is a JSON object with prompt, background and regions")
         unknown = set(data) - _TOP_KEYS
@@ -116,7 +117,8 @@ class Layout:
         sketch = None
         if data.get("sketch") is not None:
             sketch = _read_rgb(base / data["sketch"], f"{where}: sketch")
-        regions = [_region_from_dict(r, i + 1, base, sketch, data.get("sketch"), where) for i, r in enumerate(regions_data)]
+        regions = [_region_from_dict(r, i + 1, base, sketch, data.get("sketch"), where)
+                   for i, r in enumerate(regions_data)]
         background = data.get("background", "")
         if not isinstance(background, str):
             raise UsageError(f"{where}: 'background' must be a string (the background's phrase, or \"\")")
@@ -157,7 +159,8 @@ class Layout:
             else:
                 attr_spans = role_lib.attribute_spans(phrase_text, parser)
             attr = sorted({p for a, b in attr_spans for p in tokens.span_positions(start + a, start + b)})
-            bound.append(RegionTokens(phrase=phrase_pos, instance=[p for p in phrase_pos if p not in attr], attribute=attr))
+            instance = [p for p in phrase_pos if p not in attr]
+            bound.append(RegionTokens(phrase=phrase_pos, instance=instance, attribute=attr))
         background = []
         if self.background.strip():
             b_span, occurrence = _claim(lowered, self.background, None, claimed, "the background", tokens.prompt)
@@ -173,7 +176,7 @@ class Layout:
             if r.box is not None:
                 d["box"] = list(r.box)
             elif r.color is not None:
-                d["color"] = "#%02x%02x%02x" % r.color
+                d["color"] = "#{:02x}{:02x}{:02x}".format(*r.color)
             else:
                 d["mask"] = "<array>"
             if r.attribute is not None:
@@ -220,7 +223,8 @@ def _parse_color(value, where: str) -> tuple[int, int, int]:
             return tuple(int(value[i : i + 2], 16) for i in (1, 3, 5))
         except ValueError:
             pass
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in value):
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255
+                                                                    for c in value):
         return tuple(value)
     raise UsageError(f"{where}: colour {value!r} must be \"#rrggbb\" or [r, g, b] with 0..255 integers")
 
@@ -266,14 +270,15 @@ def _region_from_dict(d, index: int, base: Path, sketch, sketch_name, where: str
 
 
 def _hex(c) -> str:
-    return "#%02x%02x%02x" % tuple(c)
+    return "#{:02x}{:02x}{:02x}".format(*tuple(c))
 
 
 def _sketch_colors(sketch: np.ndarray, most: int = 12) -> str:
     colors, counts = np.unique(sketch.reshape(-1, 3), axis=0, return_counts=True)
     order = np.argsort(-counts)[:most]
     total = counts.sum()
-    return ", ".join(f"{_hex(colors[i])} ({100 * counts[i] / total:.1f}%)" + (" = background" if tuple(colors[i]) == (255, 255, 255) else "")
+    return ", ".join(f"{_hex(colors[i])} ({100 * counts[i] / total:.1f}%)"
+                     + (" = background" if tuple(colors[i]) == (255, 255, 255) else "")
                      for i in order)
 
 
@@ -289,7 +294,8 @@ def _validate(layout: Layout) -> None:
             if not all(0.0 <= v <= 1.0 for v in r.box):
                 raise UsageError(f"{at}: box {list(r.box)} must lie within [0, 1] (fractions of the image)")
             if x1 <= x0 or y1 <= y0:
-                raise UsageError(f"{at}: box {list(r.box)} is empty; write it as [x0, y0, x1, y1] with x0 < x1, y0 < y1")
+                raise UsageError(f"{at}: box {list(r.box)} is empty; write it as [x0, y0, x1, y1] with x0 < x1, "
+                                 "y0 < y1")
         elif r.mask is None:
             raise UsageError(f"{at}: give the region a box, a mask or a sketch colour")
         elif not r.mask.any():
@@ -340,11 +346,7 @@ def _rasterise(layout: Layout, grid: tuple[int, int]) -> torch.Tensor:
 
 def _claim(lowered: str, phrase: str, occurrence, claimed: list, what: str, prompt: str) -> tuple[tuple[int, int], int]:
     """The character span of `phrase`'s chosen appearance in the prompt, and its 1-based occurrence number."""
-    needle = phrase.strip().lower()
-    matches, at = [], lowered.find(needle)
-    while needle and at >= 0:
-        matches.append((at, at + len(needle)))
-        at = lowered.find(needle, at + 1)
+    matches = phrase_spans(lowered, phrase)
     if not matches:
         raise UsageError(f"{what}: phrase {phrase!r} is not part of the prompt {prompt!r}")
     if occurrence is not None:

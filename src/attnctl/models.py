@@ -41,7 +41,8 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     if spec.startswith("random:"):
         name, _, query = spec[len("random:"):].partition("?")
         if name not in RANDOM_SPECS:
-            raise UsageError(f"unknown random model {name!r}; choose one of: " + ", ".join(f"random:{s}" for s in RANDOM_SPECS))
+            raise UsageError(f"unknown random model {name!r}; choose one of: "
+                             + ", ".join(f"random:{s}" for s in RANDOM_SPECS))
         options = {k: int(v) for k, v in parse_qsl(query)}
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -191,7 +192,8 @@ def _sdxl(tiny: bool):
     return StableDiffusionXLPipeline(
         vae=_vae(4), text_encoder=_clip_text(h1, layers=1 if not tiny else 2, heads=2),
         text_encoder_2=_clip_text(h2, layers=1 if not tiny else 2, heads=2, projection=h2), tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet.eval(), scheduler=EulerDiscreteScheduler(steps_offset=1), force_zeros_for_empty_prompt=True,
+        tokenizer_2=tokenizer, unet=unet.eval(), scheduler=EulerDiscreteScheduler(steps_offset=1),
+        force_zeros_for_empty_prompt=True,
     )
 
 

@@ -21,15 +21,16 @@ OVERLAY_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (
 
 
 def upsample(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    return F.interpolate(m[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    """A (h, w) map at `size`, each token a block (no smoothing: the token grid stays visible)."""
+    return F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].numpy()
 
 
 def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, title: str = "") -> None:
     """A grid: one row per label of `rows` ((image, (words, h, w) maps)), one column per word, each map over its
     image.
 
-    Colours span each cell's own range (its maximum probability is printed), so weak and strong maps can both be
-    read; the safetensors file keeps the raw probabilities.
+    Colours span each cell's own range (its maximum probability is printed below it), so weak and strong maps can
+    both be read; the safetensors file keeps the raw probabilities. Pictures and maps are drawn without smoothing.
     """
     n_rows, n_cols = len(rows), len(words) + 1
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + (0.4 if title else 0)),
@@ -37,17 +38,17 @@ def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, titl
     for i, (label, (image, maps)) in enumerate(rows.items()):
         img = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
         size = img.shape
-        axes[i, 0].imshow(image)
+        axes[i, 0].imshow(image, interpolation="nearest")
         axes[i, 0].set_ylabel(label, fontsize=9)
         for j, word in enumerate(words):
             m = upsample(maps[j], size)
             ax = axes[i, j + 1]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            ax.imshow(m, cmap="jet", alpha=0.55, vmin=float(m.min()), vmax=max(float(m.max()), float(m.min()) + 1e-8))
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(m, cmap="jet", alpha=0.55, vmin=float(m.min()), vmax=max(float(m.max()), float(m.min()) + 1e-8),
+                      interpolation="nearest")
             if i == 0:
                 ax.set_title(word, fontsize=10)
-            ax.text(2, size[0] - 4, f"max {float(maps[j].max()):.3f}", color="white", fontsize=7,
-                    bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
+            ax.set_xlabel(f"max {float(maps[j].max()):.3f}", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -58,13 +59,29 @@ def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, titl
     plt.close(fig)
 
 
+MIN_PICTURE_SIDE = 256  # small images (the shapes world's 64x64) are enlarged to at least this, without smoothing
+LINE_HEIGHT = 14
+
+
+def enlarged(image, min_side: int = MIN_PICTURE_SIDE):
+    """`image` (PIL) scaled by a whole factor to at least `min_side` pixels, each pixel a block (no smoothing)."""
+    from PIL import Image
+
+    factor = max(1, -(-min_side // min(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
 def overlay(image, layout: Layout, alpha: float = 0.35):
-    """`image` (PIL) with each region tinted in its own colour (its sketch colour, if any), outlined, and labelled
-    with its phrase."""
+    """`image` (PIL) enlarged without smoothing to a readable size, each region tinted in its own colour (its sketch
+    colour, if any) and outlined; the phrases are listed in their colours in a strip below the picture, never over
+    it.
+
+        overlay(image, Layout.load("examples/two_animals.json")).save("image_layout.png")
+    """
     from PIL import Image, ImageDraw
 
     layout = load_layout(layout)
-    base = image.convert("RGB")
+    base = enlarged(image.convert("RGB"))
     width, height = base.size
     lab = layout.labels((height, width)).numpy()
     arr = np.asarray(base).astype(np.float32)
@@ -72,26 +89,19 @@ def overlay(image, layout: Layout, alpha: float = 0.35):
     colors = [r.color or OVERLAY_COLORS[i % len(OVERLAY_COLORS)] for i, r in enumerate(layout.regions)]
     for i in range(1, len(layout.regions) + 1):
         tint[lab == i] = colors[i - 1]
-    out = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for i, region in enumerate(layout.regions, start=1):
-        ys, xs = np.nonzero(lab == i)
-        if len(xs) == 0:
-            continue
-        color = colors[i - 1]
-        edge = (lab == i) & ~_eroded(lab == i)
-        ey, ex = np.nonzero(edge)
-        draw.point(list(zip(ex.tolist(), ey.tolist())), fill=color)
-        x, y = int(xs.min()) + 2, int(ys.min()) + 1
-        text = region.phrase
-        box = draw.textbbox((x, y), text)
-        draw.rectangle(box, fill=(0, 0, 0))
-        draw.text((x, y), text, fill=color)
+    picture = Image.fromarray(np.clip(arr * (1 - alpha) + tint * alpha, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    for i in range(1, len(layout.regions) + 1):
+        ey, ex = np.nonzero((lab == i) & ~_eroded(lab == i))
+        draw.point(list(zip(ex.tolist(), ey.tolist())), fill=colors[i - 1])
+    legend = [(f"■ {region.phrase}", colors[i]) for i, region in enumerate(layout.regions)]
     if layout.background.strip():
-        text = f"background: {layout.background}"
-        box = draw.textbbox((2, height - 12), text)
-        draw.rectangle(box, fill=(0, 0, 0))
-        draw.text((2, height - 12), text, fill=(255, 255, 255))
+        legend.append((f"□ background: {layout.background}", (0, 0, 0)))
+    out = Image.new("RGB", (width, height + LINE_HEIGHT * len(legend) + 4), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, (text, color) in enumerate(legend):
+        draw.text((4, height + 2 + LINE_HEIGHT * k), text, fill=tuple(int(c * 0.8) for c in color))
     return out
 
 
@@ -144,6 +154,41 @@ def eval_figure(summary: dict, categories, path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("success rate (95% CI)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dose_figure(summary: dict, strengths, categories, title: str, path) -> None:
+    """Success rate per category against the method's strength, with 95% intervals (`eval.write_dose`)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    labels = list(summary)
+    for c in categories:
+        rates = [summary[label][c]["rate"] for label in labels]
+        lo = [r - summary[label][c]["ci95"][0] for r, label in zip(rates, labels)]
+        hi = [summary[label][c]["ci95"][1] - r for r, label in zip(rates, labels)]
+        ax.errorbar(list(strengths), rates, yerr=[lo, hi], marker="o", capsize=3, label=c.replace("_", " "))
+    ax.set_xlabel("strength (1 = the published method)")
+    ax.set_ylabel("success rate (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def comparison_figure(images: dict, path, title: str = "") -> None:
+    """Images side by side (label -> PIL image, e.g. plain and regulated with the same seed), each enlarged without
+    smoothing, its label above it."""
+    fig, axes = plt.subplots(1, len(images), figsize=(3 * len(images), 3.4 + (0.3 if title else 0)), squeeze=False)
+    for ax, (label, image) in zip(axes[0], images.items()):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,11 +1,11 @@
 """Side-by-side measurements: a method against the plain pipeline, in one process, one model load.
 
-Times: after a warm-up call, every variant runs once for its memory figure, then the variants take turns (`repeats` rounds, order rotated each
-round), and each variant's median is compared with the plain pipeline's median of the same rounds, so machine noise
-hits all variants alike. Memory: on CUDA, `max_memory_allocated`; on CPU, the bytes in use by the C allocator
-(glibc's mallinfo2, which counts torch's CPU tensors), sampled every millisecond by a thread during the call. Both are
-reported as the peak of everything held (weights included, `peak_memory_ratio`) and as the peak growth during the call
-(`working_memory_ratio`).
+Times: after a warm-up call, every variant runs once for its memory figure, then the variants take turns (`repeats`
+rounds, order rotated each round), and each variant's median is compared with the plain pipeline's median of the same
+rounds, so machine noise hits all variants alike. Memory: on CUDA, `max_memory_allocated`; on CPU, the bytes in use by
+the C allocator (glibc's mallinfo2, which counts torch's CPU tensors), sampled every millisecond by a thread during the
+call. Both are reported as the peak of everything held (weights included, `peak_memory_ratio`) and as the peak growth
+during the call (`working_memory_ratio`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import ctypes.util
 import statistics
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

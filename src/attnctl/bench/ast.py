@@ -20,8 +20,8 @@ from functools import partial
 
 import torch
 
-from . import PeakMemory, compare, plain
 from ..methods.ast import AST
+from . import PeakMemory, compare, plain
 
 LAYOUT = {
     "prompt": "a red dog and a grey cat sitting on the green grass",
@@ -58,7 +58,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "time_ratio": res["fast"]["time_ratio"], "peak_memory_ratio": res["fast"]["peak_memory_ratio"],
         "working_memory_ratio": res["fast"]["working_memory_ratio"],
-        "direct_time_ratio": res["direct"]["time_ratio"], "direct_peak_memory_ratio": res["direct"]["peak_memory_ratio"],
+        "direct_time_ratio": res["direct"]["time_ratio"],
+        "direct_peak_memory_ratio": res["direct"]["peak_memory_ratio"],
         "direct_working_memory_ratio": res["direct"]["working_memory_ratio"],
         "plain_time_s": res["plain"]["time_s"], "fast_time_s": res["fast"]["time_s"],
         "direct_time_s": res["direct"]["time_s"], "pipeline": res,
@@ -74,9 +75,10 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 def attention_call(image_tokens: int, text_tokens: int, heads: int = 24, dim: int = 128, repeats: int = 2,
                    device: str = "cpu") -> dict:
     """One FLUX-shaped joint attention call ([text; image], batch 1): plain SDPA vs AST's fast and direct paths."""
+    import torch.nn.functional as F
+
     from ..layout import Layout
     from ..methods.ast_attention import TuningTables, direct_attention, fast_attention
-    import torch.nn.functional as F
 
     side = int(image_tokens ** 0.5)
     n = text_tokens + image_tokens
@@ -111,5 +113,6 @@ def attention_call(image_tokens: int, text_tokens: int, heads: int = 24, dim: in
         result[name] = {"time_s": statistics.median(times), "working_bytes": mem.peak - mem.before}
     for name in ("fast", "direct"):
         result[f"{name}_time_ratio"] = result[name]["time_s"] / result["plain"]["time_s"]
-        result[f"{name}_working_memory_ratio"] = result[name]["working_bytes"] / max(1, result["plain"]["working_bytes"])
+        plain_bytes = max(1, result["plain"]["working_bytes"])
+        result[f"{name}_working_memory_ratio"] = result[name]["working_bytes"] / plain_bytes
     return result

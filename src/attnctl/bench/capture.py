@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import compare, plain
 from ..methods.capture import Capture
+from . import compare, plain
 
 PROMPT = "a photo of a cat and a dog on a sofa"
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from . import compare, plain
 from ..methods.regulation import Regulation
+from . import compare, plain
 
 MODEL = "random:sd15"
 PROMPT = "a photo of a cat and a dog on a sofa"

@@ -26,28 +26,77 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="a small subset, under a minute")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--dose", choices=("regulation", "ast"), default=None,
+                   help="instead of the comparison: sweep this method's strength (0 = the plain model) on the "
+                        "held-out categories; writes dose.md, dose.csv and dose.png")
+    p.add_argument("--strengths", type=_strengths, default=[0.0, 0.5, 1.0, 2.0, 4.0],
+                   help="strengths of --dose, comma-separated (default: 0,0.5,1,2,4)")
+    p.add_argument("--no-attention", action="store_true",
+                   help="skip the attention measurements (target coverage, in-region shares)")
     p.add_argument("--out", type=Path, default=Path("out/eval"))
     p.set_defaults(func=run)
 
 
+def _strengths(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--strengths {text!r}: write numbers such as 0,0.5,1,2") from None
+    if not values or any(not v >= 0 for v in values):
+        raise UsageError(f"--strengths {text!r}: give one or more strengths >= 0")
+    return values
+
+
 def run(args) -> None:
+    import csv
+
     from accelerate import PartialState
 
-    from ..eval import DEFAULT_GUIDANCE, DEFAULT_STEPS, QUICK_STEPS, build_suite, run_suite, summarize, write_results
+    from ..eval import (
+        DEFAULT_GUIDANCE,
+        DEFAULT_STEPS,
+        QUICK_STEPS,
+        Arm,
+        build_suite,
+        dose_arms,
+        run_suite,
+        summarize,
+        write_dose,
+        write_results,
+    )
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHOD_NAMES]
-    if unknown:
-        raise UsageError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
-    methods = [(m, args.unet_model) for m in names if m in ("none", "regulation")]
-    if "ast" in names:
-        methods += ([("none", args.mmdit_model)] if "none" in names else []) + [("ast", args.mmdit_model)]
     prompts, seeds = (3, 1) if args.quick else (args.prompts, args.seeds)
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    rows = run_suite(methods, build_suite(prompts), list(range(seeds)), steps, guidance, device=args.device)
+    cases = build_suite(prompts)
+    command = "attnctl " + " ".join(sys.argv[1:])
+    if args.dose:
+        model = args.unet_model if args.dose == "regulation" else args.mmdit_model
+        cases = [c for c in cases if "seen_pairs" not in c.categories]
+        rows = run_suite(dose_arms(args.dose, model, args.strengths), cases, list(range(seeds)), steps, guidance,
+                         device=args.device, measure=not args.no_attention)
+        if not PartialState().is_main_process:
+            return
+        summary = summarize(rows)
+        write_dose(summary, args.strengths, args.dose, args.out, command)
+        with open(args.out / "dose.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(json.dumps(summary, indent=2) if args.json else (args.out / "dose.md").read_text())
+        return
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHOD_NAMES]
+    if unknown or not names:
+        raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
+                         f"{', '.join(METHOD_NAMES)}")
+    arms = [Arm(m, args.unet_model) for m in names if m in ("none", "regulation")]
+    if "ast" in names:
+        arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [Arm("ast", args.mmdit_model)]
+    rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=args.device,
+                     measure=not args.no_attention)
     if not PartialState().is_main_process:
         return
     summary = summarize(rows)
-    write_results(rows, summary, args.out, "attnctl " + " ".join(sys.argv[1:]))
+    write_results(rows, summary, args.out, command)
     print(json.dumps(summary, indent=2) if args.json else (args.out / "results.md").read_text())

@@ -1,5 +1,5 @@
-"""`attnctl generate`: images with an attention-control method, optionally with the maps of its words beside the
-plain pipeline's (same seed)."""
+"""`attnctl generate`: images with an attention-control method; with --maps also the plain pipeline's image (same
+seed) beside it (compare.png) and the maps of the method's words with and without it (maps.png)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..methods.capture import Capture
-from .common import (METHODS, add_method_options, add_model_options, generate, given_method_flags, load,
-                     method_config, resolve_model, save_images, write_maps)
+from .common import (
+    METHODS,
+    add_method_options,
+    add_model_options,
+    generate,
+    given_method_flags,
+    load,
+    method_config,
+    resolve_model,
+    save_images,
+    write_maps,
+)
 
 
 def register(sub) -> None:
@@ -82,6 +92,9 @@ def run(args) -> None:
             plain = generate(pipe, prompt, args, [plain_capture])
             save_images(plain, args.out, "plain")
             captures = {"plain": (plain_capture, plain), **captures}
+            from ..viz import comparison_figure
+
+            comparison_figure({"plain (same seed)": plain[0], args.method: images[0]}, args.out / "compare.png", prompt)
         write_maps(captures, words, args.out, "maps", prompt)
     elif args.maps:
         print("attnctl: no target words to map; pass --targets")

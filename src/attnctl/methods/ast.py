@@ -5,17 +5,20 @@
     with attnctl.apply(pipe, AST(layout)):          # the layout carries the prompt
         image = pipe(layout.prompt, num_inference_steps=32).images[0]
 
-At every tuned site and step (the first `tuned_steps` steps, conditional rows of the batch only) the joint attention becomes
-softmax(S + B)·V with B_X = w_X · ρ_X · τ(t) · (M_X − P_X) on the image→image, text→text and image→text blocks (see
-`ast_attention`). τ(t) = (t/1000)^γ with the scheduler's timestep. Area terms: image rows ρ(p) = 1 − a_img·|region(p)|/(H·W);
-text rows ρ(j) = 1 − a_txt·(row sum of M_T2T)/L_text, with L_text the text length of the joint sequence.
+At every tuned site and step (the first `tuned_steps` steps, conditional rows of the batch only) the joint attention
+becomes softmax(S + B)·V with B_X = w_X · ρ_X · τ(t) · (M_X − P_X) on the image→image, text→text and image→text blocks
+(see `ast_attention`). τ(t) = (t/1000)^γ with the scheduler's timestep. Area terms: image rows
+ρ(p) = 1 − a_img·|region(p)|/(H·W); text rows ρ(j) = 1 − a_txt·(row sum of M_T2T)/L_text, with L_text the text length
+of the joint sequence. Formulas, defaults with their sources and every departure from the published code:
+docs/methods.md §2 (departures §2.8).
 
 The layer schedule is a list of `Band`s on relative depth (block index / number of joint blocks). The default,
 `REFERENCE_SCHEDULE`, puts the reference's FLUX.1 boundaries (19 double + 38 single blocks = 57) at k/57, so on FLUX.1
 (dev and schnell) it tunes exactly the reference's blocks; on other depths (SD3/3.5: 24 or 38 blocks, reduced FLUX) it
 maps by relative depth. Override with `schedule=` (a list of Bands or dicts, see `parse_schedule`).
 
-Choices where the specification leaves room, stated:
+Choices where the specification leaves room, stated (with the departures from the published code, among them region
+rasterisation and the role parser, in docs/methods.md §2.8):
 - M_T2T is the identity together with 1 wherever both tokens are in the same phrase (entries are 0/1: a phrase
   token's diagonal is 1, as in the reference's code).
 - I2T area term: `i2t_area="region"` (default, the specification: every pixel's own region, background included);
@@ -24,8 +27,9 @@ Choices where the specification leaves room, stated:
   pixels get ρ = 1 in the instance-only and attribute blocks.
 - The reference also replaces the prompt embeddings of each phrase by those of the phrase encoded alone; the
   specification does not include this and neither do we (attention is the only thing AST changes here).
-- Computation: `implementation="fast"` (default) is exact with O(N) memory (two passes with the row LSE, query-chunked with a
-  budget proportional to q); `implementation="direct"` is the formula chunk by chunk (memory chunk × N); `implementation="reference"`
+- Computation: `implementation="fast"` (default) is exact with O(N) memory (two passes with the row LSE, query-chunked
+  with a budget proportional to q); `implementation="direct"` is the formula chunk by chunk (memory chunk × N);
+  `implementation="reference"`
   materialises everything in float64 (tests only). `approximate=True` drops the −P term (one fused SDPA pass per
   query chunk with an additive mask): not exact. Measured: on random attention it deviates from the exact output by
   up to 0.014 (flat rows, max P 0.013) and 2.2 (peaked rows, max P 0.995) for |v| ≈ 1.2 (tests/test_ast_attention.py);
@@ -144,6 +148,8 @@ class ASTConfig:
     schedule: object = option(
         None, "layer schedule: a list (JSON text or file) of {from, to, blocks, roles} on relative depth",
         parse=str, shown_default="the reference's FLUX.1 schedule, by relative depth")
+    strength: float = option(1.0, "scale of the three weights together (an attnctl extension for dose-response "
+                             "studies: 1 is the specification's method, 0 tunes nothing)")
     implementation: str = option("fast", "fast (exact, O(N) memory), direct (the formula, query-chunked) or "
                                  "reference (float64, for tests)", choices=IMPLEMENTATIONS)
     approximate: bool = option(False, "drop the −P term of the bias (one fused pass; not exact)")
@@ -163,6 +169,8 @@ class ASTConfig:
             raise UsageError(f"i2t_area must be 'region' or 'reference', not {self.i2t_area!r}")
         if self.role_parser not in ROLE_PARSERS:
             raise UsageError(f"role_parser must be one of {', '.join(ROLE_PARSERS)}, not {self.role_parser!r}")
+        if not self.strength >= 0:
+            raise UsageError(f"strength must be >= 0 (got {self.strength})")
         if int(self.tuned_steps) < 0:
             raise UsageError("the number of tuned steps must be >= 0")
 
@@ -217,10 +225,10 @@ class AST(Controller):
         step = call.step
         rows = step.cond_rows
         c = self.config
-        if step.index >= c.tuned_steps or rows.stop <= rows.start:
+        if step.index >= c.tuned_steps or rows.stop <= rows.start or c.strength == 0:
             return
         band = self.band(call.site)
-        tau = (max(float(step.timestep), 0.0) / 1000.0) ** c.gamma
+        tau = (max(float(step.timestep), 0.0) / 1000.0) ** c.gamma * c.strength
         tables = self._tables_for(call, band, rows, tau)
         want_probs = call.site.name in self._probs_sites
         batch = call.q.shape[0]

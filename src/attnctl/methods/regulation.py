@@ -122,6 +122,8 @@ class RegulationConfig:
                             "image", choices=SELECTIONS)
     implementation: str = option("fast", "fast (split softmax denominator, analytic gradient) or direct (the "
                                  "formulas as written, autograd)", choices=IMPLEMENTATIONS)
+    strength: float = option(1.0, "scale of the applied field (an attnctl extension for dose-response studies: 1 is "
+                             "the paper's method, 0 edits nothing)")
     seed: int = option(0, "seed of the random initial weights (uniform in [0, 1)), from the controller's own "
                        "generator", flag="init-seed")
 
@@ -138,17 +140,17 @@ class RegulationConfig:
             raise UsageError(f"smoothing must lie in [0, 1] (got {self.smoothing})")
         if not 0.0 < self.quantile <= 1.0:
             raise UsageError(f"quantile must lie in (0, 1] (got {self.quantile})")
+        if not self.strength >= 0:
+            raise UsageError(f"strength must be >= 0 (got {self.strength})")
         if self.selection not in SELECTIONS:
             raise UsageError(f"selection must be one of {', '.join(SELECTIONS)} (got {self.selection!r})")
         if self.implementation not in IMPLEMENTATIONS:
             raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)} "
                              f"(got {self.implementation!r})")
 
-    def optimisation(self) -> regulation_math.Hyperparameters:
-        return regulation_math.Hyperparameters(
-            iterations=int(self.iterations), step_size=float(self.step_size), gamma=float(self.gamma),
-            delta=float(self.delta), epsilon=float(self.epsilon), quantile=float(self.quantile),
-            quantile_target=float(self.quantile_target), share_per_target=float(self.share_per_target))
+    def theta(self, k: int) -> float:
+        """θ: the total attention share of k targets."""
+        return min(1.0, self.share_per_target * k)
 
 
 class Regulation(Controller):
@@ -167,7 +169,6 @@ class Regulation(Controller):
             options["targets"] = targets
         self.config = build(RegulationConfig, config, **options)
         c = self.config
-        self.optimisation = c.optimisation()
         self.target_words: list[str] | None = (list(c.targets) if c.targets and isinstance(c.targets[0], str)
                                                else None)
         self.history: list[dict] = []  # per edited call: site, step, chosen iterate(s), losses (for inspection)
@@ -179,7 +180,7 @@ class Regulation(Controller):
         if not cross:
             raise UsageError("Attention Regulation edits UNet cross-attention (SD 1.x/2.x, SDXL); this "
                              f"{session.family.name} model has no cross-attention sites")
-        self._site_names = _select_sites(cross, self.config.layers or _coarsest_stages(cross))
+        self._site_names = edited_sites(self.config, cross)
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
@@ -207,7 +208,8 @@ class Regulation(Controller):
         if self._last_index is not None and step.index < self._last_index:
             self._best.clear()  # a new pipeline call inside the same `apply`
         self._last_index = step.index
-        self._editing = step.index in edit and step.cond_rows.stop > step.cond_rows.start
+        self._editing = (step.index in edit and step.cond_rows.stop > step.cond_rows.start
+                         and self.config.strength > 0)
 
     def __call__(self, call: AttentionCall) -> None:
         if not self._editing:
@@ -221,7 +223,8 @@ class Regulation(Controller):
             if call.site.name not in self._warned_small:
                 self._warned_small.add(call.site.name)
                 warnings.warn(f"Regulation: {call.site.name} runs at {h}x{w}, too small for a Gaussian basis with "
-                              f"sigma={sigma} (centres from {2 * sigma} every {2 * sigma} pixels); left unedited")
+                              f"sigma={sigma} (centres from {2 * sigma} every {2 * sigma} pixels); left unedited",
+                              stacklevel=2)
             return
         out = call.output().clone()  # the plain attention; its rows outside the conditional half are kept
         with _small_ops(device):
@@ -245,10 +248,11 @@ class Regulation(Controller):
                     previous = regulation_math.field_of(basis, w0)  # first edited step: the initial random field
                 self._best[key] = best
                 c = self.config
-                applied = (c.smoothing * previous + (1.0 - c.smoothing) * best) * c.decay**step.index
+                applied = (c.smoothing * previous + (1.0 - c.smoothing) * best) * (c.decay**step.index * c.strength)
                 keep = (0, g.eos) if c.restore_special else ()
                 targets = torch.tensor(g.targets, device=device)
-                edited = regulation_math.edited_probs(g_logits, targets, applied, keep).unflatten(0, (len(g.rows), heads))
+                edited = regulation_math.edited_probs(g_logits, targets, applied, keep)
+                edited = edited.unflatten(0, (len(g.rows), heads))
                 v = call.v[g.rows][:, :, call.text]
                 out[g.rows] = (edited @ v.float()).to(out.dtype)
                 probs[g.rows] = edited
@@ -261,9 +265,9 @@ class Regulation(Controller):
     def _optimise(self, logits, targets, basis, w0) -> regulation_math.Trajectory:
         if self.config.implementation == "direct":
             return regulation_math.optimise_direct(logits, torch.tensor(targets, device=logits.device), basis, w0,
-                                                   self.optimisation)
+                                                   self.config)
         target_logits, rest = regulation_math.split_logits(logits, targets)
-        return regulation_math.optimise_fast(target_logits, rest, basis, w0, self.optimisation)
+        return regulation_math.optimise_fast(target_logits, rest, basis, w0, self.config)
 
     def _choose(self, trajectories: list[regulation_math.Trajectory], heads: int) -> list[torch.Tensor]:
         """Per group, the chosen iterate of each row (rows,). "batch": the iterate with the lowest mean loss over
@@ -390,6 +394,12 @@ def _normalise_steps(edit_steps):
 
 def _matches(name: str, layer: str) -> bool:
     return layer == "all" or name == layer or name.startswith(layer + ".")
+
+
+def edited_sites(config: RegulationConfig, sites) -> set[str]:
+    """Names of the sites Regulation edits with `config` among a model's `sites`."""
+    cross = [s for s in sites if s.kind == "cross"]
+    return _select_sites(cross, config.layers or _coarsest_stages(cross))
 
 
 def _coarsest_stages(cross_sites) -> tuple[str, ...]:

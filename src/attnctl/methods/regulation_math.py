@@ -19,25 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    """The optimisation's constants; defaults are the paper's (METHODS.md §1)."""
-
-    iterations: int = 20
-    step_size: float = 100.0  # per row: the reference's step is step_size × number of rows on the batch-mean loss
-    gamma: float = 1.0  # weight of (q90(m_t) − 0.9)²
-    delta: float = 80.0  # weight of (mean(m_t) − θ/k)²
-    epsilon: float = 0.09  # weight of mean(w²)
-    quantile: float = 0.9  # which quantile of a target's map must be high ...
-    quantile_target: float = 0.9  # ... and the value it is pulled towards
-    share_per_target: float = 0.2  # θ = min(1, share_per_target · k): the total attention the targets share
-
-    def theta(self, k: int) -> float:
-        return min(1.0, self.share_per_target * k)
+if TYPE_CHECKING:  # the optimisation reads its constants from the method's config
+    from .regulation import RegulationConfig
 
 
 @dataclass
@@ -95,7 +82,7 @@ def split_logits(logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Ten
 
 
 def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
-                  settings: Hyperparameters) -> Trajectory:
+                  settings: RegulationConfig) -> Trajectory:
     """The optimisation on (rows, k, N) tensors with an analytic gradient. `target_logits` (rows, N, k),
     `rest_lse` (rows, N), `basis` (N, K), `w0` (rows, K, k); all in one float dtype (float32 in use)."""
     rows, n, k = target_logits.shape
@@ -140,7 +127,7 @@ def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: to
 
 
 def optimise_direct(logits: torch.Tensor, targets: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
-                    settings: Hyperparameters) -> Trajectory:
+                    settings: RegulationConfig) -> Trajectory:
     """The formulas as written: full logits (rows, N, L), softmax over all L tokens, torch.quantile, autograd on the
     batch loss, step (rows · step size). Same arguments and result as `optimise_fast` otherwise."""
     rows, n, n_text = logits.shape

@@ -282,24 +282,3 @@ def images_to_array(rendered: list[Rendered]) -> np.ndarray:
     """(N, 3, H, W) float32 in [-1, 1], the range diffusers VAEs use."""
     arr = np.stack([r.image for r in rendered]).astype(np.float32) / 127.5 - 1.0
     return arr.transpose(0, 3, 1, 2).copy()
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation prompts
-
-
-def single_object_prompts() -> list[tuple[str, tuple[tuple[str, str], ...]]]:
-    """Every single-object prompt: ("a red circle", (("red", "circle"),))."""
-    return [(f"a {c} {s}", ((c, s),)) for c, s in ALL_OBJECTS]
-
-
-def pair_prompts(split: str = "heldout", relation: str | None = None):
-    """Two-object prompts of the held-out (or training) pairs, both orders."""
-    out = []
-    for a, b in itertools.permutations(ALL_OBJECTS, 2):
-        held = is_heldout_pair(a, b)
-        if split == "heldout" and not held or split == "train" and held:
-            continue
-        objs = (ShapeObject(a[0], a[1], (0, 0, 0, 0)), ShapeObject(b[0], b[1], (0, 0, 0, 0)))
-        out.append((caption_for(objs, relation), (a, b)))
-    return out
