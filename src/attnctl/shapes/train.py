@@ -281,8 +281,9 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
                    checkpoint_minutes: float = 10.0, cfg_drop: float = 0.1, init: str | None = None,
                    resume: bool = False, stop_at: int | None = None):
     """Train for at most `minutes` of this run, up to `total_steps` in all; with `resume` continue from the state
-    saved in `out` (weights, EMA, optimiser, step, random state); `stop_at` ends this run at that step. The learning rate follows the step count (warm-up,
-    then cosine to 10% at `total_steps`), so a training split into several runs follows the same schedule."""
+    saved in `out` (weights, EMA, optimiser, step, random state); `stop_at` ends this run at that step. The learning
+    rate follows the step count (warm-up, then cosine to 10% at `total_steps`), so a training split into several runs
+    follows the same schedule."""
     torch.manual_seed(seed)
     tokenizer = models.build_tokenizer()
     vae = vae.to(device).eval()
@@ -341,7 +342,8 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
 
     stop = _stop_on_signal()
     try:
-        while step < min(total_steps, stop_at or total_steps) and time.time() - t0 < budget and not stop:
+        last = min(total_steps, stop_at or total_steps)
+        while step < last and time.time() - t0 < budget and not stop:
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * _cosine(step / total_steps))
             idx = torch.randint(0, len(mean), (batch,), generator=gen)
