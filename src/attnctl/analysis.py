@@ -93,7 +93,13 @@ COLUMNS = ("step", "timestep", "block", "site", "stage", "depth", "role", "share
 
 class Hierarchy(Controller):
     """Observer recording, per site and step, each token role's in-region share of attention (see the module doc;
-    docs/methods.md §4). `steps`: step indices to record (all if None); `role_parser`: auto, spacy or rules."""
+    docs/methods.md §4). `steps`: step indices to record (all if None); `role_parser`: auto, spacy or rules.
+
+        hierarchy = Hierarchy("examples/two_animals.json")
+        with attnctl.apply(pipe, hierarchy):
+            pipe(hierarchy.prompt)
+        hierarchy.write_csv("hierarchy.csv"); hierarchy.plot("hierarchy.png")
+    """
 
     observer = True
 

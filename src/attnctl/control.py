@@ -30,7 +30,11 @@ HOOK_NAME = "attnctl.step"
 
 @dataclass
 class StepState:
-    """Where the denoising loop is, and how the batch is laid out, for the current denoiser call."""
+    """Where the denoising loop is, and how the batch is laid out, for the current denoiser call.
+
+        def begin_step(self, step):                  # in a Controller
+            self.active = step.index < 10 and step.cond_rows.stop > step.cond_rows.start
+    """
 
     index: int  # step index, 0-based, as the scheduler counts it
     num_steps: int
@@ -51,6 +55,10 @@ class AttentionCall:
 
     A method either leaves the output alone or sets it (`set_output`); observers read `text_probs()`, which give the
     probabilities actually used, whichever method produced them.
+
+        def __call__(self, call):                      # in a Controller
+            q, k = call.q[:, :, call.image], call.k[:, :, call.text]
+            call.set_output(call.output() * 1.0)       # a method may replace the output
     """
 
     def __init__(self, site, step, q, k, v, text, image, grid, scale=None):
@@ -93,7 +101,13 @@ class AttentionCall:
 
 
 class Controller:
-    """Base of every method and observer. Subclasses override what they need."""
+    """Base of every method and observer. Subclasses override what they need.
+
+        class Strongest(attnctl.Controller):           # an observer: the most attended token per call
+            observer = True
+            def __call__(self, call):
+                self.last = call.text_probs().mean(dim=(0, 1, 2)).argmax()
+    """
 
     observer = False  # observers run after the methods and never change the output
 
@@ -141,6 +155,13 @@ class _StepHook(ModelHook):
 
 @dataclass
 class Session:
+    """The controllers attached to one pipeline (what `apply` yields): its family adapter, its attention sites, the
+    prompts' tokens.
+
+        with attnctl.apply(pipe, capture, prompt="a cat") as session:
+            print(len(session.sites), session.prompts[0].word_positions("cat"))
+    """
+
     pipe: object
     controllers: list[Controller]
     prompts: list[PromptTokens] = field(default_factory=list)

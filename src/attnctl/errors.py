@@ -2,4 +2,10 @@
 
 
 class UsageError(ValueError):
-    """Bad input (a word not in the prompt, a layer that does not exist, ...). The CLI prints it without a traceback."""
+    """Bad input (a word not in the prompt, a layer that does not exist, ...). The CLI prints it without a traceback.
+
+        try:
+            attnctl.Regulation(targets=[])
+        except attnctl.UsageError as err:
+            print(err)          # targets is empty: name at least one word of the prompt, ...
+    """

@@ -79,6 +79,12 @@ class BoundLayout:
 
 @dataclass
 class Layout:
+    """Where each phrase of the prompt goes: regions (box, mask or sketch colour) and the background phrase.
+
+        layout = Layout.load("examples/two_animals.json")     # or Layout.from_dict({...})
+        layout.labels((16, 16))                                # region index per cell of a 16x16 token grid
+    """
+
     prompt: str
     regions: list[Region]
     background: str = ""

@@ -37,7 +37,10 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`."""
+    """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`.
+
+        pipe = attnctl.load_pipeline("builtin:shapes-unet")           # or a hub id, a folder, random:sd15-tiny
+    """
     if spec.startswith("random:"):
         name, _, query = spec[len("random:"):].partition("?")
         if name not in RANDOM_SPECS:

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class AttentionSite:
+    """One attention call of a denoiser, described without its model classes (`attnctl sites` lists them).
+
+        site.name, site.kind, site.grid((64, 64))   # "down_blocks.2.attentions.0...attn2", "cross", (16, 16)
+    """
+
     name: str  # module path in the denoiser, e.g. "down_blocks.2.attentions.0.transformer_blocks.0.attn2"
     family: str  # "unet" | "sd3" | "flux"
     kind: str  # "cross": image queries, text keys | "joint": one attention over [text; image] or [image; text]
