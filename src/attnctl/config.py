@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -22,13 +24,14 @@ from .errors import UsageError
 
 def option(default: Any, help: str, *, symbol: str | None = None, flag: str | None = None,
            parse: Callable[[str], Any] | None = None, choices: tuple | None = None, cli: bool = True,
-           shown_default: str | None = None):
+           shown_default: str | None = None, low: float | None = None, high: float | None = None):
     """A config field. `help` says what it means; `symbol` is the paper's symbol; `flag` replaces the field name on
     the command line; `parse` turns the flag's text into the field's value (default: the type of `default`);
     `choices` are the allowed values; `cli=False` keeps the field off the command line; `shown_default` describes a
-    default that is not a plain value (such as None meaning "chosen per model")."""
+    default that is not a plain value (such as None meaning "chosen per model"); `low` and `high` bound a number
+    (inclusive). Numbers must be finite and of the field's kind (`check`)."""
     metadata = dict(help=help, symbol=symbol, flag=flag, parse=parse, choices=choices, cli=cli,
-                    shown_default=shown_default)
+                    shown_default=shown_default, low=low, high=high)
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -46,6 +49,44 @@ def build(config_class, config=None, **options):
     if not isinstance(config, config_class):
         raise UsageError(f"config must be a {config_class.__name__}, not {type(config).__name__}")
     return dataclasses.replace(config, **options) if options else config
+
+
+def _number_kind(field: dataclasses.Field):
+    default, parse = default_of(field), field.metadata.get("parse")
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, (int, float)):
+        return type(default)
+    return parse if parse in (int, float) else None
+
+
+def check(config) -> None:
+    """Every field of `config` against its declaration: booleans are booleans, numbers finite, of their kind (an
+    integer where one is needed) and within their bounds, choices among the allowed ones. Called first by each
+    config's `__post_init__`; a violation is a UsageError naming the option and its flag."""
+    prefix = getattr(config, "cli_prefix", "")
+    for field in dataclasses.fields(config):
+        value, meta, kind = getattr(config, field.name), field.metadata, _number_kind(field)
+        name = f"{field.name} ({_flag(field, prefix)})" if meta.get("cli", True) else field.name
+        if value is None and default_of(field) is None:
+            continue
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise UsageError(f"{name} must be true or false, not {value!r}")
+        elif kind is not None and not isinstance(value, (list, tuple, set, range)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise UsageError(f"{name} must be a number, not {value!r}")
+            if not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, not {value!r}")
+            if kind is int and not float(value).is_integer():
+                raise UsageError(f"{name} must be a whole number, not {value!r}")
+            low, high = meta.get("low"), meta.get("high")
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
+                          else f"at least {low:g}" if low is not None else f"at most {high:g}")
+                raise UsageError(f"{name} must be {bounds}, not {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UsageError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r}")
 
 
 def _flag(field: dataclasses.Field, prefix: str) -> str:

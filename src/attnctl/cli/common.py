@@ -22,8 +22,8 @@ class MethodOptions:
     prefix: str
 
 
-METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig, ""),
-           "ast": MethodOptions(AST, ASTConfig, "ast-")}
+METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig, RegulationConfig.cli_prefix),
+           "ast": MethodOptions(AST, ASTConfig, ASTConfig.cli_prefix)}
 
 
 def add_model_options(parser, default_model: str) -> None:
@@ -40,6 +40,47 @@ def add_model_options(parser, default_model: str) -> None:
                    help="T5 text length of SD3/FLUX pipelines (default: the pipeline's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+
+
+MAX_STEPS = 1000  # a scheduler has 1000 training timesteps: more steps only repeat them
+MAX_SIDE = 4096  # beyond every supported model's resolution (FLUX.1 and SDXL are trained up to ~2048)
+MAX_IMAGES = 64  # images per prompt in one call; more is a loop, not a batch
+MAX_TEXT = 512  # the longest T5 text SD3 and FLUX take
+
+
+def check_sampling(args) -> None:
+    """The model and sampling options, before any model is loaded: ranges, finiteness and limits, each with the
+    flag that is wrong."""
+    import math
+
+    import torch
+
+    def bounded(flag: str, value, low: int, high: int, why: str = "") -> None:
+        if value is not None and not low <= value <= high:
+            raise UsageError(f"{flag} must be between {low} and {high}{why}, not {value}")
+
+    bounded("--seed", args.seed, 0, 2**64 - 1, " (a 64-bit generator seed)")
+    bounded("--steps", args.steps, 1, MAX_STEPS, " (schedulers have 1000 training timesteps)")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        bounded(flag, value, 8, MAX_SIDE, " pixels")
+    bounded("--num-images", args.num_images, 1, MAX_IMAGES, " images per prompt")
+    bounded("--max-sequence-length", args.max_sequence_length, 1, MAX_TEXT, " tokens")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UsageError(f"--guidance must be a finite number >= 0 (1 or less turns guidance off), not {args.guidance}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: this torch build or machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {args.device}: MPS is not available here; use --device cpu")
+    out = getattr(args, "out", None)
+    if out is not None and (str(out) == "" or out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {str(out)!r} must be a folder (it is created if missing), not an existing file "
+                         "or an empty name")
 
 
 def add_method_options(parser, name: str) -> None:
@@ -96,6 +137,7 @@ def resolve_model(args, joint: bool = False) -> str:
 def load(args, joint: bool = False):
     from ..models import load_pipeline, parse_dtype
 
+    check_sampling(args)
     return load_pipeline(resolve_model(args, joint), device=args.device, dtype=parse_dtype(args.dtype))
 
 

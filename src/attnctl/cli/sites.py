@@ -15,9 +15,13 @@ def register(sub) -> None:
 
 def run(args) -> None:
     from ..control import Session
+    from ..errors import UsageError
     from ..models import load_pipeline
     from ..sites import site_table
 
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and not 8 <= value <= 4096:
+            raise UsageError(f"{flag} must be between 8 and 4096 pixels, not {value}")
     pipe = load_pipeline(args.model)
     session = Session(pipe, [])
     scale = getattr(pipe, "vae_scale_factor", 8)

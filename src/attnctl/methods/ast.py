@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import build, option
+from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
@@ -138,18 +138,20 @@ class ASTConfig:
         AST(layout, config=ASTConfig(tuned_steps=10))      # or AST(layout, tuned_steps=10)
     """
 
-    w_t2t: float = option(3.5, "text→text weight", symbol="w_T2T")
-    w_i2t: float = option(5.0, "image→text weight", symbol="w_I2T")
-    w_i2i: float = option(3.5, "image→image weight", symbol="w_I2I")
-    gamma: float = option(3.0, "exponent of the time factor τ(t) = (t/1000)^γ", symbol="γ")
-    tuned_steps: int = option(16, "tune the first N denoising steps (0 leaves the image plain)", symbol="n_mod")
-    a_img: float = option(1.0, "image area term: ρ(p) = 1 − a_img·|region(p)|/(H·W)", symbol="a_img")
-    a_txt: float = option(4.0, "text area term: ρ(j) = 1 − a_txt·(row sum of M_T2T)/L_text", symbol="a_txt")
+    w_t2t: float = option(3.5, "text→text weight", symbol="w_T2T", low=0)
+    w_i2t: float = option(5.0, "image→text weight", symbol="w_I2T", low=0)
+    w_i2i: float = option(3.5, "image→image weight", symbol="w_I2I", low=0)
+    gamma: float = option(3.0, "exponent of the time factor τ(t) = (t/1000)^γ", symbol="γ", low=0)
+    tuned_steps: int = option(16, "tune the first N denoising steps (0 leaves the image plain)", symbol="n_mod",
+                             low=0)
+    a_img: float = option(1.0, "image area term: ρ(p) = 1 − a_img·|region(p)|/(H·W)", symbol="a_img", low=0)
+    a_txt: float = option(4.0, "text area term: ρ(j) = 1 − a_txt·(row sum of M_T2T)/L_text", symbol="a_txt",
+                          low=0)
     schedule: object = option(
         None, "layer schedule: a list (JSON text or file) of {from, to, blocks, roles} on relative depth",
         parse=str, shown_default="the reference's FLUX.1 schedule, by relative depth")
     strength: float = option(1.0, "scale of the three weights together (an attnctl extension for dose-response "
-                             "studies: 1 is the specification's method, 0 tunes nothing)")
+                             "studies: 1 is the specification's method, 0 tunes nothing)", low=0)
     implementation: str = option("fast", "fast (exact, O(N) memory), direct (the formula, query-chunked) or "
                                  "reference (float64, for tests)", choices=IMPLEMENTATIONS)
     approximate: bool = option(False, "drop the −P term of the bias (one fused pass; not exact)")
@@ -158,21 +160,14 @@ class ASTConfig:
     i2t_area: str = option("region", "I2T area term: each pixel's own region (the specification) or the reference "
                            "code's variant", choices=I2T_AREAS)
 
+    cli_prefix = "ast-"  # its flags: --ast-w-t2t, ...
+
     def __post_init__(self):
+        check(self)
+        self.tuned_steps = int(self.tuned_steps)
         self.schedule = parse_schedule(self.schedule)
-        if self.implementation not in IMPLEMENTATIONS:
-            raise UsageError(f"unknown AST implementation {self.implementation!r}; use one of "
-                             f"{', '.join(IMPLEMENTATIONS)}")
         if self.approximate and self.implementation != "fast":
             raise UsageError("approximate=True is a variant of the fast implementation; use implementation='fast'")
-        if self.i2t_area not in I2T_AREAS:
-            raise UsageError(f"i2t_area must be 'region' or 'reference', not {self.i2t_area!r}")
-        if self.role_parser not in ROLE_PARSERS:
-            raise UsageError(f"role_parser must be one of {', '.join(ROLE_PARSERS)}, not {self.role_parser!r}")
-        if not self.strength >= 0:
-            raise UsageError(f"strength must be >= 0 (got {self.strength})")
-        if int(self.tuned_steps) < 0:
-            raise UsageError("the number of tuned steps must be >= 0")
 
 
 class AST(Controller):

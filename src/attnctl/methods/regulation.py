@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import build, option
+from ..config import build, check, option
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 from . import regulation_math
@@ -103,19 +103,20 @@ class RegulationConfig:
     edit_steps: int | tuple | None = option(
         None, "edit the first N denoising steps (API: or a collection of step indices); more than the run has is an "
         "error", parse=int, shown_default=f"{DEFAULT_EDIT_STEPS}, or every step of a shorter run")
-    iterations: int = option(20, "gradient-descent iterations per edited attention call")
+    iterations: int = option(20, "gradient-descent iterations per edited attention call", low=1, high=10_000)
     step_size: float = option(100.0, "gradient step per row (the reference's step is this × rows on the batch loss)",
-                              symbol="η")
-    gamma: float = option(1.0, "weight of the quantile term (q90(m) − 0.9)²", symbol="γ")
-    delta: float = option(80.0, "weight of the equal-share term (mean(m) − θ/k)²", symbol="δ")
-    epsilon: float = option(0.09, "weight of the mean(w²) term", symbol="ε")
+                              symbol="η", low=0)
+    gamma: float = option(1.0, "weight of the quantile term (q90(m) − 0.9)²", symbol="γ", low=0)
+    delta: float = option(80.0, "weight of the equal-share term (mean(m) − θ/k)²", symbol="δ", low=0)
+    epsilon: float = option(0.09, "weight of the mean(w²) term", symbol="ε", low=0)
     sigma: int | None = option(None, "width of the Gaussians in pixels of the layer's grid", parse=int,
-                               symbol="σ", shown_default="max(1, W // 16) of each layer")
-    smoothing: float = option(0.25, "weight of the previous step's best field in the applied one")
-    decay: float = option(0.99, "the applied field is scaled by decay**step")
-    quantile: float = option(0.9, "which quantile of a target's map must be high")
-    quantile_target: float = option(0.9, "the value that quantile is pulled towards")
-    share_per_target: float = option(0.2, "attention share per target: θ = min(1, share_per_target · k)")
+                               symbol="σ", shown_default="max(1, W // 16) of each layer", low=1, high=1024)
+    smoothing: float = option(0.25, "weight of the previous step's best field in the applied one", low=0, high=1)
+    decay: float = option(0.99, "the applied field is scaled by decay**step", low=0, high=1)
+    quantile: float = option(0.9, "which quantile of a target's map must be high (above 0)", low=0, high=1)
+    quantile_target: float = option(0.9, "the value that quantile is pulled towards", low=0, high=1)
+    share_per_target: float = option(0.2, "attention share per target: θ = min(1, share_per_target · k)", low=0,
+                                     high=1)
     restore_special: bool = option(True, "reset the start and first end-of-text token probabilities to their "
                                    "unedited values")
     selection: str = option("batch", "keep the iterate with the lowest loss over the batch (the reference) or per "
@@ -123,30 +124,21 @@ class RegulationConfig:
     implementation: str = option("fast", "fast (split softmax denominator, analytic gradient) or direct (the "
                                  "formulas as written, autograd)", choices=IMPLEMENTATIONS)
     strength: float = option(1.0, "scale of the applied field (an attnctl extension for dose-response studies: 1 is "
-                             "the paper's method, 0 edits nothing)")
+                             "the paper's method, 0 edits nothing)", low=0)
     seed: int = option(0, "seed of the random initial weights (uniform in [0, 1)), from the controller's own "
-                       "generator", flag="init-seed")
+                       "generator", flag="init-seed", low=0, high=2**63 - 1)
+
+    cli_prefix = ""  # its flags: --targets, --layers, ...
 
     def __post_init__(self):
+        check(self)
         self.targets = _normalise_targets(self.targets)
         self.layers = _normalise_layers(self.layers)
         self.edit_steps = _normalise_steps(self.edit_steps)
-        if self.iterations < 1:
-            raise UsageError(f"iterations must be at least 1 (got {self.iterations})")
-        if self.sigma is not None and int(self.sigma) < 1:
-            raise UsageError(f"sigma must be at least 1 pixel (got {self.sigma})")
+        self.iterations = int(self.iterations)
         self.sigma = None if self.sigma is None else int(self.sigma)
-        if not 0.0 <= self.smoothing <= 1.0:
-            raise UsageError(f"smoothing must lie in [0, 1] (got {self.smoothing})")
-        if not 0.0 < self.quantile <= 1.0:
-            raise UsageError(f"quantile must lie in (0, 1] (got {self.quantile})")
-        if not self.strength >= 0:
-            raise UsageError(f"strength must be >= 0 (got {self.strength})")
-        if self.selection not in SELECTIONS:
-            raise UsageError(f"selection must be one of {', '.join(SELECTIONS)} (got {self.selection!r})")
-        if self.implementation not in IMPLEMENTATIONS:
-            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)} "
-                             f"(got {self.implementation!r})")
+        if self.quantile == 0:
+            raise UsageError("quantile (--quantile) must be above 0")
 
     def theta(self, k: int) -> float:
         """θ: the total attention share of k targets."""

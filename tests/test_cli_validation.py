@@ -1,0 +1,82 @@
+"""Bad values of every option end before any model is loaded, with exit status 2 and a message naming the flag: a
+table over the sampling options, and one generated from the method configs' fields (every numeric field gets NaN,
+infinity, text and values past its bounds)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from attnctl.config import cli_fields, default_of
+from attnctl.methods.ast import ASTConfig
+from attnctl.methods.regulation import RegulationConfig
+
+LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "two_animals.json"
+BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog"],
+        "ast": ["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", str(LAYOUT)],
+        "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
+
+SAMPLING = [
+    ("--steps", "0", "--steps must be between 1 and 1000"), ("--steps", "100000000", "--steps must be between"),
+    ("--steps", "two", "invalid int value"), ("--seed", "-1", "--seed must be between 0"),
+    ("--seed", str(2**64), "--seed must be between 0"), ("--height", "-64", "--height must be between 8"),
+    ("--height", "8192", "--height must be between 8 and 4096"), ("--width", "0", "--width must be between"),
+    ("--num-images", "0", "--num-images must be between 1"), ("--num-images", "1000", "--num-images must be"),
+    ("--guidance", "nan", "--guidance must be a finite number"), ("--guidance", "inf", "--guidance must be a finite"),
+    ("--guidance", "-2", "--guidance must be a finite number >= 0"), ("--max-sequence-length", "0", "between 1"),
+    ("--device", "nonsense", "--device 'nonsense' is not a device"), ("--dtype", "float8", "unknown dtype"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", SAMPLING)
+def test_sampling_options(flag, value, message, cli, tmp_path):
+    code, out, err = cli(*BASE["none"], "--out", tmp_path, flag, value)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in out + err and not list(tmp_path.iterdir())  # nothing generated or written
+
+
+def test_cuda_without_cuda_and_out_that_is_a_file(cli, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = cli(*BASE["none"], "--out", tmp_path, "--device", "cuda")
+        assert code == 2 and "no CUDA device" in err
+    existing = tmp_path / "file.png"
+    existing.write_bytes(b"")
+    code, _, err = cli(*BASE["none"], "--out", existing)
+    assert code == 2 and "must be a folder" in err
+
+
+def _bad_values(field):
+    meta, default = field.metadata, default_of(field)
+    kind = type(default) if isinstance(default, (int, float)) and not isinstance(default, bool) else meta.get("parse")
+    if kind not in (int, float):
+        return []
+    bad = [("abc", f"invalid {kind.__name__} value")]
+    if kind is float:
+        bad += [("nan", "must be a finite number"), ("inf", "must be a finite number")]
+    else:
+        bad += [("1.5", "invalid int value")]
+    if meta.get("low") is not None:
+        bad.append((str(meta["low"] - 1), "must be"))
+    if meta.get("high") is not None:
+        bad.append((str(meta["high"] + 1 if kind is int else meta["high"] * 2 + 1), "must be"))
+    return bad
+
+
+CASES = [(method, f"--{config.cli_prefix}{f.metadata.get('flag') or f.name.replace('_', '-')}", value, message)
+         for method, config in (("regulation", RegulationConfig), ("ast", ASTConfig))
+         for f in cli_fields(config) for value, message in _bad_values(f)]
+
+
+def test_the_table_covers_every_numeric_option():
+    numeric = {f.name for c in (RegulationConfig, ASTConfig) for f in dataclasses.fields(c) if _bad_values(f)}
+    assert {"iterations", "step_size", "sigma", "decay", "strength", "seed", "w_i2t", "tuned_steps", "a_txt"} <= numeric
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize("method, flag, value, message", CASES)
+def test_method_options(method, flag, value, message, cli, tmp_path):
+    code, out, err = cli(*BASE[method], "--out", tmp_path, f"{flag}={value}")
+    assert code == 2 and message in err and (flag in err or "argument" in err), err
+    assert "Traceback" not in out + err and not list(tmp_path.iterdir())
