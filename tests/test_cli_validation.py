@@ -12,7 +12,8 @@ from attnctl.methods.ast import ASTConfig
 from attnctl.methods.regulation import RegulationConfig
 
 LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "two_animals.json"
-BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog"],
+BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:sd15-tiny", "--prompt",
+                       "a cat and a dog"],
         "ast": ["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", str(LAYOUT)],
         "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
 
