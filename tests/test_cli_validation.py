@@ -81,3 +81,41 @@ def test_method_options(method, flag, value, message, cli, tmp_path):
     code, out, err = cli(*BASE[method], "--out", tmp_path, f"{flag}={value}")
     assert code == 2 and message in err and (flag in err or "argument" in err), err
     assert "Traceback" not in out + err and not list(tmp_path.iterdir())
+
+
+def _bad_files(tmp_path):
+    (tmp_path / "binary.json").write_bytes(bytes(range(256)))
+    (tmp_path / "sketch5.json").write_text('{"prompt": "a cat", "sketch": 5, "regions": [{"phrase": "a cat", '
+                                           '"color": [1, 2, 3]}]}')
+    return tmp_path
+
+
+OTHER = [
+    (["sites", "--model", "random:sd15-tiny?layers=4"], "takes no options, not 'layers'"),
+    (["sites", "--model", "random:flux-tiny?double=x"], "must be a whole number from 1 to 64"),
+    (["sites", "--model", "random:sd15-tiny", "--height", "-64"], "--height must be between 8"),
+    (["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", "{tmp}"], "is a folder"),
+    (["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", "{tmp}/binary.json"], "not valid JSON"),
+    (["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", "{tmp}/sketch5.json"],
+     "'sketch' must be the path of a PNG"),
+    (BASE["ast"] + ["--ast-schedule", "5"], "the AST schedule is a list of bands"),
+    (["eval", "--steps", "0"], "--steps must be between 1"),
+    (["eval", "--seeds", "0"], "--seeds must be between 1"),
+    (["eval", "--prompts", "0"], "--prompts must be between 1"),
+    (["eval", "--guidance", "nan"], "--guidance must be between"),
+    (["eval", "--dose", "ast", "--strengths", "-1"], "give one or more strengths >= 0"),
+    (["shapes", "train", "--family", "unet", "--threads", "-1"], "--threads must be between 1"),
+    (["shapes", "train", "--family", "unet", "--steps", "0"], "--steps must be between 1"),
+    (["shapes", "train", "--family", "mmdit", "--batch", "0"], "--batch must be between 1"),
+]
+
+
+@pytest.mark.parametrize("args, message", OTHER)
+def test_other_bad_command_lines(args, message, cli, tmp_path):
+    _bad_files(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] in ("generate", "eval", "shapes") and "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    code, out, err = cli(*args)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in out + err and not (tmp_path / "out").exists()

@@ -123,12 +123,25 @@ def add_arguments(parser, config_class, prefix: str = "", title: str | None = No
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = meta.get("parse") or type(default)
+            kwargs["type"] = argument_type(meta.get("parse") or type(default))
             kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else \
                 flag[2:].upper().replace("-", "_")
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
         group.add_argument(flag, **kwargs)
+
+
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` for argparse: its UsageError becomes argparse's own error, with our message kept."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid int value"
+    return convert
 
 
 def given_arguments(config_class, args: argparse.Namespace, prefix: str = "") -> dict:

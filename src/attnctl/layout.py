@@ -98,12 +98,16 @@ class Layout:
     @classmethod
     def load(cls, path) -> Layout:
         path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"layout {path} is a folder; give the layout's JSON file")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"layout file {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise UsageError(f"layout file {path} is not valid JSON: {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"layout file {path} is not valid JSON text: {err}") from None
+        except OSError as err:
+            raise UsageError(f"layout file {path} cannot be read: {err.strerror}") from None
         return cls.from_dict(data, base=path.parent, where=str(path))
 
     @classmethod
@@ -122,6 +126,9 @@ class Layout:
         base = Path(base)
         sketch = None
         if data.get("sketch") is not None:
+            if not isinstance(data["sketch"], str) or not data["sketch"].strip():
+                raise UsageError(f"{where}: 'sketch' must be the path of a PNG (relative to the layout), not "
+                                 f"{data['sketch']!r}")
             sketch = _read_rgb(base / data["sketch"], f"{where}: sketch")
         regions = [_region_from_dict(r, i + 1, base, sketch, data.get("sketch"), where)
                    for i, r in enumerate(regions_data)]

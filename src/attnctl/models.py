@@ -46,7 +46,7 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         if name not in RANDOM_SPECS:
             raise UsageError(f"unknown random model {name!r}; choose one of: "
                              + ", ".join(f"random:{s}" for s in RANDOM_SPECS))
-        options = {k: int(v) for k, v in parse_qsl(query)}
+        options = _random_options(name, query)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             pipe = _RANDOM_BUILDERS[name.removesuffix("-tiny")](tiny=name.endswith("-tiny"), **options)
@@ -71,6 +71,24 @@ def _model_settings(spec: str) -> dict:
     folder = BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
     path = folder / "attnctl.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",)}
+
+
+def _random_options(name: str, query: str) -> dict[str, int]:
+    """`double=2&single=4` of a random:flux spec, checked: known names, whole numbers from 1 to 64."""
+    family = name.removesuffix("-tiny")
+    known = RANDOM_OPTIONS.get(family, ())
+    options = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in known:
+            raise UsageError(f"random:{name} takes {', '.join(known) if known else 'no options'}, not {key!r} "
+                             "(e.g. random:flux?double=2&single=4, random:sd3?layers=4)")
+        if not value.isdigit() or not 1 <= int(value) <= 64:
+            raise UsageError(f"random:{name}?{key}= must be a whole number from 1 to 64, not {value!r}")
+        options[key] = int(value)
+    return options
 
 
 def sampling_defaults(spec: str) -> dict:

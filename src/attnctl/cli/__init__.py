@@ -72,6 +72,7 @@ def _run(argv) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exit:  # argparse has printed its usage message (or --help)
             return int(exit.code or 0)
+        args.command_line = "attnctl " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
         args.func(args)
         return 0
     except UsageError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import argument_type
 from ..errors import UsageError
 from ..methods.capture import parse_steps
 from .common import add_method_options, add_model_options, call_kwargs, given_method_flags, load, method_config
@@ -15,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--layout", required=True, help="layout JSON: prompt, background and regions")
     p.add_argument("--with-ast", action="store_true", help="measure with AST attached (default: the plain model)")
-    p.add_argument("--analyze-steps", type=parse_steps, default=None,
+    p.add_argument("--analyze-steps", type=argument_type(parse_steps), default=None,
                    help="step indices to record, e.g. 0-9 or 0,5,10 (default: every step)")
     add_method_options(p, "ast")
     p.set_defaults(func=run)

@@ -48,16 +48,20 @@ MAX_IMAGES = 64  # images per prompt in one call; more is a loop, not a batch
 MAX_TEXT = 512  # the longest T5 text SD3 and FLUX take
 
 
+def bounded(flag: str, value, low: float, high: float, why: str = "") -> None:
+    """A UsageError naming `flag` unless `value` (None: not given) is a finite number in [low, high]."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise UsageError(f"{flag} must be between {low:g} and {high:g}{why}, not {value}")
+
+
 def check_sampling(args) -> None:
     """The model and sampling options, before any model is loaded: ranges, finiteness and limits, each with the
     flag that is wrong."""
     import math
 
     import torch
-
-    def bounded(flag: str, value, low: int, high: int, why: str = "") -> None:
-        if value is not None and not low <= value <= high:
-            raise UsageError(f"{flag} must be between {low} and {high}{why}, not {value}")
 
     bounded("--seed", args.seed, 0, 2**64 - 1, " (a 64-bit generator seed)")
     bounded("--steps", args.steps, 1, MAX_STEPS, " (schedulers have 1000 training timesteps)")

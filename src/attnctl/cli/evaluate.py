@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from ..config import argument_type
 from ..errors import UsageError
+from .common import MAX_STEPS, bounded
 
 METHOD_NAMES = ("none", "regulation", "ast")
 
@@ -29,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--dose", choices=("regulation", "ast"), default=None,
                    help="instead of the comparison: sweep this method's strength (0 = the plain model) on the "
                         "held-out categories; writes dose.md, dose.csv and dose.png")
-    p.add_argument("--strengths", type=_strengths, default=[0.0, 0.5, 1.0, 2.0, 4.0],
+    p.add_argument("--strengths", type=argument_type(_strengths), default=[0.0, 0.5, 1.0, 2.0, 4.0],
                    help="strengths of --dose, comma-separated (default: 0,0.5,1,2,4)")
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention measurements (target coverage, in-region shares)")
@@ -65,11 +66,15 @@ def run(args) -> None:
         write_results,
     )
 
+    for flag, value, high in (("--prompts", args.prompts, 20), ("--seeds", args.seeds, 1000),
+                              ("--steps", args.steps, MAX_STEPS)):
+        bounded(flag, value, 1, high)
+    bounded("--guidance", args.guidance, 0, 100)
     prompts, seeds = (3, 1) if args.quick else (args.prompts, args.seeds)
-    steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     cases = build_suite(prompts)
-    command = "attnctl " + " ".join(sys.argv[1:])
+    command = args.command_line
     if args.dose:
         model = args.unet_model if args.dose == "regulation" else args.mmdit_model
         cases = [c for c in cases if "seen_pairs" not in c.categories]

@@ -48,5 +48,12 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..shapes.train import run_training
+    from .common import bounded
 
+    for flag, value, low, high in (("--steps", args.steps, 1, 10**7), ("--stop-at", args.stop_at, 1, 10**7),
+                                   ("--batch", args.batch, 1, 4096), ("--scenes", args.scenes, 1, 10**7),
+                                   ("--threads", args.threads, 1, 1024), ("--vae-threads", args.vae_threads, 1, 1024),
+                                   ("--minutes", args.minutes, 0.01, 10**6), ("--lr", args.lr, 1e-9, 1.0),
+                                   ("--checkpoint-minutes", args.checkpoint_minutes, 0.01, 10**6)):
+        bounded(flag, value, low, high)
     run_training(args)

@@ -107,6 +107,9 @@ def parse_schedule(spec) -> tuple[Band, ...]:
             spec = json.loads(Path(text).read_text() if Path(text).exists() else text)
         except (json.JSONDecodeError, OSError) as err:
             raise UsageError(f"the AST schedule must be JSON (or a JSON file): {err}") from None
+    if not isinstance(spec, (list, tuple)):
+        raise UsageError(f"the AST schedule is a list of bands such as [{{\"from\": 0.1, \"to\": 0.3, \"blocks\": "
+                         f"[\"i2i\"]}}], not {spec!r}")
     bands = []
     for i, item in enumerate(spec):
         if isinstance(item, Band):
