@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attnctl.config import cli_fields, default_of
+from attnctl.config import cli_fields, default_of, flag_of
 from attnctl.methods.ast import ASTConfig
 from attnctl.methods.regulation import RegulationConfig
 
@@ -65,7 +65,7 @@ def _bad_values(field):
     return bad
 
 
-CASES = [(method, f"--{config.cli_prefix}{f.metadata.get('flag') or f.name.replace('_', '-')}", value, message)
+CASES = [(method, flag_of(config, f.name), value, message)
          for method, config in (("regulation", RegulationConfig), ("ast", ASTConfig))
          for f in cli_fields(config) for value, message in _bad_values(f)]
 

@@ -64,7 +64,7 @@ def check(config) -> None:
     """Every field of `config` against its declaration: booleans are booleans, numbers finite, of their kind (an
     integer where one is needed) and within their bounds, choices among the allowed ones. Called first by each
     config's `__post_init__`; a violation is a UsageError naming the option and its flag."""
-    prefix = getattr(config, "cli_prefix", "")
+    prefix = _prefix(config)
     for field in dataclasses.fields(config):
         value, meta, kind = getattr(config, field.name), field.metadata, _number_kind(field)
         name = f"{field.name} ({_flag(field, prefix)})" if meta.get("cli", True) else field.name
@@ -89,6 +89,11 @@ def check(config) -> None:
             raise UsageError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r}")
 
 
+def _prefix(config_class) -> str:
+    """What a config's flags start with after `--` (its class attribute `cli_prefix`, e.g. "ast-")."""
+    return getattr(config_class, "cli_prefix", "")
+
+
 def _flag(field: dataclasses.Field, prefix: str) -> str:
     return "--" + prefix + (field.metadata.get("flag") or field.name.replace("_", "-"))
 
@@ -106,11 +111,12 @@ def default_of(field: dataclasses.Field):
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
-def add_arguments(parser, config_class, prefix: str = "", title: str | None = None) -> None:
+def add_arguments(parser, config_class, title: str | None = None) -> None:
     """One flag per field of `config_class` (`--PREFIXNAME`), with the field's meaning and default as help. Flags
     the user does not give are absent from the parsed namespace, so defaults and a model's recommendations stay in
     the config (see `given_arguments`)."""
     group = parser.add_argument_group(title) if title else parser
+    prefix = _prefix(config_class)
     for field in cli_fields(config_class):
         meta, default = field.metadata, default_of(field)
         shown = meta.get("shown_default") or (",".join(map(str, default)) if isinstance(default, (list, tuple))
@@ -144,15 +150,16 @@ def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
-def given_arguments(config_class, args: argparse.Namespace, prefix: str = "") -> dict:
+def given_arguments(config_class, args: argparse.Namespace) -> dict:
     """The fields whose flags were given on the command line, by field name."""
+    prefix = _prefix(config_class)
     return {f.name: getattr(args, _dest(f, prefix)) for f in cli_fields(config_class)
             if hasattr(args, _dest(f, prefix))}
 
 
-def flag_of(config_class, name: str, prefix: str = "") -> str:
+def flag_of(config_class, name: str) -> str:
     """The command-line flag of a field (for messages)."""
-    return _flag(next(f for f in dataclasses.fields(config_class) if f.name == name), prefix)
+    return _flag(next(f for f in dataclasses.fields(config_class) if f.name == name), _prefix(config_class))
 
 
 def describe(options: dict) -> str:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import add_arguments, build, describe, given_arguments
+from ..config import add_arguments, build, describe, flag_of, given_arguments
 from ..errors import UsageError
 from ..methods.ast import AST, ASTConfig
 from ..methods.regulation import Regulation, RegulationConfig
@@ -15,15 +15,13 @@ from ..methods.regulation import Regulation, RegulationConfig
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """A method's controller, its config and the prefix of its command-line flags."""
+    """A method's controller and its config (whose fields are the method's flags)."""
 
     controller: type
     config: type
-    prefix: str
 
 
-METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig, RegulationConfig.cli_prefix),
-           "ast": MethodOptions(AST, ASTConfig, ASTConfig.cli_prefix)}
+METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig), "ast": MethodOptions(AST, ASTConfig)}
 
 
 def add_model_options(parser, default_model: str) -> None:
@@ -89,7 +87,7 @@ def check_sampling(args) -> None:
 
 def add_method_options(parser, name: str) -> None:
     entry = METHODS[name]
-    add_arguments(parser, entry.config, entry.prefix, title=f"{name} options")
+    add_arguments(parser, entry.config, title=f"{name} options")
 
 
 def method_config(name: str, args, model: str):
@@ -98,7 +96,7 @@ def method_config(name: str, args, model: str):
     from ..models import recommended_options
 
     entry = METHODS[name]
-    given = given_arguments(entry.config, args, entry.prefix)
+    given = given_arguments(entry.config, args)
     recommended = {k: v for k, v in recommended_options(model, name).items() if k not in given}
     if recommended:
         print(f"attnctl: {name}: {model} recommends {describe(recommended)} (flags override them)")
@@ -108,7 +106,7 @@ def method_config(name: str, args, model: str):
 def given_method_flags(args, name: str) -> list[str]:
     """The flags of method `name` that were given (to refuse them with another method)."""
     entry = METHODS[name]
-    return ["--" + entry.prefix + k.replace("_", "-") for k in given_arguments(entry.config, args, entry.prefix)]
+    return [flag_of(entry.config, name) for name in given_arguments(entry.config, args)]
 
 
 def call_kwargs(args, pipe) -> dict:
