@@ -162,7 +162,7 @@ def observers_for(arm: Arm, case: Case, pipe) -> list:
     if any(s.kind == "cross" for s in sites):
         options = {**recommended_options(arm.model, "regulation"),
                    **(arm.options if arm.method == "regulation" else {})}
-        names = edited_sites(RegulationConfig(**{k: v for k, v in options.items() if k == "layers"}), sites)
+        names = edited_sites(RegulationConfig(layers=options.get("layers")), sites)
         return [TargetCoverage([s for _, s in case.objects], sites=lambda site: site.name in names)]
     return [Hierarchy(case_layout(case), role_parser="rules")]
 
