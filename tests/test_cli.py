@@ -37,6 +37,8 @@ def test_maps_writes_image_plot_and_raw_probabilities(tmp_path, attnctl):
                   "--steps", "2", "--height", "64", "--width", "64", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert {"image.png", "maps.png", "maps.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # every output with the same permissions
     with safe_open(str(tmp_path / "maps.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["words"]) == ["cat", "dog"]
         keys = list(f.keys())

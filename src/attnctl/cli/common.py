@@ -164,7 +164,7 @@ def save_images(images, out: Path, stem: str = "image") -> list[Path]:
 def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: str) -> None:
     """`captures`: label -> (Capture, images). Writes STEM.safetensors (raw maps of every label) and STEM.png (one
     figure per image, the labels' rows side by side per resolution or depth group)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from ..viz import maps_figure
 
@@ -173,7 +173,8 @@ def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: s
         prefix = f"{label}/" if len(captures) > 1 else ""
         tensors.update({f"{prefix}site/{name}": m.contiguous() for name, m in capture.maps().items()})
         tensors.update({f"{prefix}group/{g}": m.contiguous() for g, m in capture.grouped().items()})
-    save_file(tensors, str(out / f"{stem}.safetensors"), metadata={"words": json.dumps(words)})
+    # written as bytes, so the file gets the usual permissions (save_file makes it owner-only)
+    (out / f"{stem}.safetensors").write_bytes(save(tensors, metadata={"words": json.dumps(words)}))
     grouped = {label: capture.grouped() for label, (capture, _) in captures.items()}
     n_images = len(next(iter(captures.values()))[1])
     for i in range(n_images):
