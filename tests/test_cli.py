@@ -81,3 +81,13 @@ def test_sites_table(attnctl):
     assert lines[2].split()[:4] == ["0", "transformer_blocks.0.attn", "joint", "double"]
     assert lines[-1].split()[:4] == ["3", "single_transformer_blocks.1.attn", "joint", "single"]
     assert lines[-1].split()[5] == "4x4"
+
+
+def test_generate_without_a_method_maps_the_targets(tmp_path, attnctl):
+    res = attnctl("generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog",
+                  "--targets", "cat,dog", "--maps", "--steps", "1", "--height", "64", "--width", "64",
+                  "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert {"image.png", "maps.png", "maps.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    with safe_open(str(tmp_path / "maps.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["words"]) == ["cat", "dog"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ..config import given_arguments
 from ..errors import UsageError
 from ..methods.capture import Capture
 from .common import (
@@ -48,7 +49,7 @@ def _refuse_other_methods(args) -> None:
 
 def _controller(args):
     """The method's controller, its prompt and the words to map; checked before the model loads."""
-    from ..methods.regulation import choose_targets
+    from ..methods.regulation import RegulationConfig, choose_targets
 
     if args.method == "ast":
         from ..layout import Layout
@@ -66,7 +67,7 @@ def _controller(args):
     if not args.prompt:
         raise UsageError(f"--prompt is required with --method {args.method}")
     if args.method == "none":
-        return None, args.prompt, list(getattr(args, "targets", None) or [])
+        return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or [])
     config = method_config("regulation", args, resolve_model(args))
     if config.targets is None:
         config = dataclasses.replace(config, targets=choose_targets(args.prompt))
