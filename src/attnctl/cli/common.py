@@ -51,7 +51,8 @@ def bounded(flag: str, value, low: float, high: float, why: str = "") -> None:
     import math
 
     if value is not None and not (math.isfinite(value) and low <= value <= high):
-        raise UsageError(f"{flag} must be between {low:g} and {high:g}{why}, not {value}")
+        shown = [f"{x:g}" if isinstance(x, float) else str(x) for x in (low, high)]
+        raise UsageError(f"{flag} must be between {shown[0]} and {shown[1]}{why}, not {value}")
 
 
 def check_sampling(args) -> None:
