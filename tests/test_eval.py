@@ -127,3 +127,17 @@ def test_suite_runs_with_attention_measurements():
     summary = summarize(rows)
     assert set(summary) == {"none (shapes-unet)", "regulation (shapes-unet)", "ast (shapes-mmdit)"}
     assert "q90_min" in summary["regulation (shapes-unet)"]["layout"]
+
+
+def test_cli_eval_takes_method_options_and_categories(tmp_path, cli):
+    import csv
+    import json
+
+    code, out, err = cli("eval", "--methods", "regulation", "--categories", "layout", "--prompts", 1, "--seeds", 1,
+                         "--steps", 1, "--edit-steps", 1, "--iterations", 2, "--layers", "down_blocks.0",
+                         "--no-attention", "--json", "--out", tmp_path)
+    assert code == 0, err
+    assert set(json.loads(out)["regulation (shapes-unet)"]) == {"layout"}
+    with open(tmp_path / "results.csv") as f:
+        assert [row["category"] for row in csv.DictReader(f)] == ["layout"]
+    assert "--layers down_blocks.0" in (tmp_path / "results.md").read_text()  # the command that produced it

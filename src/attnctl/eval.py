@@ -293,9 +293,9 @@ def attention_table(summary: dict) -> list[str]:
                     "share = the fraction of the instance / attribute words' attention inside their regions."]
 
 
-def dose_arms(method: str, model: str, strengths: list[float]) -> list[Arm]:
-    """One arm per strength of `method` (0 is the plain model)."""
-    return [Arm(method, model, {"strength": s}, label=f"{method} ×{s:g}") for s in strengths]
+def dose_arms(method: str, model: str, strengths: list[float], options: dict | None = None) -> list[Arm]:
+    """One arm per strength of `method` (0 is the plain model), with the method's other `options`."""
+    return [Arm(method, model, {**(options or {}), "strength": s}, label=f"{method} ×{s:g}") for s in strengths]
 
 
 def write_dose(summary: dict, strengths: list[float], method: str, out: Path, command: str) -> None:

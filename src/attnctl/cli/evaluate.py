@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import argument_type
+from ..config import argument_type, given_arguments
 from ..errors import UsageError
-from .common import MAX_STEPS, bounded
+from .common import MAX_STEPS, METHODS, add_method_options, bounded
 
 METHOD_NAMES = ("none", "regulation", "ast")
 
@@ -34,8 +34,30 @@ def register(sub) -> None:
                    help="strengths of --dose, comma-separated (default: 0,0.5,1,2,4)")
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention measurements (target coverage, in-region shares)")
+    p.add_argument("--categories", type=argument_type(_categories), default=None,
+                   help="comma-separated categories to run (default: all); e.g. seen_pairs to choose a model's "
+                        "recommended method options without looking at the held-out prompts")
     p.add_argument("--out", type=Path, default=Path("out/eval"))
+    for name in METHODS:  # method options override the model's recommendations in every arm of that method
+        add_method_options(p, name)
     p.set_defaults(func=run)
+
+
+def _categories(text: str) -> list[str]:
+    from ..eval import CATEGORIES
+
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CATEGORIES]
+    if unknown or not names:
+        raise UsageError(f"--categories {text!r}: choose from {', '.join(CATEGORIES)}")
+    return names
+
+
+def _method_options(args) -> dict[str, dict]:
+    given = {name: given_arguments(METHODS[name].config, args) for name in METHODS}
+    if "targets" in given["regulation"]:
+        raise UsageError("--targets does not apply to eval: each prompt's shape words are the targets")
+    return given
 
 
 def _strengths(text: str) -> list[float]:
@@ -74,12 +96,15 @@ def run(args) -> None:
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     cases = build_suite(prompts)
+    if args.categories:
+        cases = [c for c in cases if set(c.categories) & set(args.categories)]
+    options = _method_options(args)
     command = args.command_line
     if args.dose:
         model = args.unet_model if args.dose == "regulation" else args.mmdit_model
         cases = [c for c in cases if "seen_pairs" not in c.categories]
-        rows = run_suite(dose_arms(args.dose, model, args.strengths), cases, list(range(seeds)), steps, guidance,
-                         device=args.device, measure=not args.no_attention)
+        rows = run_suite(dose_arms(args.dose, model, args.strengths, options[args.dose]), cases, list(range(seeds)),
+                         steps, guidance, device=args.device, measure=not args.no_attention)
         if not PartialState().is_main_process:
             return
         summary = summarize(rows)
@@ -95,9 +120,10 @@ def run(args) -> None:
     if unknown or not names:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
                          f"{', '.join(METHOD_NAMES)}")
-    arms = [Arm(m, args.unet_model) for m in names if m in ("none", "regulation")]
+    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", "regulation")]
     if "ast" in names:
-        arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [Arm("ast", args.mmdit_model)]
+        arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [Arm("ast", args.mmdit_model,
+                                                                                    options["ast"])]
     rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=args.device,
                      measure=not args.no_attention)
     if not PartialState().is_main_process:
