@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import argument_type, given_arguments
+from ..config import argument_type, build, given_arguments
 from ..errors import UsageError
 from .common import MAX_STEPS, METHODS, add_method_options, bounded
 
@@ -57,6 +57,8 @@ def _method_options(args) -> dict[str, dict]:
     given = {name: given_arguments(METHODS[name].config, args) for name in METHODS}
     if "targets" in given["regulation"]:
         raise UsageError("--targets does not apply to eval: each prompt's shape words are the targets")
+    for name, options in given.items():
+        build(METHODS[name].config, None, **options)  # bad values fail here, before any model loads
     return given
 
 
