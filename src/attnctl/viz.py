@@ -49,14 +49,10 @@ def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, titl
             if i == 0:
                 ax.set_title(word, fontsize=10)
             ax.set_xlabel(f"max {float(maps[j].max()):.3f}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    _bare(axes.flat)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 MIN_PICTURE_SIDE = 256  # small images (the shapes world's 64x64) are enlarged to at least this, without smoothing
@@ -129,9 +125,7 @@ def hierarchy_figure(curves: dict, path, title: str) -> None:
              fontsize=7, color="grey")
     bottom.set_ylabel("mean attention per pixel\nto the role's words")
     bottom.set_xlabel("relative depth (block / number of blocks), mean over the recorded steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, dpi=120)
 
 
 def eval_figure(summary: dict, categories, path) -> None:
@@ -154,9 +148,7 @@ def eval_figure(summary: dict, categories, path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("success rate (95% CI)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def dose_figure(summary: dict, strengths, categories, title: str, path) -> None:
@@ -173,9 +165,7 @@ def dose_figure(summary: dict, strengths, categories, title: str, path) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def comparison_figure(images: dict, path, title: str = "") -> None:
@@ -185,10 +175,20 @@ def comparison_figure(images: dict, path, title: str = "") -> None:
     for ax, (label, image) in zip(axes[0], images.items()):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(label, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    _bare(axes[0])
     if title:
         fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def _bare(axes) -> None:
+    """No ticks: the axes show pictures, not coordinates."""
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _save(fig, path, dpi: int = 100) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
