@@ -22,8 +22,8 @@ def truth_image(case):
 
 def test_suite_is_held_out_and_covers_every_category():
     cases = build_suite(20)
-    for category in CATEGORIES:
-        assert sum(category in c.categories for c in cases) == 20
+    for category in CATEGORIES:  # every single object, 20 of each other category
+        assert sum(category in c.categories for c in cases) == (15 if category == "single_objects" else 20)
     for case in cases:
         objs = case.objects
         assert len(set(objs)) == len(objs)
@@ -129,10 +129,17 @@ def test_suite_runs_with_attention_measurements():
     assert "q90_min" in summary["regulation (shapes-unet)"]["layout"]
 
 
-def test_cli_eval_takes_method_options_and_categories(tmp_path, cli):
+def test_cli_eval_takes_method_options_and_categories(tmp_path, cli, monkeypatch):
     import csv
     import json
 
+    from attnctl import viz
+
+    titles = []
+    draw = viz.eval_figure
+    monkeypatch.setattr(viz, "eval_figure", lambda *a, title="", **k: (titles.append(title), draw(*a, title=title,
+                                                                                                   **k)))
+    monkeypatch.setenv("ATTNCTL_PROGRESS", "0")
     code, out, err = cli("eval", "--methods", "regulation", "--categories", "layout", "--prompts", 1, "--seeds", 1,
                          "--steps", 1, "--edit-steps", 1, "--iterations", 2, "--layers", "down_blocks.0",
                          "--no-attention", "--json", "--out", tmp_path)
@@ -140,4 +147,9 @@ def test_cli_eval_takes_method_options_and_categories(tmp_path, cli):
     assert set(json.loads(out)["regulation (shapes-unet)"]) == {"layout"}
     with open(tmp_path / "results.csv") as f:
         assert [row["category"] for row in csv.DictReader(f)] == ["layout"]
-    assert "--layers down_blocks.0" in (tmp_path / "results.md").read_text()  # the command that produced it
+    table = (tmp_path / "results.md").read_text()
+    assert "--layers down_blocks.0" in table  # the command that produced it
+    assert "| method (model) | layout |" in table  # only the categories run
+    assert "q90" not in table  # --no-attention: no attention table
+    assert titles == ["Shapes world: 1 images on shapes-unet"]
+    assert "%|" not in err  # ATTNCTL_PROGRESS=0 silences the per-arm bar

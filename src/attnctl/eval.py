@@ -1,7 +1,8 @@
 """`attnctl eval --suite shapes`: the methods compared on shapes-world prompts, scored exactly, with what each
 method does to attention measured on the same samples.
 
-Categories (every prompt but the seen pairs uses combinations never shown together in training):
+Categories (every prompt but the seen pairs and single objects uses combinations never shown together in training):
+- single_objects: "a red circle" (the base model's control, only when asked for) — success: the object bound;
 - seen_pairs:     "a red circle and a blue square" with a pair trained on (the control) — success: both bound;
 - two_objects:    "a red circle and a blue square", a held-out pair — success: both shapes are there (any colour);
 - colour_binding: the same images — success: both shapes are there, each in its own colour;
@@ -31,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
-CATEGORIES = ("seen_pairs", "two_objects", "colour_binding", "three_objects", "layout")
+CATEGORIES = ("single_objects", "seen_pairs", "two_objects", "colour_binding", "three_objects", "layout")
+DEFAULT_CATEGORIES = CATEGORIES[1:]
+HELDOUT_CATEGORIES = CATEGORIES[2:]
 ATTENTION = ("q90_min", "q90_mean", "balance", "share_instance", "share_attribute")
 HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
           "bottom": (0.0, 0.5, 1.0, 1.0)}
@@ -78,6 +81,10 @@ def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
         cases.append(Case(("three_objects",), " and ".join(f"a {c} {s}" for c, s in t), list(t), list(THIRDS)))
     cases += [Case(("seen_pairs",), pair_prompt(a, b), [a, b], [HALVES["left"], HALVES["right"]])
               for a, b in seen[:prompts_per_category]]
+    singles = list(data.ALL_OBJECTS)
+    rng.shuffle(singles)
+    cases += [Case(("single_objects",), f"a {c} {s}", [(c, s)], [(0.0, 0.0, 1.0, 1.0)])
+              for c, s in singles[:prompts_per_category]]
     for case in cases:
         case.phrases = [f"a {c} {s}" for c, s in case.objects]
     return cases
@@ -93,8 +100,8 @@ def score_case(case: Case, image) -> dict[str, bool | float]:
     bound = all(o.bound for o in objs)
     inside = all(bool(o.inside) for o in objs)
     relation = case.relation is None or relation_holds(objs[0], objs[1], case.relation)
-    success = {"seen_pairs": bound, "two_objects": present, "colour_binding": bound, "three_objects": bound,
-               "layout": bound and inside and relation}
+    success = {"single_objects": bound, "seen_pairs": bound, "two_objects": present, "colour_binding": bound,
+               "three_objects": bound, "layout": bound and inside and relation}
     return {"success": {c: success[c] for c in case.categories}, "present": present, "bound": bound,
             "inside": inside, "relation": relation, "mean_iou": float(np.mean([o.iou or 0.0 for o in objs])),
             "count": scored.count}
@@ -187,15 +194,17 @@ def attention_columns(observers, n_images: int) -> list[dict]:
 
 
 def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, guidance: float,
-              device: str = "cpu", progress: bool = True, measure: bool = True) -> list[dict]:
-    """Generate and score every (arm, case, seed), with the attention measurements when `measure`."""
+              device: str = "cpu", progress: bool | None = None, measure: bool = True) -> list[dict]:
+    """Generate and score every (arm, case, seed), with the attention measurements when `measure`; a progress bar
+    per arm unless `progress` is False (default: unless ATTNCTL_PROGRESS=0)."""
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from .control import apply
-    from .models import load_pipeline
+    from .models import _show_progress, load_pipeline
 
+    progress = _show_progress() if progress is None else progress
     state = PartialState()
     rows = []
     pipes: dict[str, object] = {}
@@ -260,11 +269,12 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    categories = [c for c in CATEGORIES if any(c in cats for cats in summary.values())]
     lines = [f"Shapes-world evaluation. Command: `{command}`", "",
-             "| method (model) | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
+             "| method (model) | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
     for label, cats in summary.items():
         cells = []
-        for c in CATEGORIES:
+        for c in categories:
             r = cats.get(c)
             cells.append("—" if r is None else f"{r['rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -274,11 +284,16 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
     (out / "results.md").write_text("\n".join(lines) + "\n")
     from .viz import eval_figure
 
-    eval_figure(summary, CATEGORIES, out / "results.png")
+    models = ", ".join(dict.fromkeys(Path(row["model"].split(":")[-1]).name for row in rows))
+    samples = len({(row["method"], row["prompt"], row["seed"]) for row in rows})
+    eval_figure(summary, categories, out / "results.png", title=f"Shapes world: {samples} images on {models}")
 
 
 def attention_table(summary: dict) -> list[str]:
-    """Markdown rows: per arm and category, the mean attention measurements [95% interval]."""
+    """Markdown rows: per arm and category, the mean attention measurements [95% interval]; none when nothing was
+    measured."""
+    if not any(k in r for cats in summary.values() for r in cats.values() for k in ATTENTION):
+        return []
     lines = ["| method (model) | category | " + " | ".join(ATTENTION) + " |", "|---|---|" + "---|" * len(ATTENTION)]
     for label, cats in summary.items():
         for c in CATEGORIES:

@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention measurements (target coverage, in-region shares)")
     p.add_argument("--categories", type=argument_type(_categories), default=None,
-                   help="comma-separated categories to run (default: all); e.g. seen_pairs to choose a model's "
+                   help="comma-separated categories to run (default: all but single_objects; with --dose the held-out "
+                        "ones); e.g. seen_pairs to choose a model's "
                         "recommended method options without looking at the held-out prompts")
     p.add_argument("--out", type=Path, default=Path("out/eval"))
     for name in METHODS:  # method options override the model's recommendations in every arm of that method
@@ -78,8 +79,10 @@ def run(args) -> None:
     from accelerate import PartialState
 
     from ..eval import (
+        DEFAULT_CATEGORIES,
         DEFAULT_GUIDANCE,
         DEFAULT_STEPS,
+        HELDOUT_CATEGORIES,
         QUICK_STEPS,
         Arm,
         build_suite,
@@ -98,13 +101,12 @@ def run(args) -> None:
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     cases = build_suite(prompts)
-    if args.categories:
-        cases = [c for c in cases if set(c.categories) & set(args.categories)]
+    wanted = args.categories or (HELDOUT_CATEGORIES if args.dose else DEFAULT_CATEGORIES)
+    cases = [c for c in cases if set(c.categories) & set(wanted)]
     options = _method_options(args)
     command = args.command_line
     if args.dose:
         model = args.unet_model if args.dose == "regulation" else args.mmdit_model
-        cases = [c for c in cases if "seen_pairs" not in c.categories]
         rows = run_suite(dose_arms(args.dose, model, args.strengths, options[args.dose]), cases, list(range(seeds)),
                          steps, guidance, device=args.device, measure=not args.no_attention)
         if not PartialState().is_main_process:
