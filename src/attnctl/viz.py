@@ -128,7 +128,7 @@ def hierarchy_figure(curves: dict, path, title: str) -> None:
     _save(fig, path, dpi=120)
 
 
-def eval_figure(summary: dict, categories, path) -> None:
+def eval_figure(summary: dict, categories, path, title: str = "") -> None:
     """Success rate per category with 95% intervals, one bar per method (`attnctl.eval.summarize`)."""
     labels = list(summary)
     width = 0.8 / max(1, len(labels))
@@ -148,6 +148,8 @@ def eval_figure(summary: dict, categories, path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("success rate (95% CI)")
     ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     _save(fig, path)
 
 
