@@ -10,8 +10,20 @@ def test_words_and_phrase_spans():
     assert text.words("a red-haired girl's cat") == [("a", 0, 1), ("red-haired", 2, 12), ("girl's", 13, 19),
                                                       ("cat", 20, 23)]
     assert text.phrase_spans("A dog and a dog", " a DOG") == [(0, 5), (10, 15)]
-    assert text.phrase_spans("aaa", "aa") == [(0, 2), (1, 3)]  # overlapping appearances count
+    assert text.phrase_spans("a dog a dog a dog", "a dog a dog") == [(0, 11), (6, 17)]  # overlapping ones count
     assert text.phrase_spans("a dog", "  ") == []
+
+
+def test_phrases_match_whole_words_only():
+    assert text.phrase_spans("a category of dogs", "cat") == []
+    assert text.phrase_spans("a cat.", "cat") == [(2, 5)]
+    assert text.phrase_spans("A Cat sat", "cat") == [(2, 5)]  # case-insensitive
+    for other in ("cats", "tomcat", "cat's toy", "cat-like", "bobcat_2"):
+        assert text.phrase_spans(other, "cat") == [], other
+    assert text.phrase_spans("a category and a cat", "cat") == [(17, 20)]
+    assert text.phrase_spans("a bigcat, a big cat", "big cat") == [(12, 19)]
+    assert text.phrase_spans("a dog, then", "dog,") == [(2, 6)]  # a phrase ending in punctuation
+    assert text.phrase_spans("aaa", "aa") == []
 
 
 def test_spacy_loader_falls_back_by_name_and_loads_each_once(monkeypatch):

@@ -58,3 +58,14 @@ def test_long_prompt_warns_and_cut_words_raise():
     with pytest.raises(UsageError, match="cut"):
         pt.word_positions("zebra")
     assert pt.word_positions("word") == [1]
+
+
+def test_words_and_phrases_are_found_as_whole_words_only():
+    pt = clip_tokens("a category of dogs")
+    for find in (pt.word_positions, pt.phrase_positions):
+        with pytest.raises(UsageError, match="'cat' is not in the prompt"):
+            find("cat")
+    pt = clip_tokens("a category and a cat.")
+    assert pt.word_positions("cat") == pt.phrase_positions("cat") == [5]  # <sot> a category and a cat
+    with pytest.raises(UsageError, match="'cat' is not in the prompt"):
+        clip_tokens("two cats").phrase_positions("cat")

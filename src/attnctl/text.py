@@ -5,6 +5,8 @@ phrase appears in it, and the optional spaCy English pipeline.
 [('a', 0, 1), ('red-haired', 2, 12), ("girl's", 13, 19), ('cat', 20, 23)]
 >>> phrase_spans("A dog and a dog", " a DOG")
 [(0, 5), (10, 15)]
+>>> phrase_spans("a cat, cats and a category", "cat")
+[(2, 5)]
 """
 
 from __future__ import annotations
@@ -26,14 +28,24 @@ def words(text: str) -> list[tuple[str, int, int]]:
 
 
 def phrase_spans(text: str, phrase: str) -> list[tuple[int, int]]:
-    """Character spans of every appearance of `phrase` (stripped) in `text`, case-insensitive, overlapping ones
-    included, in order; none for an empty phrase."""
+    """Character spans of every appearance of `phrase` (stripped) in `text` as whole words, case-insensitive,
+    overlapping ones included, in order; none for an empty phrase.
+
+    Whole words: an appearance must not start or end inside a word of `text` (a word as `WORD` reads it), so "cat"
+    is found in "a cat." and "Cat, sat" but not in "category", "cats", "tomcat", "cat's" or "cat-like"."""
     lowered, needle = text.lower(), phrase.strip().lower()
     spans, at = [], lowered.find(needle)
     while needle and at >= 0:
-        spans.append((at, at + len(needle)))
+        end = at + len(needle)
+        if not _inside_word(lowered, at) and not _inside_word(lowered, end):
+            spans.append((at, end))
         at = lowered.find(needle, at + 1)
     return spans
+
+
+def _inside_word(text: str, at: int) -> bool:
+    """Whether position `at` (between two characters) of `text` splits a word."""
+    return 0 < at < len(text) and bool(WORD.fullmatch(text[at - 1])) and bool(WORD.fullmatch(text[at]))
 
 
 def english_pipeline():
