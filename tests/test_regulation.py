@@ -260,3 +260,37 @@ def test_strength_zero_is_the_plain_pipeline_and_one_the_method():
     assert torch.equal(outputs[0.0], plain)
     assert torch.equal(outputs[1.0], outputs[None])
     assert not torch.equal(outputs[0.5], outputs[None]) and not torch.equal(outputs[0.5], plain)
+
+
+def test_two_pipelines_in_two_threads_match_their_single_thread_images():
+    """The optimisation's CPU settings (one intra-op thread, denormals flushed) belong to the calling thread and are
+    restored: two regulated pipelines running at once give the images each gives alone, and leave the settings."""
+    import threading
+
+    from conftest import TINY
+
+    pipes = [attnctl.load_pipeline(TINY["unet"]) for _ in range(2)]
+    prompts = [PROMPT, "a red cat and a blue dog"]
+
+    def generate(pipe, prompt):
+        with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=2, iterations=5), prompt=prompt):
+            return run(pipe, prompt, **kwargs(steps=2, size=128))
+
+    threads_before = torch.get_num_threads()
+    alone = [generate(p, t) for p, t in zip(pipes, prompts)]
+    together: list = [None, None]
+    start = threading.Barrier(2)
+
+    def worker(i):
+        start.wait()
+        together[i] = generate(pipes[i], prompts[i])
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
+    assert torch.get_num_threads() == threads_before
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0.0  # denormals are not flushed outside the optimisation

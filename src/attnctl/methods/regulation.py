@@ -55,7 +55,10 @@ def _small_ops(device: torch.device):
       iterations in ~30 ms on one thread, ~1 s on two);
     - denormals flushed to zero: target probabilities and gradients far below 1e-38 are common once the field has
       pushed a pixel's target logits down, and denormal arithmetic is slow on x86 (fast path 20 ms per call instead
-      of 45-85 ms). Values that small change no loss, iterate or probability the tests can see."""
+      of 45-85 ms). Values that small change no loss, iterate or probability the tests can see.
+    Both settings belong to the calling thread (OpenMP's thread count and the x86 MXCSR flags are per thread), so two
+    pipelines regulated in two threads give the images each gives alone (tested); the one trace outside this thread
+    is that a thread *started* while it runs inherits one intra-op thread."""
     if device.type != "cpu":
         yield
         return
