@@ -7,7 +7,15 @@ from pathlib import Path
 from ..config import argument_type
 from ..errors import UsageError
 from ..methods.capture import parse_steps
-from .common import add_method_options, add_model_options, call_kwargs, given_method_flags, load, method_config
+from .common import (
+    add_method_options,
+    add_model_options,
+    call_kwargs,
+    given_method_flags,
+    load,
+    method_config,
+    print_written,
+)
 
 
 def register(sub) -> None:
@@ -48,11 +56,14 @@ def run(args) -> None:
         raise UsageError("nothing was recorded: check --analyze-steps against --steps")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    hierarchy.write_csv(out / "hierarchy.csv")
+    written = [out / "hierarchy.csv", out / "hierarchy.png"]
+    hierarchy.write_csv(written[0])
     label = "with AST" if args.with_ast else "plain"
-    hierarchy.plot(out / "hierarchy.png", title=f"{args.model} ({label}): {layout.prompt}")
+    hierarchy.plot(written[1], title=f"{args.model} ({label}): {layout.prompt}")
     for i, image in enumerate(images):
         stem = "image" if len(images) == 1 else f"image_{i}"
-        image.save(out / f"{stem}.png")
-        overlay(image, layout).save(out / f"{stem}_layout.png")
-    print(f"wrote {out}/hierarchy.csv ({len(hierarchy.rows)} rows), hierarchy.png and the image(s)")
+        written += [out / f"{stem}.png", out / f"{stem}_layout.png"]
+        image.save(written[-2])
+        overlay(image, layout).save(written[-1])
+    print(f"attnctl: hierarchy.csv has {len(hierarchy.rows)} rows")
+    print_written(written, out)

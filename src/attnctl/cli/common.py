@@ -162,9 +162,9 @@ def save_images(images, out: Path, stem: str = "image") -> list[Path]:
     return paths
 
 
-def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: str) -> None:
+def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: str) -> list[Path]:
     """`captures`: label -> (Capture, images). Writes STEM.safetensors (raw maps of every label) and STEM.png (one
-    figure per image, the labels' rows side by side per resolution or depth group)."""
+    figure per image, the labels' rows side by side per resolution or depth group); returns the paths written."""
     from safetensors.torch import save
 
     from ..viz import maps_figure
@@ -175,7 +175,8 @@ def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: s
         tensors.update({f"{prefix}site/{name}": m.contiguous() for name, m in capture.maps().items()})
         tensors.update({f"{prefix}group/{g}": m.contiguous() for g, m in capture.grouped().items()})
     # written as bytes, so the file gets the usual permissions (save_file makes it owner-only)
-    (out / f"{stem}.safetensors").write_bytes(save(tensors, metadata={"words": json.dumps(words)}))
+    paths = [out / f"{stem}.safetensors"]
+    paths[0].write_bytes(save(tensors, metadata={"words": json.dumps(words)}))
     grouped = {label: capture.grouped() for label, (capture, _) in captures.items()}
     n_images = len(next(iter(captures.values()))[1])
     for i in range(n_images):
@@ -183,4 +184,13 @@ def write_maps(captures: dict[str, tuple], words, out: Path, stem: str, title: s
         for group in next(iter(grouped.values())):
             for label, (_, images) in captures.items():
                 rows[f"{label} · {group}" if len(captures) > 1 else group] = (images[i], grouped[label][group][i])
-        maps_figure(rows, words, out / (f"{stem}.png" if i == 0 else f"{stem}_{i}.png"), title=title)
+        paths.append(out / (f"{stem}.png" if i == 0 else f"{stem}_{i}.png"))
+        maps_figure(rows, words, paths[-1], title=title)
+    return paths
+
+
+def print_written(paths, out: Path) -> None:
+    """The files a sub-command wrote, one path per line after a count: the last lines of its output."""
+    print(f"wrote {len(paths)} file(s) to {out}:")
+    for path in paths:
+        print(path)

@@ -17,6 +17,7 @@ from .common import (
     given_method_flags,
     load,
     method_config,
+    print_written,
     resolve_model,
     save_images,
     write_maps,
@@ -81,22 +82,25 @@ def run(args) -> None:
     capture = Capture(words) if args.maps and words else None
     images = generate(pipe, prompt, args, ([method] if method else []) + ([capture] if capture else []))
     paths = save_images(images, args.out)
+    written = list(paths)
     if args.method == "ast":
         from ..viz import overlay
 
         for image, path in zip(images, paths):
-            overlay(image, method.layout).save(path.with_name(path.stem + "_layout.png"))
+            written.append(path.with_name(path.stem + "_layout.png"))
+            overlay(image, method.layout).save(written[-1])
     if capture:
         captures = {args.method: (capture, images)}
         if method is not None:
             plain_capture = Capture(words)
             plain = generate(pipe, prompt, args, [plain_capture])
-            save_images(plain, args.out, "plain")
+            written += save_images(plain, args.out, "plain")
             captures = {"plain": (plain_capture, plain), **captures}
             from ..viz import comparison_figure
 
-            comparison_figure({"plain (same seed)": plain[0], args.method: images[0]}, args.out / "compare.png", prompt)
-        write_maps(captures, words, args.out, "maps", prompt)
+            written.append(args.out / "compare.png")
+            comparison_figure({"plain (same seed)": plain[0], args.method: images[0]}, written[-1], prompt)
+        written += write_maps(captures, words, args.out, "maps", prompt)
     elif args.maps:
         print("attnctl: no target words to map; pass --targets")
-    print(f"wrote {len(paths)} image(s) to {args.out}")
+    print_written(written, args.out)

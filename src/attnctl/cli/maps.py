@@ -7,7 +7,7 @@ from pathlib import Path
 from ..config import add_arguments, build, given_arguments
 from ..errors import UsageError
 from ..methods.capture import Capture, CaptureConfig
-from .common import add_model_options, generate, load, save_images, write_maps
+from .common import add_model_options, generate, load, print_written, save_images, write_maps
 
 
 def register(sub) -> None:
@@ -27,6 +27,6 @@ def run(args) -> None:
     images = generate(pipe, args.prompt, args, [capture])
     if not capture.sums:
         raise UsageError(f"--map-steps selects none of the {args.steps or 'default'} steps run")
-    save_images(images, args.out)
-    write_maps({"": (capture, images)}, capture.words, args.out, "maps", args.prompt)
-    print(f"wrote {args.out}/image.png, maps.png, maps.safetensors")
+    written = save_images(images, args.out)
+    written += write_maps({"": (capture, images)}, capture.words, args.out, "maps", args.prompt)
+    print_written(written, args.out)

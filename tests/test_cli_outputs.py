@@ -1,0 +1,56 @@
+"""What the sub-commands that write files print: every file written in --out, one path per line, at the end."""
+
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SMALL = ["--steps", "1", "--height", "64", "--width", "64"]
+
+
+def listed(out: str, folder: Path) -> list[str]:
+    """The paths after the last 'wrote N file(s) to FOLDER:' line, which must end the output and count them."""
+    lines = out.splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("wrote "))
+    paths = lines[header + 1:]
+    assert lines[header] == f"wrote {len(paths)} file(s) to {folder}:"
+    assert len(set(paths)) == len(paths)
+    return paths
+
+
+def present(folder: Path) -> set[str]:
+    return {str(p) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_maps_lists_every_file_it_wrote(tmp_path, cli):
+    code, out, err = cli("maps", "--model", "random:sd15-tiny", "--prompt", "a cat and a dog", "--words", "cat,dog",
+                         *SMALL, "--out", tmp_path)
+    assert code == 0, err
+    assert set(listed(out, tmp_path)) == present(tmp_path) == {
+        str(tmp_path / name) for name in ("image.png", "maps.png", "maps.safetensors")}
+
+
+def test_generate_lists_every_file_it_wrote(tmp_path, cli):
+    code, out, err = cli("generate", "--method", "regulation", "--targets", "cat,dog", "--model", "random:sd15-tiny",
+                         "--prompt", "a cat and a dog", "--maps", "--num-images", "2", *SMALL, "--out", tmp_path)
+    assert code == 0, err
+    names = ("image_0.png", "image_1.png", "plain_0.png", "plain_1.png", "compare.png", "maps.png", "maps_1.png",
+             "maps.safetensors")
+    assert set(listed(out, tmp_path)) == present(tmp_path) == {str(tmp_path / name) for name in names}
+    code, out, err = cli("generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat", *SMALL,
+                         "--out", tmp_path / "none")
+    assert code == 0, err
+    none = tmp_path / "none"
+    assert listed(out, none) == [str(none / "image.png")] == sorted(present(none))
+
+
+def test_generate_ast_and_analyze_list_every_file_they_wrote(tmp_path, cli):
+    base = ["--model", "random:flux-tiny", "--layout", EXAMPLES / "two_animals.json", *SMALL]
+    code, out, err = cli("generate", "--method", "ast", "--maps", *base, "--out", tmp_path / "ast")
+    assert code == 0, err
+    names = ("image.png", "image_layout.png", "plain.png", "compare.png", "maps.png", "maps.safetensors")
+    assert set(listed(out, tmp_path / "ast")) == present(tmp_path / "ast") == {
+        str(tmp_path / "ast" / name) for name in names}
+    code, out, err = cli("analyze", *base, "--out", tmp_path / "analyze")
+    assert code == 0, err
+    names = ("hierarchy.csv", "hierarchy.png", "image.png", "image_layout.png")
+    assert set(listed(out, tmp_path / "analyze")) == present(tmp_path / "analyze") == {
+        str(tmp_path / "analyze" / name) for name in names}
