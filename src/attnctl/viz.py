@@ -25,34 +25,41 @@ def upsample(m: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(m[None, None].float(), size=size, mode="nearest")[0, 0].numpy()
 
 
-def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, title: str = "") -> None:
+def maps_figure(rows: dict[str, tuple], words: list[str], path: str | Path, title: str = ""):
     """A grid: one row per label of `rows` ((image, (words, h, w) maps)), one column per word, each map over its
-    image.
+    image; returns the (closed) figure.
 
-    Colours span each cell's own range (its maximum probability is printed below it), so weak and strong maps can
-    both be read; the safetensors file keeps the raw probabilities. Pictures and maps are drawn without smoothing.
+    Every map of the figure shares one colour scale, from 0 to the largest probability in the figure, shown by the
+    colour bar on the right, so maps can be compared across words and rows; each map's own maximum is printed below
+    it, and the safetensors file keeps the raw probabilities. Pictures and maps are drawn without smoothing.
     """
     n_rows, n_cols = len(rows), len(words) + 1
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + (0.4 if title else 0)),
-                             squeeze=False)
+    top = max((float(maps[j].max()) for _, maps in rows.values() for j in range(len(words))), default=0.0)
+    norm = matplotlib.colors.Normalize(vmin=0.0, vmax=max(top, 1e-8))
+    fig, axes = plt.subplots(n_rows, n_cols + 1, figsize=(2.2 * n_cols + 0.9, 2.2 * n_rows + (0.4 if title else 0)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1] * n_cols + [0.08]})
+    for ax in axes[:, -1]:  # the last column is one axes for the colour bar, as tall as the grid
+        ax.remove()
+    bar = fig.add_subplot(axes[0, 0].get_gridspec()[:, -1])
+    axes = axes[:, :-1]
     for i, (label, (image, maps)) in enumerate(rows.items()):
         img = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
         size = img.shape
         axes[i, 0].imshow(image, interpolation="nearest")
         axes[i, 0].set_ylabel(label, fontsize=9)
         for j, word in enumerate(words):
-            m = upsample(maps[j], size)
             ax = axes[i, j + 1]
             ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.imshow(m, cmap="jet", alpha=0.55, vmin=float(m.min()), vmax=max(float(m.max()), float(m.min()) + 1e-8),
-                      interpolation="nearest")
+            ax.imshow(upsample(maps[j], size), cmap="jet", alpha=0.55, norm=norm, interpolation="nearest")
             if i == 0:
                 ax.set_title(word, fontsize=10)
             ax.set_xlabel(f"max {float(maps[j].max()):.3f}", fontsize=7)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap="jet"), cax=bar, label="attention probability")
     _bare(axes.flat)
     if title:
         fig.suptitle(title, fontsize=11)
     _save(fig, path)
+    return fig
 
 
 MIN_PICTURE_SIDE = 256  # small images (the shapes world's 64x64) are enlarged to at least this, without smoothing
