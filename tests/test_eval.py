@@ -153,3 +153,12 @@ def test_cli_eval_takes_method_options_and_categories(tmp_path, cli, monkeypatch
     assert "q90" not in table  # --no-attention: no attention table
     assert titles == ["Shapes world: 1 images on shapes-unet"]
     assert "%|" not in err  # ATTNCTL_PROGRESS=0 silences the per-arm bar
+
+
+def test_quick_gives_way_to_the_counts_given(tmp_path, cli):
+    import json
+
+    code, out, err = cli("eval", "--quick", "--prompts", 2, "--steps", 1, "--methods", "none", "--categories",
+                         "layout", "--no-attention", "--json", "--out", tmp_path)
+    assert code == 0, err
+    assert json.loads(out)["none (shapes-unet)"]["layout"]["n"] == 2  # 2 prompts x the quick 1 seed

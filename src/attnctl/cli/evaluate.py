@@ -18,14 +18,16 @@ def register(sub) -> None:
     p.add_argument("--methods", default="none,regulation,ast",
                    help="comma-separated: none, regulation (on the UNet model), ast (on the MMDiT model); "
                         "with ast, 'none' also runs on the MMDiT model as its baseline")
-    p.add_argument("--prompts", type=int, default=20, help="prompts per category, at most 20 (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=10, help="seeds per prompt (default: %(default)s)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
+                   "--quick)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 10; 1 with --quick)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--unet-model", default="builtin:shapes-unet")
     p.add_argument("--mmdit-model", default="builtin:shapes-mmdit")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="a small subset, under a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="a small subset (3 prompts per category, 1 seed, 10 steps unless given), under a minute")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--dose", choices=("regulation", "ast"), default=None,
                    help="instead of the comparison: sweep this method's strength (0 = the plain model) on the "
@@ -97,7 +99,8 @@ def run(args) -> None:
                               ("--steps", args.steps, MAX_STEPS)):
         bounded(flag, value, 1, high)
     bounded("--guidance", args.guidance, 0, 100)
-    prompts, seeds = (3, 1) if args.quick else (args.prompts, args.seeds)
+    prompts = args.prompts or (3 if args.quick else 20)
+    seeds = args.seeds or (1 if args.quick else 10)
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     cases = build_suite(prompts)
