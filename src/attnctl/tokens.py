@@ -3,17 +3,20 @@
 A text sequence seen by attention can be made of several tokenizers' outputs laid side by side (SD3: CLIP tokens then
 T5 tokens). `TextSegment` says where one tokenizer's tokens start in that sequence; `PromptTokens` answers "which
 positions hold this word" across all segments, and raises a `UsageError` that lists the prompt's tokens when the word
-is not there.
+is not there, or when a pipeline called with a shorter text (`max_sequence_length`) cut it (`PromptTokens.held`).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
 from .errors import UsageError
 from .text import phrase_spans
 from .text import words as split_words
+
+log = logging.getLogger(__name__)
 
 _MARKERS = ("</w>", "\u2581", "\u0120", "##")
 
@@ -73,8 +76,10 @@ class PromptTokens:
     def __post_init__(self):
         self._spans: list[tuple[int, tuple[int, int]]] = []  # (sequence position, char span)
         self.token_strings: list[str] = []
+        self._counts: list[int] = []  # per segment: the prompt's tokens, special ones included, before any cut
         for seg in self.segments:
             ids, spans = _token_char_spans(seg.tokenizer, self.prompt, seg.length)
+            self._counts.append(len(ids))
             kept = ids[: seg.length]
             if len(ids) > seg.length:
                 cut_chars = [s for s in spans[seg.length - 1 :] if s is not None]
@@ -109,6 +114,35 @@ class PromptTokens:
     def phrase_positions(self, phrase: str, occurrence: int = 1) -> list[int]:
         """Positions of a verbatim part of the prompt (case-insensitive), its `occurrence`-th appearance."""
         return self._positions_of(phrase, phrase_spans(self.prompt, phrase), occurrence, what="phrase")
+
+    def held(self, spec: str, positions: list[int], n_text: int, requested: bool = True) -> list[int]:
+        """Those of `positions` (the tokens of the word or phrase `spec`) that a text sequence of `n_text` tokens
+        holds. A pipeline called with a `max_sequence_length` below a segment's length cuts the prompt's tokens to
+        it, keeping its end token last, so a word beyond the limit gets no attention at all: that is a UsageError
+        naming the word, its token position and the limit when the word was `requested`, and otherwise a logged
+        warning (the positions left are returned)."""
+        cut = [p for p in positions if self._cut(p, n_text)]
+        if not cut:
+            return positions
+        seg = next((s for s in self.segments if s.offset <= cut[0] < s.offset + s.length), self.segments[-1])
+        limit, last = n_text - seg.offset, max(cut) - seg.offset
+        where = (f"{spec!r} is at token position {cut[0] - seg.offset} (counting from 0) of the prompt, "
+                 f"beyond the limit of {limit} text tokens (max_sequence_length, the end token included), so the "
+                 "model never sees it")
+        if requested:
+            raise UsageError(f"{where}; raise --max-sequence-length (max_sequence_length) to at least {last + 2}, or "
+                             "shorten the prompt")
+        kept = [p for p in positions if p not in cut]
+        log.warning("%s; %s", where, "its map leaves out the cut tokens" if kept else "its map is empty")
+        return kept
+
+    def _cut(self, position: int, n_text: int) -> bool:
+        """Whether sequence position `position` was cut from a text sequence of `n_text` tokens."""
+        for seg, count in zip(self.segments, self._counts):
+            if seg.offset <= position < seg.offset + seg.length:
+                limit = n_text - seg.offset
+                return position - seg.offset >= (limit - 1 if count > limit else limit)
+        return position >= n_text
 
     def _positions_of(self, spec, matches, occurrence, what) -> list[int]:
         if not matches:

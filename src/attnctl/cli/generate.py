@@ -49,7 +49,8 @@ def _refuse_other_methods(args) -> None:
 
 
 def _controller(args):
-    """The method's controller, its prompt and the words to map; checked before the model loads."""
+    """The method's controller, its prompt, the words to map and whether they were named (not chosen automatically);
+    checked before the model loads."""
     from ..methods.regulation import RegulationConfig, choose_targets
 
     if args.method == "ast":
@@ -62,24 +63,25 @@ def _controller(args):
                              "examples/)")
         layout = Layout.load(args.layout)
         method = METHODS["ast"].controller(layout, method_config("ast", args, resolve_model(args, joint=True)))
-        return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions]  # head words
+        return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions], False  # head words
     if args.layout:
         raise UsageError(f"--layout applies to --method ast only, not --method {args.method}")
     if not args.prompt:
         raise UsageError(f"--prompt is required with --method {args.method}")
     if args.method == "none":
-        return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or [])
+        return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or []), True
     config = method_config("regulation", args, resolve_model(args))
-    if config.targets is None:
+    named = config.targets is not None
+    if not named:
         config = dataclasses.replace(config, targets=choose_targets(args.prompt))
-    return METHODS["regulation"].controller(config=config), args.prompt, list(config.targets)
+    return METHODS["regulation"].controller(config=config), args.prompt, list(config.targets), named
 
 
 def run(args) -> None:
     _refuse_other_methods(args)
-    method, prompt, words = _controller(args)
+    method, prompt, words, named = _controller(args)
     pipe = load(args, joint=args.method == "ast")  # after the method's inputs are checked: cheap errors first
-    capture = Capture(words) if args.maps and words else None
+    capture = Capture(words, requested=named) if args.maps and words else None
     images = generate(pipe, prompt, args, ([method] if method else []) + ([capture] if capture else []))
     paths = save_images(images, args.out)
     written = list(paths)
@@ -92,7 +94,7 @@ def run(args) -> None:
     if capture:
         captures = {args.method: (capture, images)}
         if method is not None:
-            plain_capture = Capture(words)
+            plain_capture = Capture(words, requested=named)
             plain = generate(pipe, prompt, args, [plain_capture])
             written += save_images(plain, args.out, "plain")
             captures = {"plain": (plain_capture, plain), **captures}

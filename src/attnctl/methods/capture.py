@@ -59,15 +59,19 @@ class Capture(Controller):
         with attnctl.apply(pipe, capture, prompt="a cat and a dog"):
             pipe("a cat and a dog")
         capture.maps()      # {site: (images, words, h, w)}
+
+    A word that the pipeline cuts from the prompt (a `max_sequence_length` too short for it) is a UsageError naming
+    it; with `requested=False` (words chosen automatically) it is a logged warning, and its map is left empty.
     """
 
     observer = True
 
-    def __init__(self, words=None, config: CaptureConfig | None = None, **options):
+    def __init__(self, words=None, config: CaptureConfig | None = None, requested: bool = True, **options):
         if words is not None:
             options["words"] = words
         self.config = build(CaptureConfig, config, **options)
         self.words = self.config.words
+        self.requested = requested
         self.steps = None if self.config.steps is None else set(self.config.steps)
         self.site_filter = self.config.sites
         self.sums: dict[str, torch.Tensor] = {}
@@ -79,6 +83,7 @@ class Capture(Controller):
         if not session.prompts:
             raise UsageError("Capture needs the prompt: pass prompt=... to attnctl.apply")
         # per prompt: a (text positions × words) selection matrix, built lazily per text length
+        self.prompts = session.prompts
         self.positions = [[p.word_positions(w) for w in self.words] for p in session.prompts]
         self._selectors: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -91,7 +96,7 @@ class Capture(Controller):
         if key not in self._selectors:
             sel = torch.zeros(n_text, len(self.words))
             for j, positions in enumerate(self.positions[prompt]):
-                sel[[p for p in positions if p < n_text], j] = 1.0
+                sel[self.prompts[prompt].held(self.words[j], positions, n_text, self.requested), j] = 1.0
             self._selectors[key] = sel
         return self._selectors[key].to(device)
 
