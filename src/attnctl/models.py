@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -107,6 +108,26 @@ def _show_progress() -> bool:
     return os.environ.get("ATTNCTL_PROGRESS", "1") != "0"
 
 
+@contextlib.contextmanager
+def _loading_bars():
+    """diffusers' and transformers' loading bars turned off for the block when ATTNCTL_PROGRESS=0, as they were
+    after it."""
+    if _show_progress():
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
 def _from_pretrained(spec: str):
     from diffusers import DiffusionPipeline
 
@@ -118,7 +139,8 @@ def _from_pretrained(spec: str):
     absent = {name: None for name, value in (json.loads(index.read_text()).items() if index.exists() else ())
               if isinstance(value, list) and value == [None, None]}
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec, **absent)
+        with _loading_bars():
+            pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec, **absent)
     except (OSError, ValueError) as err:
         if local.exists():
             raise UsageError(f"could not load the pipeline folder {spec}: {err}") from None

@@ -6,6 +6,9 @@ rounds, so machine noise hits all variants alike. Memory: on CUDA, `max_memory_a
 the C allocator (glibc's mallinfo2, which counts torch's CPU tensors), sampled every millisecond by a thread during the
 call. Both are reported as the peak of everything held (weights included, `peak_memory_ratio`) and as the peak growth
 during the call (`working_memory_ratio`).
+
+Progress: one bar per `compare` on stderr, a step per pipeline run, naming the model and the variant running (off
+with ATTNCTL_PROGRESS=0).
 """
 
 from __future__ import annotations
@@ -93,12 +96,23 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
     `model` is a spec for `load_pipeline` or a pipeline. Returns, per variant, median seconds, peak bytes held and
     peak working bytes, and the ratios to "plain".
     """
-    from ..models import load_pipeline
+    from tqdm import tqdm
+
+    from ..models import _show_progress, load_pipeline
 
     pipe = load_pipeline(model, device=device, dtype=dtype) if isinstance(model, str) else model
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # the runs' own bar below instead of one per run
+    names = list(variants)
+    bar = tqdm(total=int(warmup) + len(names) * (1 + repeats), unit="run", disable=not _show_progress(),
+               desc=f"bench {model if isinstance(model, str) else type(pipe).__name__}")
 
     def run(name, measure_memory=False):
+        bar.set_postfix_str(name + (" (memory)" if measure_memory else ""))
+        result = measured(name, measure_memory)
+        bar.update()
+        return result
+
+    def measured(name, measure_memory):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         with apply(pipe, *variants[name](pipe, prompt), prompt=prompt):
             _sync(device)
@@ -111,16 +125,16 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
             _sync(device)
             return time.perf_counter() - start
 
-    names = list(variants)
     times = {n: [] for n in names}
     memory = {}
-    if warmup:  # one-time allocations and kernel selection stay out of the measurements
-        run(names[0])
-    for n in names:  # the sampling thread stays out of the timed runs
-        memory[n] = run(n, measure_memory=True)
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            times[n].append(run(n))
+    with bar:
+        if warmup:  # one-time allocations and kernel selection stay out of the measurements
+            run(names[0])
+        for n in names:  # the sampling thread stays out of the timed runs
+            memory[n] = run(n, measure_memory=True)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                times[n].append(run(n))
 
     results = {}
     for n in names:
