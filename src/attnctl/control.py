@@ -177,6 +177,8 @@ class Session:
         self._originals: dict[str, object] = {}
         self._active: dict[str, list[Controller]] = {}
         self._warned_mask = False
+        self._attached: list[Controller] = []  # controllers whose `attach` was called
+        self._hook: _StepHook | None = None
         self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
         self._had_forward = "forward" in self.denoiser.__dict__
 
@@ -189,8 +191,13 @@ class Session:
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def attach(self) -> None:
+        registry = getattr(self.denoiser, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            raise UsageError("attnctl.apply is already attached to this pipeline; put all controllers in one "
+                             "apply(...)")
         self.controllers = [c for c in self.controllers if not c.observer] + [c for c in self.controllers if c.observer]
         for c in self.controllers:
+            self._attached.append(c)
             c.attach(self)
         modules = dict(self.denoiser.named_modules())
         for s in self.sites:
@@ -202,22 +209,26 @@ class Session:
             self._originals[s.name] = module.processor
             self._active[s.name] = wanting
             module.set_processor(self.family.make_processor(s, self))
-        HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(_StepHook(self), HOOK_NAME)
+        self._hook = _StepHook(self)
+        HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(self._hook, HOOK_NAME)
 
     def detach(self) -> None:
+        """Undo what `attach` did, and only that (it may have stopped part way)."""
         modules = dict(self.denoiser.named_modules())
         for name, original in self._originals.items():
             modules[name].set_processor(original)
         self._originals.clear()
-        registry = getattr(self.denoiser, "_diffusers_hook", None)
-        if registry is not None:
+        if self._hook is not None:
+            registry = self.denoiser._diffusers_hook
             registry.remove_hook(HOOK_NAME, recurse=False)
             if not self._had_registry and not registry.hooks:
                 del self.denoiser._diffusers_hook
-        if not self._had_forward:
-            self.denoiser.__dict__.pop("forward", None)
-        for c in self.controllers:
+            if not self._had_forward:
+                self.denoiser.__dict__.pop("forward", None)
+            self._hook = None
+        for c in self._attached:
             c.detach()
+        self._attached.clear()
 
     # --- called by the hook and the processors ------------------------------------------------------
     def _begin_call(self, args, kwargs, context_name) -> None:
