@@ -78,3 +78,23 @@ def test_cli_maps_refuses_a_cut_word(tmp_path, cli):
     assert "limit of 8 text tokens" in err and "raise --max-sequence-length" in err and "shorten the prompt" in err
     code, out, err = cli(*base, "--words", "cat,on")
     assert code == 0, err
+
+
+def test_analysis_observers_of_a_cut_word(caplog):
+    """TargetCoverage (words asked for) refuses a cut word; the hierarchy analysis (roles found by a parser) warns
+    and leaves the cut tokens out, as Capture does."""
+    from attnctl.analysis import Hierarchy, TargetCoverage
+
+    pipe = tiny_pipe("flux")
+    kwargs = call_kwargs("flux", steps=1, max_sequence_length=8)
+    with pytest.raises(attnctl.UsageError, match="'bird' is at token position 19 .* limit of 8"):
+        with attnctl.apply(pipe, TargetCoverage(["cat", "bird"]), prompt=PROMPT):
+            run(pipe, PROMPT, **kwargs)
+    layout = {"prompt": PROMPT, "background": "",
+              "regions": [{"phrase": "a cat", "box": [0, 0, 0.5, 1]}, {"phrase": "a bird", "box": [0.5, 0, 1, 1]}]}
+    hierarchy = Hierarchy(layout, role_parser="rules")
+    with caplog.at_level(logging.WARNING, logger="attnctl"), attnctl.apply(pipe, hierarchy, prompt=PROMPT):
+        run(pipe, PROMPT, **kwargs)
+    warned = {r.getMessage() for r in caplog.records}
+    assert any(m.startswith("'instance tokens of a bird' is at token position 1") for m in warned), warned
+    assert {r["role"] for r in hierarchy.rows} >= {"instance"}  # the cat's rows are still recorded

@@ -23,14 +23,18 @@ over depth show whether a model (any model: joint or cross attention) behaves so
 from __future__ import annotations
 
 import csv
+import numbers
 from collections import defaultdict
 
 import torch
 
+from .config import step_indices, word_list
 from .control import AttentionCall, Controller
 from .errors import UsageError
 from .layout import Layout, load_layout
 from .roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
+
+ROLE_PARSERS = ("auto", "spacy", "rules")
 
 
 class TargetCoverage(Controller):
@@ -47,15 +51,23 @@ class TargetCoverage(Controller):
     observer = True
 
     def __init__(self, words, sites=None, steps=None, quantile: float = 0.9):
-        self.words = list(words)
+        self.words = word_list(words, "TargetCoverage's words")
+        if not self.words:
+            raise UsageError("TargetCoverage needs at least one word of the prompt")
+        if sites is not None and not callable(sites):
+            raise UsageError(f"TargetCoverage's sites is a predicate on a site (lambda site: ...), not {sites!r}")
         self.site_filter = sites
-        self.steps = None if steps is None else set(steps)
-        self.quantile = quantile
+        self.steps = None if steps is None else set(step_indices(steps, "TargetCoverage's steps"))
+        if isinstance(quantile, bool) or not isinstance(quantile, numbers.Real) or not 0 <= quantile <= 1:
+            raise UsageError(f"TargetCoverage's quantile must be a number from 0 to 1, not {quantile!r}")
+        self.quantile = float(quantile)
 
     def attach(self, session) -> None:
         if not session.prompts:
             raise UsageError("TargetCoverage needs the prompt: pass prompt=... to attnctl.apply")
+        self.prompts = session.prompts
         self.positions = [[p.word_positions(w) for w in self.words] for p in session.prompts]
+        self._held: dict[tuple[int, int], list[list[int]]] = {}
         self.sums: torch.Tensor | None = None
         self.count = 0
 
@@ -69,12 +81,20 @@ class TargetCoverage(Controller):
         probs = call.text_probs()[rows].mean(dim=1).float()  # (rows, image tokens, text tokens)
         n_text = probs.shape[-1]
         values = torch.stack([
-            torch.stack([probs[r][:, [p for p in positions if p < n_text]].sum(-1) for positions in
-                         self.positions[min(call.step.prompt_of_row(r), len(self.positions) - 1)]])
+            torch.stack([probs[r][:, positions].sum(-1) for positions in
+                         self._positions(min(call.step.prompt_of_row(r), len(self.positions) - 1), n_text)])
             for r in range(probs.shape[0])])  # (rows, words, image tokens)
         coverage = torch.quantile(values, self.quantile, dim=-1).double().cpu()
         self.sums = coverage if self.sums is None else self.sums + coverage
         self.count += 1
+
+    def _positions(self, prompt: int, n_text: int) -> list[list[int]]:
+        """Each word's positions in a text sequence of `n_text` tokens; a word cut by the sequence limit is an error
+        (`PromptTokens.held`)."""
+        if (prompt, n_text) not in self._held:
+            self._held[prompt, n_text] = [self.prompts[prompt].held(w, pos, n_text)
+                                          for w, pos in zip(self.words, self.positions[prompt])]
+        return self._held[prompt, n_text]
 
     def per_image(self) -> torch.Tensor:
         """(images, words): mean coverage over the recorded calls."""
@@ -106,15 +126,29 @@ class Hierarchy(Controller):
     def __init__(self, layout, steps=None, role_parser: str = "auto"):
         self.layout: Layout = load_layout(layout)
         self.prompt = self.layout.prompt
-        self.steps = None if steps is None else set(steps)
+        self.steps = None if steps is None else set(step_indices(steps, "the hierarchy's steps"))
+        if not isinstance(role_parser, str) or role_parser not in ROLE_PARSERS:
+            raise UsageError(f"role_parser must be one of {', '.join(ROLE_PARSERS)}, not {role_parser!r}")
         self.role_parser = role_parser
         self.rows: list[dict] = []
 
     def attach(self, session) -> None:
         if not session.prompts:
             raise UsageError("the hierarchy analysis needs the prompt: pass prompt=... to attnctl.apply")
+        self.prompts = session.prompts
         self.bound = [self.layout.bind(p, self.role_parser) for p in session.prompts]
+        self._held: dict[tuple, list[int]] = {}
         self.rows = []
+
+    def _positions(self, prompt: int, role: str, region: int, positions: list[int], n_text: int) -> list[int]:
+        """The role's tokens that a text sequence of `n_text` tokens holds; tokens cut by the sequence limit are left
+        out with a logged warning (`PromptTokens.held`), once per prompt, role, region and length."""
+        key = (prompt, role, region, n_text)
+        if key not in self._held:
+            where = self.layout.regions[region - 1].phrase if region else "the background"
+            self._held[key] = self.prompts[prompt].held(f"{role} tokens of {where}", positions, n_text,
+                                                        requested=False)
+        return self._held[key]
 
     def __call__(self, call: AttentionCall) -> None:
         step = call.step
@@ -127,12 +161,13 @@ class Hierarchy(Controller):
         n_img = labels.numel()
         per_role = defaultdict(lambda: torch.zeros(3, dtype=torch.float64))  # inside, total, area·total
         for b in range(probs.shape[0]):
-            bound = self.bound[min(step.prompt_of_row(b), len(self.bound) - 1)]
+            prompt = min(step.prompt_of_row(b), len(self.bound) - 1)
+            bound = self.bound[prompt]
             groups = [(INSTANCE, r + 1, t.instance) for r, t in enumerate(bound.regions)]
             groups += [(ATTRIBUTE, r + 1, t.attribute) for r, t in enumerate(bound.regions)]
             groups.append((BACKGROUND, 0, bound.background))
             for role, region, positions in groups:
-                positions = [p for p in positions if p < n_text]
+                positions = self._positions(prompt, role, region, positions, n_text)
                 if not positions:
                     continue
                 mass = probs[b][:, positions].sum(-1).double()  # (image tokens,)
