@@ -1,6 +1,8 @@
 """attnctl next to other things a user does with a pipeline: a second `apply` inside the first, processors changed
 while attached, processors attnctl cannot reproduce, `torch.compile`, and calling the pipeline twice."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -56,4 +58,45 @@ def test_nested_apply_is_refused_and_the_outer_session_keeps_working(disjoint):
         again = run(pipe, PROMPT, **call_kwargs("unet", steps=2))
     assert np.array_equal(again, image)
     assert_same_maps(outer.maps(), maps)
+    assert pipeline_state(pipe.unet) == before
+
+
+# --- 2. processors changed while attached ---------------------------------------------------------------------------
+def test_attention_slicing_turned_on_inside_apply_is_an_error_and_stays_on(caplog):
+    pipe = tiny_pipe("unet")
+    before = pipeline_state(pipe.unet)
+    try:
+        with pytest.raises(UsageError, match=r"got a new processor while attnctl.apply was attached.*"
+                                             r"\(attention slicing, IP-Adapter, set_attn_processor\) before entering"):
+            with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+                pipe.enable_attention_slicing()
+                run(pipe, PROMPT, **call_kwargs("unet", steps=2))
+        processors = pipe.unet.attn_processors
+        assert {type(p).__name__ for p in processors.values()} == {"SlicedAttnProcessor"}  # the user's change kept
+        assert pipeline_state(pipe.unet)[1:] == before[1:]
+        assert f"{len(Session(pipe, []).sites)} site(s)" in caplog.text and "left as the user set them" in caplog.text
+    finally:
+        pipe.unet.set_attn_processor(dict(before[0]))  # it empties the dict it is given
+    assert pipeline_state(pipe.unet) == before
+
+
+def test_a_processor_set_inside_apply_is_an_error_and_kept_while_the_others_are_restored(caplog):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = tiny_pipe("unet")
+    before = pipeline_state(pipe.unet)
+    site = Session(pipe, []).sites[3].name
+    custom = AttnProcessor2_0()
+    try:
+        expected = rf"1 attention site\(s\), e.g. {re.escape(site)} \(now AttnProcessor2_0\), got a new"
+        with pytest.raises(UsageError, match=expected):
+            with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+                pipe.unet.get_submodule(site).set_processor(custom)
+                run(pipe, PROMPT, **call_kwargs("unet", steps=2))
+        after = pipeline_state(pipe.unet)
+        assert after[0][f"{site}.processor"] is custom
+        assert after[0] == {**before[0], f"{site}.processor": custom} and after[1:] == before[1:]
+        assert f"1 site(s), e.g. {site}, got a new attention processor" in caplog.text
+    finally:
+        pipe.unet.set_attn_processor(dict(before[0]))  # it empties the dict it is given
     assert pipeline_state(pipe.unet) == before

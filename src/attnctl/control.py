@@ -12,6 +12,7 @@ original processor objects are put back and the hook is removed, leaving the pip
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from .sites import AttentionSite, downsampled
 from .tokens import PromptTokens
 
 HOOK_NAME = "attnctl.step"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,7 +176,7 @@ class Session:
         self.family = family_of(self.denoiser)
         self.sites: list[AttentionSite] = self.family.discover(self.denoiser)
         self.step: StepState | None = None
-        self._originals: dict[str, object] = {}
+        self._installed: dict[str, tuple[torch.nn.Module, object, object]] = {}  # site: module, original, ours
         self._active: dict[str, list[Controller]] = {}
         self._warned_mask = False
         self._attached: list[Controller] = []  # controllers whose `attach` was called
@@ -206,18 +208,24 @@ class Session:
                 continue
             module = modules[s.name]
             self.family.check_processor(s, module.processor)
-            self._originals[s.name] = module.processor
             self._active[s.name] = wanting
-            module.set_processor(self.family.make_processor(s, self))
+            ours = self.family.make_processor(s, self)
+            self._installed[s.name] = (module, module.processor, ours)
+            module.set_processor(ours)
         self._hook = _StepHook(self)
         HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(self._hook, HOOK_NAME)
 
     def detach(self) -> None:
         """Undo what `attach` did, and only that (it may have stopped part way)."""
-        modules = dict(self.denoiser.named_modules())
-        for name, original in self._originals.items():
-            modules[name].set_processor(original)
-        self._originals.clear()
+        replaced = self._replaced()
+        for name, (module, original, _) in self._installed.items():
+            if name not in replaced:
+                module.set_processor(original)
+        self._installed.clear()
+        if replaced:
+            log.warning("%d site(s), e.g. %s, got a new attention processor while attnctl was attached; left as the "
+                        "user set them, not restored to the processors they had before attnctl.apply",
+                        len(replaced), replaced[0])
         if self._hook is not None:
             registry = self.denoiser._diffusers_hook
             registry.remove_hook(HOOK_NAME, recurse=False)
@@ -230,8 +238,22 @@ class Session:
             c.detach()
         self._attached.clear()
 
+    def _replaced(self) -> list[str]:
+        """Sites whose processor is no longer the one attach installed (someone set another while attached)."""
+        return [name for name, (module, _, ours) in self._installed.items() if module.processor is not ours]
+
     # --- called by the hook and the processors ------------------------------------------------------
     def _begin_call(self, args, kwargs, context_name) -> None:
+        replaced = self._replaced()
+        if replaced:
+            name = replaced[0]
+            now = type(self._installed[name][0].processor).__name__
+            raise UsageError(
+                f"{len(replaced)} attention site(s), e.g. {name} (now {now}), got a new processor while "
+                "attnctl.apply was attached, so attnctl would silently stop controlling them. Change processors "
+                "(attention slicing, IP-Adapter, set_attn_processor) before entering `with attnctl.apply(...)` or "
+                "after leaving it."
+            )
         scheduler = self.pipe.scheduler
         timesteps = scheduler.timesteps
         index = _step_index(scheduler, self.family.timestep(args, kwargs))
