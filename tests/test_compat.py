@@ -100,3 +100,56 @@ def test_a_processor_set_inside_apply_is_an_error_and_kept_while_the_others_are_
     finally:
         pipe.unet.set_attn_processor(dict(before[0]))  # it empties the dict it is given
     assert pipeline_state(pipe.unet) == before
+
+
+# --- 3. processors attnctl cannot reproduce: the message names what gives the model's own back ----------------------
+class CustomProcessor:
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        raise AssertionError("never called")
+
+
+def refusal(pipe, install) -> str:
+    """The UsageError of `apply` after `install(pipe)` set other processors; the pipeline is put back after."""
+    before = pipeline_state(pipe.unet)
+    try:
+        install(pipe)
+        changed = pipeline_state(pipe.unet)
+        with pytest.raises(UsageError) as err:
+            with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+                pass
+        assert pipeline_state(pipe.unet) == changed  # the refusal left everything as it was
+    finally:
+        pipe.unet.set_attn_processor(dict(before[0]))
+    assert pipeline_state(pipe.unet) == before
+    return str(err.value)
+
+
+def ip_adapter_on_first_site(pipe):
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    site = pipe.unet.get_submodule(Session(pipe, []).sites[0].name)
+    site.set_processor(IPAdapterAttnProcessor2_0(site.inner_dim, site.cross_attention_dim))
+
+
+def custom_on_first_site(pipe):
+    pipe.unet.get_submodule(Session(pipe, []).sites[0].name).set_processor(CustomProcessor())
+
+
+@pytest.mark.parametrize("install, advice", [
+    (lambda pipe: pipe.enable_attention_slicing(),
+     "SlicedAttnProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
+     "attention slicing is on: call `pipe.disable_attention_slicing()`, then call attnctl.apply."),
+    (ip_adapter_on_first_site,
+     "IPAdapterAttnProcessor2_0, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
+     "an IP-Adapter is loaded, which attnctl does not support: call `pipe.unload_ip_adapter()`, then call "
+     "attnctl.apply."),
+    (custom_on_first_site,
+     "CustomProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); it is a "
+     "custom processor: remove it, putting back the processors the model had before it was set "
+     "(`denoiser.set_attn_processor(saved)` with `saved = dict(denoiser.attn_processors)` taken before), then call "
+     "attnctl.apply."),
+], ids=["slicing", "ip-adapter", "custom"])
+def test_refused_processors_are_named_with_what_puts_the_models_own_back(install, advice):
+    pipe = tiny_pipe("unet")
+    message = refusal(pipe, install)
+    assert message == f"{Session(pipe, []).sites[0].name} uses the attention processor {advice}"

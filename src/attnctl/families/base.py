@@ -14,6 +14,18 @@ def argument(args, kwargs, name: str, position: int):
     return args[position] if len(args) > position else None
 
 
+def remedy(processor: str) -> str:
+    """What gives a site back a processor attnctl knows, from the name of the processor it has."""
+    if "IPAdapter" in processor:
+        return "an IP-Adapter is loaded, which attnctl does not support: call `pipe.unload_ip_adapter()`"
+    if processor.startswith("Sliced"):
+        return "attention slicing is on: call `pipe.disable_attention_slicing()`"
+    if processor.startswith("XFormers"):
+        return "xformers attention is on: call `pipe.disable_xformers_memory_efficient_attention()`"
+    return ("it is a custom processor: remove it, putting back the processors the model had before it was set "
+            "(`denoiser.set_attn_processor(saved)` with `saved = dict(denoiser.attn_processors)` taken before)")
+
+
 class Family:
     name: str = ""
     denoiser_class: str = ""
@@ -33,9 +45,7 @@ class Family:
         if name not in self.known_processors:
             raise UsageError(
                 f"{site.name} uses the attention processor {name}, which attnctl cannot reproduce exactly "
-                f"(it knows {', '.join(self.known_processors)}). Reset it first, e.g. with "
-                "`pipe.unet.set_default_attn_processor()` or the transformer's equivalent, or detach the adapter "
-                "that installed it."
+                f"(it knows {', '.join(self.known_processors)}); {remedy(name)}, then call attnctl.apply."
             )
 
     def text_segments(self, pipe) -> list[TextSegment]:
