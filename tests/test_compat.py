@@ -135,6 +135,12 @@ def custom_on_first_site(pipe):
     pipe.unet.get_submodule(Session(pipe, []).sites[0].name).set_processor(CustomProcessor())
 
 
+def xformers_everywhere(pipe):  # what enable_xformers_memory_efficient_attention sets, without needing xformers
+    from diffusers.models.attention_processor import XFormersAttnProcessor
+
+    pipe.unet.set_attn_processor(XFormersAttnProcessor())
+
+
 @pytest.mark.parametrize("install, advice", [
     (lambda pipe: pipe.enable_attention_slicing(),
      "SlicedAttnProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
@@ -143,12 +149,15 @@ def custom_on_first_site(pipe):
      "IPAdapterAttnProcessor2_0, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
      "an IP-Adapter is loaded, which attnctl does not support: call `pipe.unload_ip_adapter()`, then call "
      "attnctl.apply."),
+    (xformers_everywhere,
+     "XFormersAttnProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
+     "xformers attention is on: call `pipe.disable_xformers_memory_efficient_attention()`, then call attnctl.apply."),
     (custom_on_first_site,
      "CustomProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); it is a "
      "custom processor: remove it, putting back the processors the model had before it was set "
      "(`denoiser.set_attn_processor(saved)` with `saved = dict(denoiser.attn_processors)` taken before), then call "
      "attnctl.apply."),
-], ids=["slicing", "ip-adapter", "custom"])
+], ids=["slicing", "ip-adapter", "xformers", "custom"])
 def test_refused_processors_are_named_with_what_puts_the_models_own_back(install, advice):
     pipe = tiny_pipe("unet")
     message = refusal(pipe, install)
