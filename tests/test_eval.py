@@ -162,3 +162,12 @@ def test_quick_gives_way_to_the_counts_given(tmp_path, cli):
                          "layout", "--no-attention", "--json", "--out", tmp_path)
     assert code == 0, err
     assert json.loads(out)["none (shapes-unet)"]["layout"]["n"] == 2  # 2 prompts x the quick 1 seed
+
+
+def test_none_is_the_baseline_of_the_methods_asked_for(tmp_path, cli):
+    import json
+
+    code, out, err = cli("eval", "--methods", "none,ast", "--prompts", 1, "--seeds", 1, "--steps", 1, "--categories",
+                         "layout", "--no-attention", "--json", "--out", tmp_path)
+    assert code == 0, err
+    assert set(json.loads(out)) == {"none (shapes-mmdit)", "ast (shapes-mmdit)"}  # no UNet arm without regulation

@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--suite", choices=["shapes"], default="shapes")
     p.add_argument("--methods", default="none,regulation,ast",
                    help="comma-separated: none, regulation (on the UNet model), ast (on the MMDiT model); "
-                        "with ast, 'none' also runs on the MMDiT model as its baseline")
+                        "'none' is the plain model each method runs on (the UNet model when alone)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 10; 1 with --quick)")
@@ -127,7 +127,8 @@ def run(args) -> None:
     if unknown or not names:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
                          f"{', '.join(METHOD_NAMES)}")
-    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", "regulation")]
+    unet = "regulation" in names or "ast" not in names
+    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", "regulation") and unet]
     if "ast" in names:
         arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [Arm("ast", args.mmdit_model,
                                                                                     options["ast"])]
