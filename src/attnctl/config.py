@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import UsageError
@@ -73,20 +73,63 @@ def check(config) -> None:
         if kind is bool:
             if not isinstance(value, bool):
                 raise UsageError(f"{name} must be true or false, not {value!r}")
-        elif kind is not None and not isinstance(value, (list, tuple, set, range)):
+        elif kind is not None and not (_takes_collections(field) and isinstance(value, (list, tuple, set, range))):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise UsageError(f"{name} must be a number, not {value!r}")
-            if not math.isfinite(value):
+            integral = isinstance(value, numbers.Integral)  # exact at any size (float() overflows past 1e308)
+            if not integral and not math.isfinite(value):
                 raise UsageError(f"{name} must be a finite number, not {value!r}")
-            if kind is int and not float(value).is_integer():
+            if kind is int and not integral and not float(value).is_integer():
                 raise UsageError(f"{name} must be a whole number, not {value!r}")
             low, high = meta.get("low"), meta.get("high")
             if (low is not None and value < low) or (high is not None and value > high):
                 bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
                           else f"at least {low:g}" if low is not None else f"at most {high:g}")
                 raise UsageError(f"{name} must be {bounds}, not {value!r}")
-        if meta.get("choices") and value not in meta["choices"]:
+        if meta.get("choices") and (not isinstance(value, str) or value not in meta["choices"]):
             raise UsageError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r}")
+
+
+def _items(value) -> list | None:
+    """The items of a list-like value (not a string, bytes or a mapping), or None."""
+    if isinstance(value, (str, bytes, bytearray, Mapping)):
+        return None
+    try:
+        return list(value)
+    except TypeError:  # not iterable (a number, a 0-d array)
+        return None
+
+
+def word_list(words, name: str) -> list[str]:
+    """`words` (a list of words of the prompt, or one comma-separated string) as a list; a UsageError naming
+    `name` unless every word is a non-empty string."""
+    if isinstance(words, str):
+        words = [w.strip() for w in words.split(",") if w.strip()]
+    items = _items(words)
+    if items is None or not all(isinstance(w, str) and w.strip() for w in items):
+        raise UsageError(f"{name} must be a list of words of the prompt such as [\"cat\", \"dog\"] (or \"cat,dog\"), "
+                         f"each a non-empty string, not {words!r}")
+    return items
+
+
+def step_indices(steps, name: str) -> list[int]:
+    """`steps` (a collection of denoising step indices such as range(10) or [0, 5, 10]) as a list of ints; a
+    UsageError naming `name` unless every item is a whole number >= 0."""
+    items = _items(steps)
+    if items is None:
+        raise UsageError(f"{name} must be a collection of step indices such as range(10) or [0, 5, 10], not "
+                         f"{steps!r}")
+    for s in items:
+        if (isinstance(s, bool) or not isinstance(s, numbers.Real) or s < 0
+                or not (isinstance(s, numbers.Integral) or math.isfinite(s) and float(s).is_integer())):
+            raise UsageError(f"{name}: step indices are whole numbers from 0, not {s!r}")
+    return [int(s) for s in items]
+
+
+def _takes_collections(field: dataclasses.Field) -> bool:
+    """Whether a number field also takes a collection (its annotation names a tuple, as Regulation's edit_steps: a
+    count or step indices); the config's own `__post_init__` checks the collection's items."""
+    return "tuple" in str(field.type) or "list" in str(field.type)
 
 
 def _prefix(config_class) -> str:
