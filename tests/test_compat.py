@@ -27,9 +27,9 @@ def pipeline_state(denoiser):
             None if registry is None else list(registry.hooks))
 
 
-def captured(pipe, capture, steps=2, prompt=PROMPT):
-    with attnctl.apply(pipe, capture, prompt=prompt):
-        image = run(pipe, prompt, **call_kwargs("unet", steps=steps))
+def captured(pipe, capture, steps=2, name="unet", **extra):
+    with attnctl.apply(pipe, capture, prompt=PROMPT):
+        image = run(pipe, PROMPT, **call_kwargs(name, steps=steps, **extra))
     return image, capture.maps()
 
 
@@ -162,3 +162,61 @@ def test_refused_processors_are_named_with_what_puts_the_models_own_back(install
     pipe = tiny_pipe("unet")
     message = refusal(pipe, install)
     assert message == f"{Session(pipe, []).sites[0].name} uses the attention processor {advice}"
+
+
+# --- 4. torch.compile -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, how", [("flux", "wrapper"), ("unet", "in-place")])
+def test_a_compiled_denoiser_gives_the_eager_result_and_compiles_only_at_the_first_step(name, how):
+    from torch._dynamo.testing import CompileCounter
+
+    pipe = tiny_pipe(name)
+    attr = "unet" if name == "unet" else "transformer"
+    module = getattr(pipe, attr)
+    before = pipeline_state(module)
+    expected_image, expected_maps = captured(pipe, Capture(["dog"]), steps=3, name=name)
+    counter = CompileCounter()  # an eager backend that counts the frames dynamo compiles
+    frames = []
+
+    def count_frames(pipe, step, timestep, tensors):
+        frames.append(counter.frame_count)
+        return tensors
+
+    try:
+        if how == "wrapper":
+            setattr(pipe, attr, torch.compile(module, backend=counter))  # pipe.transformer = torch.compile(...)
+        else:
+            module.compile(backend=counter)
+        compiled = getattr(pipe, attr)
+        compiled_before = counter.frame_count
+        for first in (True, False):
+            frames.clear()
+            image, maps = captured(pipe, Capture(["dog"]), steps=3, name=name, callback_on_step_end=count_frames)
+            assert np.array_equal(image, expected_image)  # bit for bit
+            assert_same_maps(maps, expected_maps)
+            assert getattr(pipe, attr) is compiled and pipeline_state(module) == before
+            # everything compiled in the first step, nothing after: the step is not a guard (no recompiles)
+            assert frames == [frames[0]] * 3
+            assert frames[0] > compiled_before if first else frames[0] == compiled_before  # the second: nothing new
+            compiled_before = frames[0]
+    finally:
+        setattr(pipe, attr, module)
+        module._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["unet", "sd3"])
+def test_attaching_to_a_torch_compile_wrapper_changes_the_wrapped_module_and_keeps_the_wrapper(name):
+    pipe = tiny_pipe(name)
+    attr = "unet" if name == "unet" else "transformer"
+    module = getattr(pipe, attr)
+    before = pipeline_state(module)
+    wrapper = torch.compile(module, backend="eager")  # compiles nothing until it is called
+    try:
+        setattr(pipe, attr, wrapper)
+        with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT) as session:
+            assert session.denoiser is module
+            kinds = {type(p).__name__ for p in module.attn_processors.values()}
+            assert ("UNetCrossProcessor" if name == "unet" else "SD3JointProcessor") in kinds
+        assert getattr(pipe, attr) is wrapper and pipeline_state(module) == before
+    finally:
+        setattr(pipe, attr, module)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.utils.torch_utils import unwrap_module
 
 from .attention import attention, attention_with_lse, default_scale, key_probs
 from .errors import UsageError
@@ -145,6 +146,7 @@ class _StepHook(ModelHook):
         self.session = session
         self.contexts = StateManager(_ContextState)
 
+    @torch.compiler.disable  # under torch.compile, the per-step Python state must not become guards (recompiles)
     def pre_forward(self, module, *args, **kwargs):
         context = self.contexts._context
         self.session._begin_call(args, kwargs, context.name if context is not None else None)
@@ -169,10 +171,12 @@ class Session:
     prompts: list[PromptTokens] = field(default_factory=list)
 
     def __post_init__(self):
-        self.denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
-        if self.denoiser is None:
+        denoiser = next((d for d in (getattr(self.pipe, n, None) for n in ("unet", "transformer")) if d is not None),
+                        None)
+        if denoiser is None:
             raise UsageError("the pipeline has neither a `unet` nor a `transformer`; attnctl needs a diffusers "
                              "text-to-image pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)")
+        self.denoiser = unwrap_module(denoiser)  # a torch.compile wrapper: its sites are those of the module it wraps
         self.family = family_of(self.denoiser)
         self.sites: list[AttentionSite] = self.family.discover(self.denoiser)
         self.step: StepState | None = None
@@ -279,6 +283,7 @@ class Session:
         for c in self.controllers:
             c.begin_step(self.step)
 
+    @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile
     def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:
         """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out."""
         if mask is not None:
