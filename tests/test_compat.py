@@ -220,3 +220,42 @@ def test_attaching_to_a_torch_compile_wrapper_changes_the_wrapped_module_and_kee
         assert getattr(pipe, attr) is wrapper and pipeline_state(module) == before
     finally:
         setattr(pipe, attr, module)
+
+
+# --- 5. the same call twice inside one apply --------------------------------------------------------------------------
+class Events(attnctl.Controller):
+    observer = True
+
+    def attach(self, session):
+        self.events = []
+
+    def begin_run(self):
+        self.events.append("run")
+
+    def begin_step(self, step):
+        self.events.append(step.index)
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_begin_run_comes_once_at_the_start_of_every_pipeline_call(name):
+    pipe = tiny_pipe(name)
+    events = Events()
+    with attnctl.apply(pipe, events, prompt=PROMPT):
+        run(pipe, PROMPT, **call_kwargs(name, steps=3))
+        run(pipe, PROMPT, **call_kwargs(name, steps=2))
+    assert events.events == ["run", 0, 1, 2, "run", 0, 1]
+
+
+def test_regulation_gives_the_same_image_when_called_twice_in_one_apply():
+    from attnctl import Regulation
+
+    pipe = tiny_pipe("unet")
+    kwargs = call_kwargs("unet", steps=3, height=256, width=256, output_type="latent")  # its layers at 8x8
+    plain = run(pipe, PROMPT, **kwargs)
+    with attnctl.apply(pipe, Regulation(["dog", "cat"], edit_steps=2, iterations=2), prompt=PROMPT):
+        first = run(pipe, PROMPT, **kwargs)
+        second = run(pipe, PROMPT, **kwargs)
+    with attnctl.apply(pipe, Regulation(["dog", "cat"], edit_steps=2, iterations=2), prompt=PROMPT):
+        fresh = run(pipe, PROMPT, **kwargs)
+    assert not torch.equal(first, plain)  # it did edit
+    assert torch.equal(second, first) and torch.equal(fresh, first)

@@ -120,6 +120,9 @@ class Controller:
     def wants(self, site: AttentionSite) -> bool:
         return True
 
+    def begin_run(self) -> None:
+        """Called at the start of each pipeline call (before the `begin_step` of its first denoiser call)."""
+
     def begin_step(self, step: StepState) -> None:
         """Called before every denoiser call."""
 
@@ -185,6 +188,7 @@ class Session:
         self._warned_mask = False
         self._attached: list[Controller] = []  # controllers whose `attach` was called
         self._hook: _StepHook | None = None
+        self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
         self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
         self._had_forward = "forward" in self.denoiser.__dict__
 
@@ -280,7 +284,11 @@ class Session:
             text_len=self.family.text_len(args, kwargs),
             images_per_prompt=per_prompt,
         )
+        new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
+        self._timesteps = timesteps
         for c in self.controllers:
+            if new_run:
+                c.begin_run()
             c.begin_step(self.step)
 
     @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile

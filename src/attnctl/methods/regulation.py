@@ -191,18 +191,20 @@ class Regulation(Controller):
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
-        self._last_index: int | None = None
         self._editing = False
         self._warned_small: set[str] = set()
 
     def wants(self, site) -> bool:
         return site.name in self._site_names
 
+    def begin_run(self) -> None:
+        """Each pipeline call starts afresh: the same random initial weights as the first (a rerun gives the same
+        image) and no best field of the last call."""
+        self._generator.manual_seed(self.config.seed)
+        self._best.clear()
+
     def begin_step(self, step: StepState) -> None:
         edit = self._edit_set(step.num_steps)
-        if self._last_index is not None and step.index < self._last_index:
-            self._best.clear()  # a new pipeline call inside the same `apply`
-        self._last_index = step.index
         self._editing = (step.index in edit and step.cond_rows.stop > step.cond_rows.start
                          and self.config.strength > 0)
 
