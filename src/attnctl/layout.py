@@ -25,6 +25,9 @@ region that covers no cell's majority still gets its best-covered cell, so small
 from __future__ import annotations
 
 import json
+import numbers
+import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,17 +100,25 @@ class Layout:
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path) -> Layout:
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"a layout file is given by its path, not {type(path).__name__}")
         path = Path(path)
-        if path.is_dir():
-            raise UsageError(f"layout {path} is a folder; give the layout's JSON file")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            if path.is_dir():
+                raise UsageError(f"layout {path} is a folder; give the layout's JSON file")
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UsageError(f"layout file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except UnicodeDecodeError as err:
             raise UsageError(f"layout file {path} is not valid JSON text: {err}") from None
+        except ValueError as err:  # a NUL or a lone surrogate in the path
+            raise UsageError(f"layout path {str(path)!r} is not a usable file name: {err}") from None
         except OSError as err:
             raise UsageError(f"layout file {path} cannot be read: {err.strerror}") from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as err:  # also: numbers past Python's digit limit, nesting too deep
+            raise UsageError(f"layout file {path} is not valid JSON text: {err}") from None
         return cls.from_dict(data, base=path.parent, where=str(path))
 
     @classmethod
@@ -116,7 +127,7 @@ class Layout:
             raise UsageError(f"{where}: a layout is a JSON object with prompt, background and regions")
         unknown = set(data) - _TOP_KEYS
         if unknown:
-            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}; a layout has {sorted(_TOP_KEYS)}")
+            raise UsageError(f"{where}: unknown key(s) {sorted(unknown, key=str)}; a layout has {sorted(_TOP_KEYS)}")
         prompt = data.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UsageError(f"{where}: 'prompt' must be a non-empty string")
@@ -226,19 +237,33 @@ def _read_rgb(path: Path, what: str) -> np.ndarray:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise UsageError(f"{what}: file {path} does not exist") from None
-    except OSError as err:
-        raise UsageError(f"{what}: cannot read {path} as an image ({err})") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        # OSError: a folder, not an image, a truncated one; ValueError: a NUL in the path, a mode PIL cannot convert
+        raise UsageError(f"{what}: cannot read {str(path)!r} as an image ({err})") from None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # JSON's true and false are not numbers here
+
+
+def _box(box, at: str) -> tuple[float, float, float, float]:
+    """A region's box as four floats, checked to be four numbers (their range is checked by `_validate`)."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(x) for x in box)):
+        raise UsageError(f"{at}: 'box' must be [x0, y0, x1, y1] as fractions of the image, not {box!r}")
+    try:
+        return tuple(float(x) for x in box)
+    except OverflowError:  # an integer beyond float's range
+        raise UsageError(f"{at}: box {list(box)} must lie within [0, 1] (fractions of the image)") from None
 
 
 def _parse_color(value, where: str) -> tuple[int, int, int]:
-    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
-        try:
-            return tuple(int(value[i : i + 2], 16) for i in (1, 3, 5))
-        except ValueError:
-            pass
-    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255
+    if (isinstance(value, str) and value.startswith("#") and len(value) == 7
+            and all(c in string.hexdigits for c in value[1:])):
+        return tuple(int(value[i : i + 2], 16) for i in (1, 3, 5))
+    if isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(c, numbers.Integral) and
+                                                                    not isinstance(c, bool) and 0 <= c <= 255
                                                                     for c in value):
-        return tuple(value)
+        return tuple(int(c) for c in value)
     raise UsageError(f"{where}: colour {value!r} must be \"#rrggbb\" or [r, g, b] with 0..255 integers")
 
 
@@ -248,7 +273,7 @@ def _region_from_dict(d, index: int, base: Path, sketch, sketch_name, where: str
         raise UsageError(f"{at} must be an object with a phrase and one of box, mask, color")
     unknown = set(d) - _REGION_KEYS
     if unknown:
-        raise UsageError(f"{at}: unknown key(s) {sorted(unknown)}; a region has {sorted(_REGION_KEYS)}")
+        raise UsageError(f"{at}: unknown key(s) {sorted(unknown, key=str)}; a region has {sorted(_REGION_KEYS)}")
     phrase = d.get("phrase")
     if not isinstance(phrase, str) or not phrase.strip():
         raise UsageError(f"{at}: 'phrase' must be a non-empty string (a verbatim part of the prompt)")
@@ -256,16 +281,12 @@ def _region_from_dict(d, index: int, base: Path, sketch, sketch_name, where: str
     given = [k for k in ("box", "mask", "color") if d.get(k) is not None]
     if len(given) != 1:
         raise UsageError(f"{at}: give exactly one of box, mask, color (got {given or 'none'})")
-    occurrence = d.get("occurrence")
-    if occurrence is not None and (not isinstance(occurrence, int) or occurrence < 1):
-        raise UsageError(f"{at}: 'occurrence' must be an integer >= 1")
-    region = Region(phrase=phrase, attribute=d.get("attribute"), occurrence=occurrence)
+    region = Region(phrase=phrase, attribute=d.get("attribute"), occurrence=d.get("occurrence"))
     if "box" in given:
-        box = d["box"]
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(x, (int, float)) for x in box)):
-            raise UsageError(f"{at}: 'box' must be [x0, y0, x1, y1] as fractions of the image")
-        region.box = tuple(float(x) for x in box)
+        region.box = _box(d["box"], at)
     elif "mask" in given:
+        if not isinstance(d["mask"], str) or not d["mask"].strip():
+            raise UsageError(f"{at}: 'mask' must be the path of a PNG (relative to the layout), not {d['mask']!r}")
         rgb = _read_rgb(base / d["mask"], f"{at}: mask")
         region.mask = rgb.astype(np.float32).mean(-1) >= 127.5
     else:
@@ -295,7 +316,43 @@ def _sketch_colors(sketch: np.ndarray, most: int = 12) -> str:
                      for i in order)
 
 
+def _check_types(layout: Layout) -> None:
+    """The fields of a Layout built directly (`Layout(prompt, regions, ...)`) are what `from_dict` makes."""
+    if not isinstance(layout.prompt, str) or not layout.prompt.strip():
+        raise UsageError(f"a layout's prompt must be a non-empty string, not {layout.prompt!r}")
+    if not isinstance(layout.background, str):
+        raise UsageError(f"a layout's background must be a string (the background's phrase, or \"\"), not "
+                         f"{layout.background!r}")
+    if layout.sketch_path is not None and not isinstance(layout.sketch_path, str):
+        raise UsageError(f"a layout's sketch_path is the sketch's file name or None, not {layout.sketch_path!r}")
+    if not isinstance(layout.regions, (list, tuple)) or not layout.regions:
+        raise UsageError("a layout's regions must be a non-empty list of Region objects (or use Layout.from_dict)")
+    for i, r in enumerate(layout.regions, start=1):
+        if not isinstance(r, Region):
+            raise UsageError(f"region {i} must be a Region object, not {type(r).__name__} (or use Layout.from_dict)")
+        if not isinstance(r.phrase, str) or not r.phrase.strip():
+            raise UsageError(f"region {i}: its phrase must be a non-empty string (a verbatim part of the prompt), not "
+                             f"{r.phrase!r}")
+        at = f"region {i} ({r.phrase!r})"
+        if r.box is not None and r.mask is not None:
+            raise UsageError(f"{at}: give the region a box or a mask, not both")
+        if r.box is not None:
+            r.box = _box(r.box, at)
+        if r.mask is not None and not (isinstance(r.mask, np.ndarray) and r.mask.dtype == bool and r.mask.ndim == 2):
+            raise UsageError(f"{at}: the region's mask must be a 2-D numpy array of bools (height × width)")
+        if r.color is not None:
+            r.color = _parse_color(r.color, at)
+        if r.occurrence is not None and (isinstance(r.occurrence, bool) or not isinstance(r.occurrence, int)
+                                         or r.occurrence < 1):
+            raise UsageError(f"{at}: 'occurrence' must be an integer >= 1, not {r.occurrence!r}")
+        if r.attribute is not None and not (isinstance(r.attribute, str) or isinstance(r.attribute, (list, tuple))
+                                            and all(isinstance(a, str) for a in r.attribute)):
+            raise UsageError(f"{at}: 'attribute' must be a string or a list of strings (the attribute words within "
+                             f"the phrase; \"\" for none), not {r.attribute!r}")
+
+
 def _validate(layout: Layout) -> None:
+    _check_types(layout)
     lowered = layout.prompt.lower()
     for i, r in enumerate(layout.regions, start=1):
         at = f"region {i} ({r.phrase!r})"

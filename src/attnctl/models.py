@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -42,6 +43,7 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
 
         pipe = attnctl.load_pipeline("builtin:shapes-unet")           # or a hub id, a folder, random:sd15-tiny
     """
+    spec, dtype, seed = _checked_arguments(spec, device, dtype, seed)
     if spec.startswith("random:"):
         name, _, query = spec[len("random:"):].partition("?")
         if name not in RANDOM_SPECS:
@@ -66,6 +68,30 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     return pipe
 
 
+def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int]:
+    """load_pipeline's arguments, checked before anything loads: the spec (a string or a folder's path), the device,
+    the dtype (a floating-point torch dtype or one of `DTYPES`' names) and the seed of random: weights."""
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"a model spec is a non-empty string (builtin:..., random:..., a hub id or a folder), not "
+                         f"{spec!r}")
+    try:
+        if isinstance(device, bool):
+            raise TypeError
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UsageError(f"dtype must be a floating-point torch dtype such as torch.float16 (or one of "
+                         f"{', '.join(DTYPES)}), not {dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise UsageError(f"seed must be a whole number from 0 to 2**64 - 1, not {seed!r}")
+    return spec, dtype, int(seed)
+
+
 def _model_settings(spec: str) -> dict:
     """The `attnctl.json` of a built-in model or local folder: pipeline-call defaults, and under "methods" the
     method options recommended for this model; {} when there is none."""
@@ -86,7 +112,7 @@ def _random_options(name: str, query: str) -> dict[str, int]:
         if key not in known:
             raise UsageError(f"random:{name} takes {', '.join(known) if known else 'no options'}, not {key!r} "
                              "(e.g. random:flux?double=2&single=4, random:sd3?layers=4)")
-        if not value.isdigit() or not 1 <= int(value) <= 64:
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 64:  # not "²": int() refuses it
             raise UsageError(f"random:{name}?{key}= must be a whole number from 1 to 64, not {value!r}")
         options[key] = int(value)
     return options

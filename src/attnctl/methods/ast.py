@@ -40,6 +40,7 @@ rasterisation and the role parser, in docs/methods.md §2.8):
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -54,6 +55,7 @@ from ..roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
 from .ast_attention import TuningTables, direct_attention, fast_attention, reference_attention
 
 IMPLEMENTATIONS = ("fast", "direct", "reference")
+_BAND_KEYS = {"from", "to", "blocks", "roles"}
 ROLE_PARSERS = ("auto", "spacy", "rules")
 I2T_AREAS = ("region", "reference")
 
@@ -104,8 +106,12 @@ def parse_schedule(spec) -> tuple[Band, ...]:
     if isinstance(spec, (str, Path)):
         text = str(spec)
         try:
-            spec = json.loads(Path(text).read_text() if Path(text).exists() else text)
-        except (json.JSONDecodeError, OSError) as err:
+            is_file = Path(text).is_file()
+        except OSError:  # JSON text longer than a file name may be
+            is_file = False
+        try:
+            spec = json.loads(Path(text).read_text() if is_file else text)
+        except (ValueError, RecursionError, OSError) as err:  # ValueError: also numbers past Python's digit limit
             raise UsageError(f"the AST schedule must be JSON (or a JSON file): {err}") from None
     if not isinstance(spec, (list, tuple)):
         raise UsageError(f"the AST schedule is a list of bands such as [{{\"from\": 0.1, \"to\": 0.3, \"blocks\": "
@@ -118,6 +124,13 @@ def parse_schedule(spec) -> tuple[Band, ...]:
         if not isinstance(item, dict) or "from" not in item or "to" not in item:
             raise UsageError(f"schedule band {i}: write it as {{\"from\": 0.1, \"to\": 0.3, \"blocks\": "
                              "[\"i2i\", \"t2t\", \"i2t\"], \"roles\": [\"instance\"]}")
+        if set(item) - _BAND_KEYS:
+            raise UsageError(f"schedule band {i}: unknown key(s) {sorted(set(item) - _BAND_KEYS, key=str)}; a band "
+                             f"has {', '.join(sorted(_BAND_KEYS))}")
+        for key in ("blocks", "roles"):
+            if key in item and not (isinstance(item[key], (list, tuple)) and all(isinstance(x, str)
+                                                                                 for x in item[key])):
+                raise UsageError(f"schedule band {i}: '{key}' must be a list of names, not {item[key]!r}")
         blocks = {b.lower() for b in item.get("blocks", ["i2i", "t2t", "i2t"])}
         unknown = blocks - {"i2i", "t2t", "i2t"}
         roles = tuple(item.get("roles", []))
@@ -127,7 +140,13 @@ def parse_schedule(spec) -> tuple[Band, ...]:
                              f"blocks are i2i, t2t, i2t and roles {', '.join(ROLES)}")
         if "i2t" in blocks and not roles:
             raise UsageError(f"schedule band {i}: an i2t block needs the roles it tunes towards")
-        start, stop = Fraction(str(item["from"])), Fraction(str(item["to"]))
+        try:
+            if any(isinstance(item[k], bool) or not isinstance(item[k], numbers.Real) for k in ("from", "to")):
+                raise ValueError
+            start, stop = Fraction(str(item["from"])), Fraction(str(item["to"]))
+        except ValueError:  # not a finite number (a string, a list, true, NaN)
+            raise UsageError(f"schedule band {i}: 'from' and 'to' must be numbers (relative depths from 0 to 1), not "
+                             f"{item['from']!r} and {item['to']!r}") from None
         if not 0 <= start < stop <= 1:
             raise UsageError(f"schedule band {i}: need 0 <= from < to <= 1 (relative depth)")
         bands.append(Band(start, stop, "i2i" in blocks, "t2t" in blocks, roles if "i2t" in blocks else ()))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import build, option
+from ..config import build, check, option, step_indices, word_list
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 
@@ -44,11 +44,17 @@ class CaptureConfig:
     sites: object = option(None, "site names, or a predicate on a site", cli=False, shown_default="every site")
 
     def __post_init__(self):
-        if isinstance(self.words, str):
-            self.words = parse_words(self.words)
+        check(self)
+        self.words = word_list(self.words, "words")
         if not self.words:
             raise UsageError("name at least one word of the prompt to capture maps for (words=[...] or --words)")
-        self.words = list(self.words)
+        if self.steps is not None:
+            self.steps = step_indices(parse_steps(self.steps) if isinstance(self.steps, str) else self.steps,
+                                      "steps (--map-steps)")
+        if not (self.sites is None or callable(self.sites) or (isinstance(self.sites, (list, tuple, set, frozenset))
+                                                               and all(isinstance(s, str) for s in self.sites))):
+            raise UsageError(f"sites must be a list of site names or a predicate on a site (lambda site: ...), not "
+                             f"{self.sites!r}")
 
 
 class Capture(Controller):
@@ -69,6 +75,8 @@ class Capture(Controller):
     def __init__(self, words=None, config: CaptureConfig | None = None, requested: bool = True, **options):
         if words is not None:
             options["words"] = words
+        if not isinstance(requested, bool):
+            raise UsageError(f"requested must be true or false, not {requested!r}")
         self.config = build(CaptureConfig, config, **options)
         self.words = self.config.words
         self.requested = requested

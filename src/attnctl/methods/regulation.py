@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from ..config import build, check, option
+from ..config import build, check, option, step_indices, word_list
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 from . import regulation_math
@@ -140,6 +140,7 @@ class RegulationConfig:
         self.edit_steps = _normalise_steps(self.edit_steps)
         self.iterations = int(self.iterations)
         self.sigma = None if self.sigma is None else int(self.sigma)
+        self.seed = int(self.seed)
         if self.quantile == 0:
             raise UsageError("quantile (--quantile) must be above 0")
 
@@ -348,25 +349,22 @@ def choose_targets(prompt: str) -> list[str]:
 def _normalise_targets(targets):
     if targets is None:
         return None
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    targets = list(targets)
-    if not targets:
+    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, (list, tuple)) for t in targets):
+        per_prompt = [word_list(t, "targets (one list of words per prompt)") for t in targets]
+        if not all(per_prompt):
+            raise UsageError("targets has an empty list of words for a prompt: name at least one word of each prompt")
+        return [[x.strip() for x in t] for t in per_prompt]
+    words = word_list(targets, "targets")
+    if not words:
         raise UsageError("targets is empty: name at least one word of the prompt, or pass targets=None to choose "
                          "the prompt's nouns")
-    if all(isinstance(t, str) for t in targets):
-        return [t.strip() for t in targets]
-    if all(isinstance(t, (list, tuple)) and t and all(isinstance(x, str) for x in t) for t in targets):
-        return [[x.strip() for x in t] for t in targets]
-    raise UsageError("targets must be a list of words (for every prompt) or one non-empty list of words per prompt")
+    return [t.strip() for t in words]
 
 
 def _normalise_layers(layers) -> tuple[str, ...] | None:
     if layers is None:
         return None
-    if isinstance(layers, str):
-        layers = [x.strip() for x in layers.split(",") if x.strip()]
-    layers = tuple(layers)
+    layers = tuple(word_list(layers, "layers (names of stages or sites, e.g. down_blocks.2)"))
     if not layers:
         raise UsageError("layers is empty: name at least one layer, e.g. down_blocks.2")
     return layers
@@ -377,16 +375,12 @@ def _normalise_steps(edit_steps):
         return None
     if isinstance(edit_steps, bool):
         raise UsageError("edit_steps must be a number of steps or a collection of step indices")
-    if isinstance(edit_steps, int):
+    if isinstance(edit_steps, numbers.Real):  # `check` has made sure it is a whole number
         if edit_steps < 0:
             raise UsageError(f"edit_steps must be >= 0 (got {edit_steps})")
-        return edit_steps
-    if isinstance(edit_steps, Iterable):
-        steps = sorted({int(s) for s in edit_steps})
-        if any(s < 0 for s in steps):
-            raise UsageError(f"edit step indices must be >= 0 (got {steps})")
-        return tuple(steps)
-    raise UsageError(f"edit_steps must be a number of steps or a collection of step indices (got {edit_steps!r})")
+        return int(edit_steps)
+    return tuple(sorted(set(step_indices(edit_steps, "edit_steps (a number of steps or a collection of step "
+                                                     "indices)"))))
 
 
 def _matches(name: str, layer: str) -> bool:
