@@ -104,7 +104,7 @@ OTHER = [
     (["eval", "--prompts", "0"], "--prompts must be between 1"),
     (["eval", "--guidance", "nan"], "--guidance must be between"),
     (["eval", "--dose", "ast", "--strengths", "-1"], "give one or more strengths >= 0"),
-    (["eval", "--categories", "everything"], "--categories 'everything': choose from seen_pairs"),
+    (["eval", "--categories", "everything"], "--categories 'everything': choose from single_objects, seen_pairs"),
     (["eval", "--targets", "cat"], "--targets does not apply to eval"),
     (["eval", "--ast-w-i2t", "nan"], "w_i2t (--ast-w-i2t) must be a finite number"),
     (["shapes", "train", "--family", "unet", "--threads", "-1"], "--threads must be between 1"),
