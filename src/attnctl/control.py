@@ -6,7 +6,9 @@
 On entry the processors of the sites the controllers want are replaced by the family's processors, which compute
 q, k, v exactly as the originals do and hand them to the session; a diffusers `ModelHook` on the denoiser reads the
 step (from the scheduler) and the batch layout before every denoiser call. On exit, also after an exception, the
-original processor objects are put back and the hook is removed, leaving the pipeline as it was.
+original processor objects are put back and the hook is removed, leaving the pipeline as it was. A processor the user
+set while attached is an error at the next denoiser call and is left in place on exit (with a logged warning). A
+`torch.compile` wrapper is seen through; the hook and the controllers run eagerly inside the compiled model.
 """
 
 from __future__ import annotations
