@@ -18,9 +18,10 @@ LAYOUT = {"prompt": PROMPT, "background": "",
 
 
 def live_tensors() -> tuple[int, int]:
-    """Count and bytes of every tensor the garbage collector can reach."""
+    """Count and bytes of every real tensor the garbage collector can reach (not the fake tensors of compiled
+    graphs that earlier tests may leave in dynamo's caches)."""
     gc.collect()
-    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    tensors = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)]
     return len(tensors), sum(t.element_size() * t.nelement() for t in tensors)
 
 
@@ -32,6 +33,7 @@ def cycle(name: str, controllers, generations: int):
     """`generations` generations, alternating plain and each controller; returns whether every plain image equals
     the first bit for bit, and the tensors alive after the second round and after the last (only the first plain
     image is kept: an image holds a tensor)."""
+    torch._dynamo.reset()  # compiled graphs of earlier tests are freed now, not during the count
     pipe = tiny_pipe(name)
     denoiser = pipe.unet if name == "unet" else pipe.transformer
     processors, n_hooks = dict(denoiser.attn_processors), hooks(denoiser)
