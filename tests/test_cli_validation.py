@@ -99,6 +99,7 @@ OTHER = [
     (["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", "{tmp}/sketch5.json"],
      "'sketch' must be the path of a PNG"),
     (BASE["ast"] + ["--ast-schedule", "5"], "the AST schedule is a list of bands"),
+    (BASE["ast"] + ["--ast-tuned-steps", "50", "--steps", "2"], "--ast-tuned-steps 50 is more than the 2 denoising"),
     (["eval", "--steps", "0"], "--steps must be between 1"),
     (["eval", "--seeds", "0"], "--seeds must be between 1"),
     (["eval", "--prompts", "0"], "--prompts must be between 1"),

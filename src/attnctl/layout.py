@@ -25,6 +25,7 @@ region that covers no cell's majority still gets its best-covered cell, so small
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 import string
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from . import roles as role_lib
 from .errors import UsageError
 from .text import phrase_spans
+
+log = logging.getLogger(__name__)
 
 _REGION_KEYS = {"phrase", "box", "mask", "color", "attribute", "occurrence"}
 _TOP_KEYS = {"prompt", "background", "regions", "sketch"}
@@ -146,6 +149,8 @@ class Layout:
         background = data.get("background", "")
         if not isinstance(background, str):
             raise UsageError(f"{where}: 'background' must be a string (the background's phrase, or \"\")")
+        if sketch is not None:
+            _warn_unclaimed_colours(sketch, regions, data["sketch"])
         return cls(prompt=prompt, regions=regions, background=background, sketch_path=data.get("sketch"))
 
     # --- rasterising ------------------------------------------------------------------------------------------
@@ -229,11 +234,18 @@ def _interval_cover(a: float, b: float, n: int) -> torch.Tensor:
     return ((torch.minimum(edges[1:], torch.tensor(b)) - torch.maximum(edges[:-1], torch.tensor(a))).clamp(min=0) * n)
 
 
+MAX_PIXELS = 4096 * 4096  # a sketch or mask is rasterised to the token grid (64x64 for FLUX at 1024²)
+
+
 def _read_rgb(path: Path, what: str) -> np.ndarray:
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise UsageError(f"{what}: {path} is {im.width}×{im.height} pixels, more than the {MAX_PIXELS:,} a "
+                                 "layout reads; it only sets regions on the token grid, so draw it at most "
+                                 "4096×4096 (1024×1024 is plenty)")
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise UsageError(f"{what}: file {path} does not exist") from None
@@ -305,6 +317,23 @@ def _region_from_dict(d, index: int, base: Path, sketch, sketch_name, where: str
 
 def _hex(c) -> str:
     return "#{:02x}{:02x}{:02x}".format(*tuple(c))
+
+
+def _warn_unclaimed_colours(sketch: np.ndarray, regions, name: str, share: float = 0.005) -> None:
+    """A sketch colour that no region names is background; say so when it covers a visible part of the sketch
+    (anti-aliased edges, below `share` of the pixels, are expected)."""
+    claimed = np.zeros(sketch.shape[:2], dtype=bool)
+    for r in regions:
+        if r.mask is not None and r.mask.shape == claimed.shape:
+            claimed |= r.mask
+    rest = sketch[~claimed & ~np.all(sketch == 255, axis=-1)]
+    if not len(rest):
+        return
+    colours, counts = np.unique(rest, axis=0, return_counts=True)
+    big = [f"{_hex(c)} ({n / claimed.size:.0%})" for c, n in zip(colours, counts) if n >= share * claimed.size]
+    if big:
+        log.warning("sketch %s: colour(s) %s belong to no region and count as background; give each object's "
+                    "colour a region (\"color\": ...) or paint it white", name, ", ".join(big))
 
 
 def _sketch_colors(sketch: np.ndarray, most: int = 12) -> str:
@@ -391,6 +420,11 @@ def _validate(layout: Layout) -> None:
 
 def _rasterise(layout: Layout, grid: tuple[int, int]) -> torch.Tensor:
     h, w = grid
+    for i, r in enumerate(layout.regions):
+        if r.mask is not None and abs(r.mask.shape[1] / r.mask.shape[0] - w / h) > 0.02 * w / h:
+            raise UsageError(f"region {i + 1} ({r.phrase!r}): its mask or sketch is {r.mask.shape[1]}×"
+                             f"{r.mask.shape[0]} but the image's token grid is {w}×{h}; draw it at the image's "
+                             "aspect ratio (it would be stretched)")
     cover = torch.stack([r.coverage(grid) for r in layout.regions])  # (R, h, w)
     background = (1 - cover.sum(0)).clamp(min=0)
     scores = torch.cat([cover, background[None]])  # regions first: a tie goes to the region

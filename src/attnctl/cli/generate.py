@@ -62,6 +62,10 @@ def _controller(args):
             raise UsageError("AST needs a layout: pass --layout L.json (prompt, background and regions; see "
                              "examples/)")
         layout = Layout.load(args.layout)
+        tuned = given_arguments(METHODS["ast"].config, args).get("tuned_steps")
+        if tuned is not None and args.steps is not None and tuned > args.steps:
+            raise UsageError(f"--ast-tuned-steps {tuned} is more than the {args.steps} denoising steps (--steps); "
+                             f"pass at most {args.steps} (all steps tuned) or more --steps")
         method = METHODS["ast"].controller(layout, method_config("ast", args, resolve_model(args, joint=True)))
         return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions], False  # head words
     if args.layout:
