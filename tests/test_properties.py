@@ -105,6 +105,15 @@ def ok_or_usage_error(make, *args, **kwargs):
         return None
 
 
+def built_config(cls, options):
+    """`options` (known fields, unknown names) through `build` and the dataclass: every option as a dict, and the
+    config of the known ones (None when refused); anything but a UsageError fails the test."""
+    known, unknown = options
+    everything = {**known, **unknown}
+    ok_or_usage_error(build, cls, None, **everything)
+    return everything, ok_or_usage_error(cls, **known)
+
+
 # --- layouts: files and dicts ------------------------------------------------------------------------------------
 
 PROMPT = "a red dog and a grey cat on the grass"
@@ -473,10 +482,7 @@ SCHEDULES = mostly(
     "targets": word_lists(), "layers": word_lists(st.sampled_from(["down_blocks.2", "all", "", "up_blocks.1"])),
     "edit_steps": STEPS}), targets=mostly(st.one_of(st.none(), word_lists()), ANYTHING), positional=st.booleans())
 def test_regulation_takes_any_options_or_raises_a_usage_error(options, targets, positional):
-    known, unknown = options
-    options = {**known, **unknown}
-    ok_or_usage_error(build, RegulationConfig, None, **options)
-    config = ok_or_usage_error(RegulationConfig, **known)
+    options, config = built_config(RegulationConfig, options)
     if config is not None:
         assert_sane_config(config)
         assert config.targets is None or non_empty_words(config.targets) or all(
@@ -534,10 +540,7 @@ LAYOUT = {"prompt": PROMPT, "background": "the grass",
 @given(options=option_values(ASTConfig, {"schedule": SCHEDULES}),
        layout=mostly(st.just(LAYOUT), st.one_of(st.just("nowhere.json"), ANYTHING), 8))
 def test_ast_takes_any_options_or_raises_a_usage_error(options, layout):
-    known, unknown = options
-    options = {**known, **unknown}
-    ok_or_usage_error(build, ASTConfig, None, **options)
-    config = ok_or_usage_error(ASTConfig, **known)
+    options, config = built_config(ASTConfig, options)
     if config is not None:
         assert_sane_config(config)
         assert isinstance(config.schedule, tuple) and all(
@@ -555,10 +558,7 @@ def test_ast_takes_any_options_or_raises_a_usage_error(options, layout):
                                                                         lambda site: True])}),
        words=mostly(st.one_of(st.none(), word_lists(), WORDS), ANYTHING), requested=mostly(st.booleans(), ANYTHING))
 def test_capture_takes_any_words_and_options_or_raises_a_usage_error(options, words, requested):
-    known, unknown = options
-    options = {**known, **unknown}
-    ok_or_usage_error(build, CaptureConfig, None, **options)
-    config = ok_or_usage_error(CaptureConfig, **known)
+    options, config = built_config(CaptureConfig, options)
     if config is not None:
         assert non_empty_words(config.words)
         assert config.steps is None or all(type(s) is int and s >= 0 for s in config.steps)
