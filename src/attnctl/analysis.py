@@ -33,8 +33,7 @@ from .control import AttentionCall, Controller
 from .errors import UsageError
 from .layout import Layout, load_layout
 from .roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
-
-ROLE_PARSERS = ("auto", "spacy", "rules")
+from .roles import PARSERS as ROLE_PARSERS
 
 
 class TargetCoverage(Controller):

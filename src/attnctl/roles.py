@@ -38,9 +38,12 @@ _CHUNK_END = {
 }
 
 
+PARSERS = ("auto", "spacy", "rules")  # how a phrase's attribute words are found
+
+
 def attribute_spans(phrase: str, parser: str = "auto") -> list[tuple[int, int]]:
     """Character spans (within `phrase`) of its attribute words: one contiguous span, or none."""
-    if parser not in ("auto", "spacy", "rules"):
+    if parser not in PARSERS:
         raise UsageError(f"unknown role parser {parser!r}; use auto, spacy or rules")
     if parser in ("auto", "spacy"):
         nlp = english_pipeline()

@@ -52,11 +52,11 @@ from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
 from ..roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
+from ..roles import PARSERS as ROLE_PARSERS
 from .ast_attention import TuningTables, direct_attention, fast_attention, reference_attention
 
 IMPLEMENTATIONS = ("fast", "direct", "reference")
 _BAND_KEYS = {"from", "to", "blocks", "roles"}
-ROLE_PARSERS = ("auto", "spacy", "rules")
 I2T_AREAS = ("region", "reference")
 
 
