@@ -124,11 +124,11 @@ def refusal(pipe, install) -> str:
     return str(err.value)
 
 
-def ip_adapter_on_first_site(pipe):
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+def ip_adapter_on_first_site(pipe):  # the torch-1 variant (IPAdapterAttnProcessor2_0 is supported)
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor
 
     site = pipe.unet.get_submodule(Session(pipe, []).sites[0].name)
-    site.set_processor(IPAdapterAttnProcessor2_0(site.inner_dim, site.cross_attention_dim))
+    site.set_processor(IPAdapterAttnProcessor(site.inner_dim, site.cross_attention_dim))
 
 
 def custom_on_first_site(pipe):
@@ -141,22 +141,24 @@ def xformers_everywhere(pipe):  # what enable_xformers_memory_efficient_attentio
     pipe.unet.set_attn_processor(XFormersAttnProcessor())
 
 
+KNOWN = "which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0); "
+
+
 @pytest.mark.parametrize("install, advice", [
     (lambda pipe: pipe.enable_attention_slicing(),
-     "SlicedAttnProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
-     "attention slicing is on: call `pipe.disable_attention_slicing()`, then call attnctl.apply."),
+     f"SlicedAttnProcessor, {KNOWN}attention slicing is on: call `pipe.disable_attention_slicing()`, then call "
+     "attnctl.apply."),
     (ip_adapter_on_first_site,
-     "IPAdapterAttnProcessor2_0, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
-     "an IP-Adapter is loaded, which attnctl does not support: call `pipe.unload_ip_adapter()`, then call "
-     "attnctl.apply."),
+     f"IPAdapterAttnProcessor, {KNOWN}an IP-Adapter is loaded through a processor attnctl does not reproduce (it "
+     "supports diffusers' IPAdapterAttnProcessor2_0 on UNets and FluxIPAdapterAttnProcessor on FLUX.1): call "
+     "`pipe.unload_ip_adapter()`, then call attnctl.apply."),
     (xformers_everywhere,
-     "XFormersAttnProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); "
-     "xformers attention is on: call `pipe.disable_xformers_memory_efficient_attention()`, then call attnctl.apply."),
+     f"XFormersAttnProcessor, {KNOWN}xformers attention is on: call "
+     "`pipe.disable_xformers_memory_efficient_attention()`, then call attnctl.apply."),
     (custom_on_first_site,
-     "CustomProcessor, which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, AttnProcessor); it is a "
-     "custom processor: remove it, putting back the processors the model had before it was set "
-     "(`denoiser.set_attn_processor(saved)` with `saved = dict(denoiser.attn_processors)` taken before), then call "
-     "attnctl.apply."),
+     f"CustomProcessor, {KNOWN}it is a custom processor: remove it, putting back the processors the model had before "
+     "it was set (`denoiser.set_attn_processor(saved)` with `saved = dict(denoiser.attn_processors)` taken before), "
+     "then call attnctl.apply."),
 ], ids=["slicing", "ip-adapter", "xformers", "custom"])
 def test_refused_processors_are_named_with_what_puts_the_models_own_back(install, advice):
     pipe = tiny_pipe("unet")

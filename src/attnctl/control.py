@@ -219,7 +219,7 @@ class Session:
             module = modules[s.name]
             self.family.check_processor(s, module.processor)
             self._active[s.name] = wanting
-            ours = self.family.make_processor(s, self)
+            ours = self.family.make_processor(s, self, module.processor)
             self._installed[s.name] = (module, module.processor, ours)
             module.set_processor(ours)
         self._hook = _StepHook(self)

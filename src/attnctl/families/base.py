@@ -17,7 +17,9 @@ def argument(args, kwargs, name: str, position: int):
 def remedy(processor: str) -> str:
     """What gives a site back a processor attnctl knows, from the name of the processor it has."""
     if "IPAdapter" in processor:
-        return "an IP-Adapter is loaded, which attnctl does not support: call `pipe.unload_ip_adapter()`"
+        return ("an IP-Adapter is loaded through a processor attnctl does not reproduce (it supports diffusers' "
+                "IPAdapterAttnProcessor2_0 on UNets and FluxIPAdapterAttnProcessor on FLUX.1): call "
+                "`pipe.unload_ip_adapter()`")
     if processor.startswith("Sliced"):
         return "attention slicing is on: call `pipe.disable_attention_slicing()`"
     if processor.startswith("XFormers"):
@@ -37,7 +39,8 @@ class Family:
     def discover(self, denoiser) -> list[AttentionSite]:
         raise NotImplementedError
 
-    def make_processor(self, site: AttentionSite, session):
+    def make_processor(self, site: AttentionSite, session, original):
+        """Our processor for `site`, computing what `original` (a known processor) computes."""
         raise NotImplementedError
 
     def check_processor(self, site: AttentionSite, processor) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..attention import attention
 from ..sites import AttentionSite
 from ..tokens import TextSegment
 from .base import Family, argument
@@ -18,12 +19,19 @@ class FluxJointProcessor:
         self.site, self.session = site, session
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self.compute(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    def compute(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                image_prompt=None):
+        """The site's output; with `image_prompt(image_query, image_out)` (IP-Adapter, double blocks) also what the
+        block adds to its image stream."""
         if attn.fused_projections:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
         query, key = attn.norm_q(query), attn.norm_k(key)
+        image_query = query
         joint_inside = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         if joint_inside:
             if attn.fused_projections:
@@ -49,14 +57,40 @@ class FluxJointProcessor:
             text_out, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
             text_out = attn.to_add_out(text_out.contiguous())
+            if image_prompt is not None:
+                return out, text_out, image_prompt(image_query, out)
             return out, text_out
         return out
+
+
+class FluxIPAdapterJointProcessor(FluxJointProcessor):
+    """What diffusers' FluxIPAdapterAttnProcessor computes: the joint attention (done by the session) and, per loaded
+    adapter, an attention of the image queries on that adapter's image tokens, scaled, returned for the block to add
+    to its image stream. The image-prompt tokens are not in the joint sequence, so they are never targets or tuned."""
+
+    def __init__(self, site: AttentionSite, session, adapter):
+        super().__init__(site, session)
+        self.adapter = adapter
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 ip_hidden_states=None, ip_adapter_masks=None):
+        def image_prompt(query, image_out):
+            added = torch.zeros_like(image_out)
+            for states, scale, to_k, to_v in zip(ip_hidden_states, self.adapter.scale, self.adapter.to_k_ip,
+                                                 self.adapter.to_v_ip):
+                k, v = (p(states).view(query.shape[0], -1, attn.heads, attn.head_dim) for p in (to_k, to_v))
+                out = attention(query.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+                added += scale * out.reshape(query.shape[0], -1, attn.heads * attn.head_dim).to(query.dtype)
+            return added
+
+        return self.compute(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                            image_prompt if encoder_hidden_states is not None else None)
 
 
 class FluxFamily(Family):
     name = "flux"
     denoiser_class = "FluxTransformer2DModel"
-    known_processors = ("FluxAttnProcessor",)
+    known_processors = ("FluxAttnProcessor", "FluxIPAdapterAttnProcessor")
 
     def discover(self, transformer) -> list[AttentionSite]:
         double = len(transformer.transformer_blocks)
@@ -66,7 +100,9 @@ class FluxFamily(Family):
         return [AttentionSite(n, self.name, "joint", i, len(names), stage, 1, True)
                 for i, (n, stage) in enumerate(names)]
 
-    def make_processor(self, site, session):
+    def make_processor(self, site, session, original):
+        if type(original).__name__ == "FluxIPAdapterAttnProcessor":
+            return FluxIPAdapterJointProcessor(site, session, original)
         return FluxJointProcessor(site, session)
 
     def text_segments(self, pipe):

@@ -86,7 +86,7 @@ class SD3Family(Family):
             for i in range(n)
         ]
 
-    def make_processor(self, site, session):
+    def make_processor(self, site, session, original):
         return SD3JointProcessor(site, session)
 
     def text_segments(self, pipe):

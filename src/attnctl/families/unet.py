@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import re
 
+import torch
+from diffusers.image_processor import IPAdapterMaskProcessor
+
+from ..attention import attention
+from ..errors import UsageError
 from ..sites import AttentionSite
 from ..tokens import TextSegment
 from .base import Family, argument
@@ -23,6 +28,11 @@ class UNetCrossProcessor:
         self.site, self.session = site, session
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        return self.compute(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def compute(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompt=None):
+        """The site's output; `image_prompt(query, batch, head_dim)` (IP-Adapter) gives what is added to the text
+        attention's output before the output projection."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -54,6 +64,9 @@ class UNetCrossProcessor:
         )
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if image_prompt is not None:
+            for added in image_prompt(query, batch, head_dim):
+                out = out + added
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channel, height, width)
@@ -62,10 +75,72 @@ class UNetCrossProcessor:
         return out / attn.rescale_output_factor
 
 
+class UNetIPAdapterProcessor(UNetCrossProcessor):
+    """What diffusers' IPAdapterAttnProcessor2_0 computes: the text attention (done by the session, so methods see
+    and change only it) plus, per loaded adapter, a separate attention of the same queries on that adapter's image
+    tokens, scaled (and masked with `ip_adapter_masks`). The image tokens are never in the text sequence, so they are
+    never targets. The adapter's weights stay in `adapter`, the processor attnctl replaced."""
+
+    def __init__(self, site: AttentionSite, session, adapter):
+        super().__init__(site, session)
+        self.adapter = adapter
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_adapter_masks=None):
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, image_states = encoder_hidden_states
+        else:  # diffusers' older calling convention: the image tokens appended to the text
+            end = encoder_hidden_states.shape[1] - self.adapter.num_tokens[0]
+            encoder_hidden_states, image_states = encoder_hidden_states[:, :end], [encoder_hidden_states[:, end:]]
+        masks = _adapter_masks(ip_adapter_masks, self.adapter.scale, image_states)
+
+        def image_prompt(query, batch, head_dim):
+            adapter = self.adapter
+            for states, scale, to_k, to_v, mask in zip(image_states, adapter.scale, adapter.to_k_ip,
+                                                       adapter.to_v_ip, masks):
+                scales = scale if isinstance(scale, list) else None
+                if (all(s == 0 for s in scale) if scales is not None else scale == 0):
+                    continue
+                images = [None] if mask is None else range(mask.shape[1])
+                for i in images:
+                    tokens = states if i is None else states[:, i]
+                    k, v = (p(tokens).view(batch, -1, attn.heads, head_dim).transpose(1, 2) for p in (to_k, to_v))
+                    out = attention(query, k, v).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+                    out = out.to(query.dtype)
+                    if i is None:
+                        yield scale * out
+                    else:
+                        weight = scales[i] if scales is not None else scale
+                        region = IPAdapterMaskProcessor.downsample(mask[:, i], batch, out.shape[1], out.shape[2])
+                        yield weight * (out * region.to(dtype=query.dtype, device=query.device))
+
+        return self.compute(attn, hidden_states, encoder_hidden_states, attention_mask, temb, image_prompt)
+
+
+def _adapter_masks(masks, scales, image_states) -> list:
+    """One mask (or None) per loaded adapter, checked as diffusers checks them."""
+    if masks is None:
+        return [None] * len(scales)
+    if not isinstance(masks, list):
+        masks = list(masks.unsqueeze(1))
+    if not len(masks) == len(scales) == len(image_states):
+        raise UsageError(f"ip_adapter_masks has {len(masks)} mask(s) for {len(scales)} loaded IP-Adapter(s) and "
+                         f"{len(image_states)} image embedding(s); give one per adapter (None for no mask)")
+    for index, (mask, scale, states) in enumerate(zip(masks, scales, image_states)):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[1] != states.shape[1]:
+            raise UsageError(f"ip_adapter_masks[{index}] must be a tensor [1, images, height, width] with one mask "
+                             f"per image of that adapter ({states.shape[1]}); make it with IPAdapterMaskProcessor")
+        if isinstance(scale, list) and len(scale) != mask.shape[1]:
+            raise UsageError(f"ip_adapter_masks[{index}] has {mask.shape[1]} mask(s) for {len(scale)} scale(s)")
+    return masks
+
+
 class UNetFamily(Family):
     name = "unet"
     denoiser_class = "UNet2DConditionModel"
-    known_processors = ("AttnProcessor2_0", "AttnProcessor")
+    known_processors = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0")
 
     def discover(self, unet) -> list[AttentionSite]:
         names = sorted(
@@ -85,7 +160,9 @@ class UNetFamily(Family):
             sites.append(AttentionSite(name, self.name, "cross", i, len(names), stage, 2**level, None))
         return sites
 
-    def make_processor(self, site, session):
+    def make_processor(self, site, session, original):
+        if type(original).__name__ == "IPAdapterAttnProcessor2_0":
+            return UNetIPAdapterProcessor(site, session, original)
         return UNetCrossProcessor(site, session)
 
     def text_segments(self, pipe):
