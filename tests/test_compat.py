@@ -261,3 +261,48 @@ def test_regulation_gives_the_same_image_when_called_twice_in_one_apply():
         fresh = run(pipe, PROMPT, **kwargs)
     assert not torch.equal(first, plain)  # it did edit
     assert torch.equal(second, first) and torch.equal(fresh, first)
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_after_detach_the_compiled_denoiser_runs_its_graphs_again_bit_identical(name):
+    """A regulated (UNet) or tuned (FLUX) run inside compile must not leave the model eager or changed afterwards."""
+    from attnctl import AST, Regulation
+
+    pipe = tiny_pipe(name)
+    module = denoiser_of(name, pipe)
+    graph_calls, compiled_frames = [0], [0]
+
+    def counting_backend(graph, example_inputs):  # eager, but counts compiled frames and every run of one
+        compiled_frames[0] += 1
+
+        def run_graph(*args):
+            graph_calls[0] += 1
+            return graph.forward(*args)
+        return run_graph
+
+    if name == "unet":
+        kwargs = call_kwargs(name, steps=2, height=256, width=256, output_type="latent")
+        method = Regulation(["dog", "cat"], edit_steps=2, iterations=2)
+    else:
+        kwargs = call_kwargs(name, steps=2, output_type="latent")
+        method = AST({"prompt": PROMPT, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]})
+    eager = run(pipe, PROMPT, **kwargs)
+    try:
+        module.compile(backend=counting_backend)
+        assert torch.equal(run(pipe, PROMPT, **kwargs), eager)
+        run(pipe, PROMPT, **kwargs)
+        frames_plain = compiled_frames[0]
+        with attnctl.apply(pipe, method, prompt=PROMPT):
+            controlled = run(pipe, PROMPT, **kwargs)
+        assert not torch.equal(controlled, eager)
+        calls_before, frames_before = graph_calls[0], compiled_frames[0]
+        after = run(pipe, PROMPT, **kwargs)
+        assert torch.equal(after, eager)  # bit for bit
+        assert graph_calls[0] > calls_before  # it ran compiled graphs, not eager code
+        assert compiled_frames[0] - frames_before <= frames_plain  # at most the plain graph compiled once more
+        frames_after = compiled_frames[0]
+        run(pipe, PROMPT, **kwargs)
+        assert compiled_frames[0] == frames_after  # settled: no recompiles in later plain calls
+    finally:
+        module._compiled_call_impl = None
+        torch._dynamo.reset()
