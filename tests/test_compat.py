@@ -306,3 +306,23 @@ def test_after_detach_the_compiled_denoiser_runs_its_graphs_again_bit_identical(
     finally:
         module._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("install, advice", [
+    (lambda pipe: pipe.enable_attention_slicing(), lambda pipe: pipe.disable_attention_slicing()),
+    (xformers_everywhere, lambda pipe: pipe.disable_xformers_memory_efficient_attention()),
+], ids=["slicing", "xformers"])
+def test_the_advice_of_a_refusal_works(install, advice):
+    pipe = tiny_pipe("unet")
+    before = pipeline_state(pipe.unet)
+    plain = run(pipe, PROMPT, **call_kwargs("unet", steps=2))
+    try:
+        install(pipe)
+        with pytest.raises(UsageError):
+            with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+                pass
+        advice(pipe)
+        image, maps = captured(pipe, Capture(["dog"]))
+        assert np.array_equal(image, plain) and maps
+    finally:
+        pipe.unet.set_attn_processor(dict(before[0]))
