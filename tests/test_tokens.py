@@ -69,3 +69,19 @@ def test_words_and_phrases_are_found_as_whole_words_only():
     assert pt.word_positions("cat") == pt.phrase_positions("cat") == [5]  # <sot> a category and a cat
     with pytest.raises(UsageError, match="'cat' is not in the prompt"):
         clip_tokens("two cats").phrase_positions("cat")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_positions_are_those_of_the_padded_sequence_the_pipeline_feeds(side):
+    """Kolors' tokenizer pads on the left: the prompt's tokens sit at the end of the sequence, not at its start."""
+    tok = clip_tokenizer()
+    tok.padding_side = side
+    prompt = "a red dog and a grey cat"
+    padded = tok(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    pt = PromptTokens(prompt, [TextSegment(tok, 0, 77)])
+    dog = tok("dog", add_special_tokens=False).input_ids[0]
+    assert pt.word_positions("dog") == [padded.index(dog)]
+    assert pt.word_positions("cat") == [padded.index(tok("cat", add_special_tokens=False).input_ids[0])]
+    start = padded.index(tok.bos_token_id)
+    assert padded[start + 8] == tok.eos_token_id and pt.end_of_text == start + 8  # <start>, 7 words, <end>
+    assert start == (0 if side == "right" else 77 - 9)

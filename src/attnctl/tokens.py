@@ -77,10 +77,14 @@ class PromptTokens:
         self._spans: list[tuple[int, tuple[int, int]]] = []  # (sequence position, char span)
         self.token_strings: list[str] = []
         self._counts: list[int] = []  # per segment: the prompt's tokens, special ones included, before any cut
+        self.end_of_text: int | None = None  # sequence position of the first segment's first end token
         for seg in self.segments:
             ids, spans = _token_char_spans(seg.tokenizer, self.prompt, seg.length)
             self._counts.append(len(ids))
             kept = ids[: seg.length]
+            # a tokenizer that pads on the left (Kolors' ChatGLM) puts the prompt's tokens at the end of the sequence
+            start = seg.offset + (seg.length - len(kept) if getattr(seg.tokenizer, "padding_side", "") == "left"
+                                  else 0)
             if len(ids) > seg.length:
                 cut_chars = [s for s in spans[seg.length - 1 :] if s is not None]
                 cut = self.prompt[cut_chars[0][0] :] if cut_chars else ""
@@ -93,9 +97,14 @@ class PromptTokens:
                 spans = spans[: seg.length - 1] + [None]
             for pos, span in enumerate(spans[: len(kept)]):
                 if span is not None:
-                    self._spans.append((seg.offset + pos, span))
+                    self._spans.append((start + pos, span))
             if seg is self.segments[0]:
                 self.token_strings = [_clean_piece(p) for p in seg.tokenizer.convert_ids_to_tokens(kept)]
+                eos = getattr(seg.tokenizer, "eos_token_id", None)
+                ends = [i for i, t in enumerate(kept) if t == eos]
+                if len(ids) > seg.length and eos is not None:
+                    ends = [seg.length - 1]  # the tokenizer keeps its end token in the last kept position
+                self.end_of_text = start + ends[0] if ends else None
 
     def words(self) -> list[tuple[str, int, int]]:
         """(word, start, end) for every word of the prompt."""

@@ -188,7 +188,7 @@ class Regulation(Controller):
                     if p not in positions:
                         positions.append(p)
             self._positions.append(positions)
-            self._eos.append(_end_of_text(prompt))
+            self._eos.append(prompt.end_of_text)
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
@@ -416,14 +416,3 @@ def _select_sites(cross_sites, layers) -> set[str]:
             )
         chosen |= hits
     return chosen
-
-
-def _end_of_text(prompt) -> int | None:
-    """Position of the first end-of-text token of the prompt in the attention's text sequence."""
-    segment = prompt.segments[0]
-    tokenizer = segment.tokenizer
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return None
-    ids = list(tokenizer(prompt.prompt, truncation=True, max_length=segment.length)["input_ids"])
-    return segment.offset + ids.index(eos) if eos in ids else None
