@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import unwrap_module
 
 from .attention import attention, attention_with_lse, default_scale, key_probs
 from .errors import UsageError
-from .families import family_of
+from .families import family_of, refuse_without_sites
 from .sites import AttentionSite, downsampled
 from .tokens import PromptTokens
 
@@ -184,6 +184,8 @@ class Session:
         self.denoiser = unwrap_module(denoiser)  # a torch.compile wrapper: its sites are those of the module it wraps
         self.family = family_of(self.denoiser)
         self.sites: list[AttentionSite] = self.family.discover(self.denoiser)
+        if not self.sites:
+            refuse_without_sites(self.pipe, self.denoiser)
         self.step: StepState | None = None
         self._installed: dict[str, tuple[torch.nn.Module, object, object]] = {}  # site: module, original, ours
         self._active: dict[str, list[Controller]] = {}

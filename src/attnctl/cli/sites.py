@@ -25,7 +25,7 @@ def run(args) -> None:
     pipe = load_pipeline(args.model)
     session = Session(pipe, [])
     scale = getattr(pipe, "vae_scale_factor", 8)
-    sample = getattr(session.denoiser.config, "sample_size", 64)
+    sample = getattr(session.denoiser.config, "sample_size", None) or 64  # absent or None in some configs
     height, width = args.height or sample * scale, args.width or sample * scale
     patch = session.family.patch_size(session.denoiser)
     grid = (height // scale // patch, width // scale // patch)

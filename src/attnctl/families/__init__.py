@@ -10,13 +10,24 @@ from .sd3 import SD3Family
 from .unet import UNetFamily
 
 FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily()]
+SUPPORTED = ("supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
+             "(SD3/3.5), FluxTransformer2DModel (FLUX.1); to ask for another, open an issue naming the pipeline class")
 
 
 def family_of(denoiser) -> Family:
     for family in FAMILIES:
         if family.matches(denoiser):
             return family
+    raise UsageError(f"attnctl does not know the denoiser {type(denoiser).__name__}; {SUPPORTED}")
+
+
+def refuse_without_sites(pipe, denoiser) -> None:
+    """A denoiser of a known class whose attention is of another kind (Kandinsky 2.x: a UNet2DConditionModel whose
+    attention takes image embeddings through added key/value projections, no prompt tokens) has no sites: refused
+    before anything runs, naming what its attention is."""
+    processors = sorted({type(p).__name__ for p in getattr(denoiser, "attn_processors", {}).values()})
     raise UsageError(
-        f"attnctl does not know the denoiser {type(denoiser).__name__}; supported: UNet2DConditionModel "
-        "(SD 1.x/2.x, SDXL), SD3Transformer2DModel (SD3/3.5), FluxTransformer2DModel (FLUX.1)"
+        f"{type(pipe).__name__}: its {type(denoiser).__name__} has no attention over prompt tokens that attnctl "
+        f"knows (its attention processors: {', '.join(processors) or 'none'}; e.g. Kandinsky 2.x conditions on "
+        f"image embeddings); {SUPPORTED}"
     )
