@@ -7,11 +7,13 @@ import torch
 from attnctl.methods.ast_attention import TuningTables, direct_attention, fast_attention, reference_attention
 
 
-def make_case(text_first: bool, seed: int = 0, batch=2, heads=3, n_text=7, n_img=20, dim=8, dtype=torch.float64):
+def make_case(text_first: bool, seed: int = 0, batch=2, heads=3, n_text=7, n_img=20, dim=8, dtype=torch.float64,
+              n_context=0):
+    """`n_context` tokens after text and image: FLUX.1 Kontext's context image."""
     g = torch.Generator().manual_seed(seed)
-    n = n_text + n_img
-    text = slice(0, n_text) if text_first else slice(n_img, n)
-    image = slice(n_text, n) if text_first else slice(0, n_img)
+    n = n_text + n_img + n_context
+    text = slice(0, n_text) if text_first else slice(n_img, n_img + n_text)
+    image = slice(n_text, n_text + n_img) if text_first else slice(0, n_img)
     q, k, v = (torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64) * 1.5 for _ in range(3))
     img_label = torch.randint(0, 3, (batch, n_img), generator=g)
     i2t_label = torch.randint(-1, 3, (batch, n_text), generator=g)
@@ -73,6 +75,19 @@ def test_direct_and_fast_paths_equal_the_formula_float64(text_first, path, seed,
     assert out.dtype == torch.float64
     assert (out - want_out).abs().max() < 1e-12
     assert (probs.double() - want_probs).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("path", ["reference", "direct", "fast"])
+def test_context_tokens_are_keys_and_queries_left_plain(path):
+    """FLUX.1 Kontext's context-image tokens (after text and image) are never tuned: their rows are the plain softmax,
+    and as keys they get no bias; every other row follows the formula (the recipe knows nothing of them)."""
+    q, k, v, scale, tables = make_case(True, seed=3, n_context=9)
+    attend = {"reference": reference_attention, "direct": direct_attention, "fast": fast_attention}[path]
+    out, _ = attend(q, k, v, scale, tables)
+    want_out, _ = recipe(q, k, v, scale, tables)
+    assert (out - want_out).abs().max() < 1e-12
+    plain = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+    assert (out[:, :, -9:] - plain[:, :, -9:]).abs().max() < 1e-12
 
 
 def test_blocks_switched_off_leave_their_part_plain():

@@ -9,7 +9,7 @@ import torch
 import attnctl
 from attnctl import AST, Capture, UsageError
 
-from conftest import call_kwargs, run, tiny_pipe
+from conftest import call_kwargs, tiny_pipe
 
 
 def kandinsky22():
@@ -42,3 +42,31 @@ def test_kandinsky_is_refused_before_anything_changes():
         "supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
         "(SD3/3.5), FluxTransformer2DModel (FLUX.1); to ask for another, open an issue naming the pipeline class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
+
+
+def edit(pipe, context, prompt, kwargs):
+    return pipe(image=context, prompt=prompt, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def test_flux_kontext_context_tokens_are_neither_the_image_nor_tuned():
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    flux = tiny_pipe("flux")
+    pipe = FluxKontextPipeline(**flux.components)
+    context = Image.fromarray((np.random.default_rng(0).random((96, 64, 3)) * 255).astype(np.uint8))  # not 64x64
+    prompt = "a red dog and a grey cat"
+    kwargs = dict(call_kwargs("flux", steps=2), max_area=64 * 64, _auto_resize=False)  # else it generates 1024²
+    plain = edit(pipe, context, prompt, kwargs)
+    before = dict(pipe.transformer.attn_processors)
+    capture = Capture(["dog"])
+    with attnctl.apply(pipe, capture, prompt=prompt) as session:
+        image = edit(pipe, context, prompt, kwargs)
+        assert session.step.token_grid == (4, 4)  # 64² generated: 8 pixels per latent, 2x2 latents per token
+    assert np.array_equal(image, plain)
+    assert {tuple(m.shape[-2:]) for m in capture.maps().values()} == {(4, 4)}
+    layout = {"prompt": prompt, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]}
+    with attnctl.apply(pipe, AST(layout)):
+        tuned = edit(pipe, context, prompt, kwargs)
+    assert np.abs(tuned - plain).max() > 1e-3
+    assert dict(pipe.transformer.attn_processors) == before

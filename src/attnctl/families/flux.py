@@ -1,5 +1,8 @@
 """FLUX.1: FluxTransformer2DModel. Double-stream blocks join [text; image] inside the processor; single-stream blocks
-get the already joined sequence, whose text length comes from the denoiser's inputs (the step state)."""
+get the already joined sequence, whose text length comes from the denoiser's inputs (the step state). Pipelines that
+append other image tokens (FLUX.1 Kontext's context image, ids marked 1 in their first coordinate) get
+[text; image; context]: the image is the generated image's tokens only (its grid from the ids marked 0), and the
+context tokens take part in attention as the model's own keys and queries, neither captured nor tuned."""
 
 from __future__ import annotations
 
@@ -46,9 +49,10 @@ class FluxJointProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         n_text = encoder_hidden_states.shape[1] if joint_inside else self.session.step.text_len
+        h, w = self.session.step.token_grid  # the generated image's tokens; a context image's (Kontext) follow them
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = self.session.attend(
-            self.site, q, k, v, text=slice(0, n_text), image=slice(n_text, q.shape[2]), mask=attention_mask
+            self.site, q, k, v, text=slice(0, n_text), image=slice(n_text, n_text + h * w), mask=attention_mask
         )
         out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
@@ -120,6 +124,7 @@ class FluxFamily(Family):
 
     def token_grid(self, denoiser, args, kwargs):
         ids = argument(args, kwargs, "img_ids", 4)
+        ids = ids[ids[..., 0] == 0]  # the generated image; FLUX.1 Kontext marks its context image's tokens with 1
         return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
 
     def text_len(self, args, kwargs):

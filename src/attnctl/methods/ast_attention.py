@@ -46,8 +46,10 @@ class TuningTables:
     alpha_i2t: torch.Tensor | None  # (B, I)
     alpha_t2t: torch.Tensor | None  # (B, T)
 
-    def groups(self):
-        """(query slice, [(key slice, alpha (B, rows), query labels (B, rows), key labels (B, keys))])."""
+    def groups(self, n: int):
+        """(query slice, [(key slice, alpha (B, rows), query labels (B, rows), key labels (B, keys))]) for every query
+        row of a sequence of `n` tokens; rows outside the text and the image (FLUX.1 Kontext's context image) have no
+        blocks: their attention is the model's own."""
         image_keys = []
         if self.alpha_i2i is not None:
             image_keys.append((self.image, self.alpha_i2i, self.img_label, self.img_label))
@@ -56,7 +58,9 @@ class TuningTables:
         text_keys = []
         if self.alpha_t2t is not None:
             text_keys.append((self.text, self.alpha_t2t, self.t2t_label, self.t2t_label))
-        return [(self.image, image_keys), (self.text, text_keys)]
+        ends = sorted([(self.text.start, self.text.stop), (self.image.start, self.image.stop)])
+        others = [slice(a, b) for a, b in zip([0, ends[0][1], ends[1][1]], [ends[0][0], ends[1][0], n]) if a < b]
+        return [(self.image, image_keys), (self.text, text_keys)] + [(rows, []) for rows in others]
 
     def to(self, device) -> TuningTables:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -81,7 +85,7 @@ def reference_attention(q, k, v, scale, tables: TuningTables):
     batch, n = S.shape[0], S.shape[-1]
     M = torch.zeros(batch, 1, n, n, dtype=torch.float64)
     A = torch.zeros(batch, 1, n, n, dtype=torch.float64)
-    for rows, blocks in tables.groups():
+    for rows, blocks in tables.groups(q.shape[2]):
         for keys, alpha, q_lab, k_lab in blocks:
             M[:, 0, rows, keys] = (q_lab[:, :, None] == k_lab[:, None, :]).double()
             A[:, 0, rows, keys] = alpha.double()[:, :, None].expand(-1, -1, keys.stop - keys.start)
@@ -100,7 +104,7 @@ def direct_attention(q, k, v, scale, tables: TuningTables, chunk: int = DIRECT_C
     kc, vc = k.to(compute_dtype), v.to(compute_dtype)
     out = torch.empty(q.shape, dtype=compute_dtype, device=q.device)
     probs = _text_probs_buffer(q, tables) if want_text_probs else None
-    for rows, blocks in tables.groups():
+    for rows, blocks in tables.groups(q.shape[2]):
         for c in _chunks(rows, chunk):
             S = (q[:, :, c].to(compute_dtype) @ kc.transpose(-1, -2)) * scale
             P = torch.softmax(S, dim=-1)
@@ -139,7 +143,7 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
     vc = v.to(compute_dtype).reshape(batch * heads, n, dim)
     out = torch.empty(q.shape, dtype=compute_dtype, device=q.device)
     probs = _text_probs_buffer(q, tables) if want_text_probs else None
-    for rows, blocks in tables.groups():
+    for rows, blocks in tables.groups(q.shape[2]):
         for c in _chunks(rows, size):
             rows_c = c.stop - c.start
             local = _local(c, rows.start)
@@ -186,7 +190,7 @@ def _approximate_attention(q, k, v, scale, tables, budget, want_text_probs):
     size = max(16, (budget * heads) // max(1, batch * n))  # the mask has no head axis
     out = torch.empty_like(q)
     probs = _text_probs_buffer(q, tables) if want_text_probs else None
-    for rows, blocks in tables.groups():
+    for rows, blocks in tables.groups(q.shape[2]):
         for c in _chunks(rows, size):
             local = _local(c, rows.start)
             if not blocks:
