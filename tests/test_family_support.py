@@ -70,3 +70,36 @@ def test_flux_kontext_context_tokens_are_neither_the_image_nor_tuned():
         tuned = edit(pipe, context, prompt, kwargs)
     assert np.abs(tuned - plain).max() > 1e-3
     assert dict(pipe.transformer.attn_processors) == before
+
+
+class Passes(attnctl.Controller):
+    """An observer: per denoiser call, the step, the batch size and the conditional rows; per attention call whether
+    a method changed it."""
+
+    observer = True
+
+    def attach(self, session):
+        self.calls = []
+
+    def begin_step(self, step):
+        self.calls.append([step.index, step.batch_size, (step.cond_rows.start, step.cond_rows.stop), set()])
+
+    def __call__(self, call):
+        self.calls[-1][3].add(call.modified)
+
+
+def test_sd3_skip_layer_guidance_pass_is_neither_conditional_nor_tuned():
+    pipe = tiny_pipe("sd3")
+    prompt = "a red dog and a grey cat"
+    kwargs = call_kwargs("sd3", steps=3, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+                         skip_layer_guidance_stop=1.0)  # the extra pass at steps 1 and 2 (i > 0 and i < 3)
+    passes = Passes()
+    layout = {"prompt": prompt, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]}
+    with attnctl.apply(pipe, AST(layout), passes):
+        pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+    tuned = {False, True}  # the schedule leaves the first block alone
+    assert passes.calls == [
+        [0, 2, (1, 2), tuned],
+        [1, 2, (1, 2), tuned], [1, 1, (0, 0), {False}],  # the skip-layer pass: one row, left alone
+        [2, 2, (1, 2), tuned], [2, 1, (0, 0), {False}],
+    ]

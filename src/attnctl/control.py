@@ -45,7 +45,7 @@ class StepState:
     num_steps: int
     timestep: float  # the scheduler's timestep of this step (0..1000 scale)
     batch_size: int
-    cond_rows: slice  # rows of the batch that are conditioned on the prompt (CFG: the second half)
+    cond_rows: slice  # rows conditioned on the prompt (CFG: the second half; none in an uncond or guidance pass)
     token_grid: tuple[int, int]  # the denoiser's image token grid (latent grid after patchify)
     text_len: int | None  # joint models: number of text tokens in the sequence
     images_per_prompt: int = 1
@@ -270,7 +270,7 @@ class Session:
         timesteps = scheduler.timesteps
         index = _step_index(scheduler, self.family.timestep(args, kwargs))
         batch = self.family.batch_size(args, kwargs)
-        if context_name == "uncond":
+        if context_name == "uncond" or self.family.guidance_pass(args, kwargs):
             cond = slice(0, 0)
         elif getattr(self.pipe, "do_classifier_free_guidance", False) and batch % 2 == 0:
             cond = slice(batch // 2, batch)

@@ -70,3 +70,8 @@ class Family:
 
     def text_len(self, args, kwargs) -> int | None:
         return None
+
+    def guidance_pass(self, args, kwargs) -> bool:
+        """Whether this denoiser call is an extra guidance pass of the step (SD3.5's skip-layer guidance), which
+        methods leave alone and observers do not count as conditional, like an unconditional pass."""
+        return False

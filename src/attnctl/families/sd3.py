@@ -112,3 +112,6 @@ class SD3Family(Family):
 
     def text_len(self, args, kwargs):
         return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]
+
+    def guidance_pass(self, args, kwargs) -> bool:
+        return kwargs.get("skip_layers") is not None  # the pipeline's skip-layer guidance pass
