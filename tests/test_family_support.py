@@ -5,6 +5,7 @@ the image nor tuned."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import attnctl
 from attnctl import AST, Capture, UsageError
@@ -103,3 +104,99 @@ def test_sd3_skip_layer_guidance_pass_is_neither_conditional_nor_tuned():
         [1, 2, (1, 2), tuned], [1, 1, (0, 0), {False}],  # the skip-layer pass: one row, left alone
         [2, 2, (1, 2), tuned], [2, 1, (0, 0), {False}],
     ]
+
+
+# --- the support matrix: every cell is checked here, and the README's matrix is this table rendered ------------------
+def tiny_transformer(name):
+    """Denoisers of families attnctl does not support yet, tiny and random, in a stand-in pipeline."""
+    from types import SimpleNamespace
+
+    import diffusers
+
+    configs = {
+        "PixArtTransformer2DModel": dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                         caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8,
+                                         norm_type="ada_norm_single", use_additional_conditions=False),
+        "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                       attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                       cross_attention_dim=8, caption_channels=8, sample_size=8),
+        "ChromaTransformer2DModel": dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                                         approximator_hidden_dim=16, approximator_layers=1),
+        "QwenImageTransformer2DModel": dict(in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+                                            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
+    }
+    return SimpleNamespace(transformer=getattr(diffusers, name)(**configs[name]))
+
+
+def kontext():
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**tiny_pipe("flux").components)
+
+
+YES, EDITS, NO = "exact", "yes", "refused"
+SUPPORT = [  # family (pipeline), how to build a tiny one, capture, Regulation, AST
+    ("SD 1.x / 2.x", lambda: tiny_pipe("unet"), YES, EDITS, NO),
+    ("SDXL", lambda: tiny_pipe("sdxl"), YES, EDITS, NO),
+    ("SD3 / SD3.5", lambda: tiny_pipe("sd3"), YES, NO, EDITS),
+    ("FLUX.1 dev / schnell", lambda: tiny_pipe("flux"), YES, NO, EDITS),
+    ("FLUX.1 Kontext", kontext, YES, NO, EDITS),
+    ("Kandinsky 2.2", kandinsky22, NO, NO, NO),
+    ("PixArt-Σ", lambda: tiny_transformer("PixArtTransformer2DModel"), NO, NO, NO),
+    ("Sana", lambda: tiny_transformer("SanaTransformer2DModel"), NO, NO, NO),
+    ("Chroma", lambda: tiny_transformer("ChromaTransformer2DModel"), NO, NO, NO),
+    ("Qwen-Image", lambda: tiny_transformer("QwenImageTransformer2DModel"), NO, NO, NO),
+]
+PROMPT = "a red dog and a grey cat"
+CELL_TEXT = {YES: "yes, exact", EDITS: "yes", NO: "refused"}
+
+
+def support_matrix() -> str:
+    """The README's support matrix, rendered from SUPPORT."""
+    rows = ["| family | capture (token maps) | Attention Regulation | AST |", "|---|---|---|---|"]
+    rows += [f"| {name} | " + " | ".join(CELL_TEXT[c] for c in cells) + " |" for name, _, *cells in SUPPORT]
+    return "\n".join(rows)
+
+
+def generate(pipe, name, controllers):
+    kwargs = dict(call_kwargs("flux" if "FLUX" in name else "unet", steps=2), output_type="latent")
+    if "SD 1" in name or "SDXL" in name:
+        kwargs.update(height=256, width=256)  # Regulation's default layers at 8x8
+    if "Kontext" in name:
+        kwargs.update(image=Image.new("RGB", (64, 64), (200, 30, 30)), max_area=64 * 64, _auto_resize=False)
+    with attnctl.apply(pipe, *controllers, prompt=PROMPT):
+        return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@pytest.mark.parametrize("name, build, capture, regulation, ast", SUPPORT, ids=[row[0] for row in SUPPORT])
+def test_support_matrix(name, build, capture, regulation, ast):
+    from attnctl import Regulation
+
+    pipe = build()
+    layout = {"prompt": PROMPT, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]}
+    methods = {"capture": (capture, lambda: Capture(["dog"])),
+               "regulation": (regulation, lambda: Regulation(["dog", "cat"], edit_steps=2, iterations=2)),
+               "ast": (ast, lambda: AST(layout))}
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    before = dict(denoiser.attn_processors)
+    plain = generate(pipe, name, []) if capture != NO else None
+    for method, (cell, make) in methods.items():
+        if cell == NO:
+            with pytest.raises(UsageError):
+                generate(pipe, name, [make()])
+        else:
+            image = generate(pipe, name, [make()])
+            if cell == YES:
+                assert torch.equal(image, plain), method
+            else:
+                assert (image - plain).abs().max() > 1e-3, method
+        assert dict(denoiser.attn_processors) == before
+
+
+def test_the_readme_matrix_is_the_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert support_matrix() in readme, "paste support_matrix() into the README"
