@@ -98,3 +98,14 @@ def test_analysis_observers_of_a_cut_word(caplog):
     warned = {r.getMessage() for r in caplog.records}
     assert any(m.startswith("'instance tokens of a bird' is at token position 1") for m in warned), warned
     assert {r["role"] for r in hierarchy.rows} >= {"instance"}  # the cat's rows are still recorded
+
+
+def test_ast_does_not_take_the_end_token_for_a_phrase_token():
+    """With max_sequence_length 5, position 4 holds the end token, not "dog" (its token position in the prompt): the
+    region's phrase is wholly cut, which is an error, not a region tuned towards the end token."""
+    pipe = tiny_pipe("flux")
+    layout = {"prompt": PROMPT, "regions": [{"phrase": "cat", "box": [0, 0, 0.5, 1]},
+                                            {"phrase": "dog", "box": [0.5, 0, 1, 1]}]}
+    with pytest.raises(attnctl.UsageError, match=r"region 2 \('dog'\) lies beyond the 5 text tokens"):
+        with attnctl.apply(pipe, attnctl.AST(layout)):
+            run(pipe, PROMPT, **call_kwargs("flux", steps=1, max_sequence_length=5))

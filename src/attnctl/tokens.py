@@ -130,7 +130,7 @@ class PromptTokens:
         it, keeping its end token last, so a word beyond the limit gets no attention at all: that is a UsageError
         naming the word, its token position and the limit when the word was `requested`, and otherwise a logged
         warning (the positions left are returned)."""
-        cut = [p for p in positions if self._cut(p, n_text)]
+        cut = [p for p in positions if self.is_cut(p, n_text)]
         if not cut:
             return positions
         seg = next((s for s in self.segments if s.offset <= cut[0] < s.offset + s.length), self.segments[-1])
@@ -145,8 +145,9 @@ class PromptTokens:
         log.warning("%s; %s", where, "its map leaves out the cut tokens" if kept else "its map is empty")
         return kept
 
-    def _cut(self, position: int, n_text: int) -> bool:
-        """Whether sequence position `position` was cut from a text sequence of `n_text` tokens."""
+    def is_cut(self, position: int, n_text: int) -> bool:
+        """Whether sequence position `position` was cut from a text sequence of `n_text` tokens (the last kept
+        position of a cut segment holds its end token, not the prompt's token)."""
         for seg, count in zip(self.segments, self._counts):
             if seg.offset <= position < seg.offset + seg.length:
                 limit = n_text - seg.offset

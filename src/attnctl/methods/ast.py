@@ -223,6 +223,7 @@ class AST(Controller):
             raise UsageError("AST needs the prompt the pipeline is called with: pass prompt=... to attnctl.apply "
                              "(or omit it to use the layout's prompt)")
         self.bound = [self.layout.bind(p, self.config.role_parser) for p in session.prompts]
+        self._prompts = list(session.prompts)
         self._tables.clear()
         self._probs_sites = {s.name for s in session.sites
                              if any(c.observer and c.wants(s) for c in session.controllers)}
@@ -290,6 +291,7 @@ class AST(Controller):
 
     def _prompt_tables(self, prompt: int, grid, n_text: int, band: Band):
         bound = self.bound[min(prompt, len(self.bound) - 1)]
+        tokens = self._prompts[min(prompt, len(self._prompts) - 1)]
         labels = self.layout.labels(grid).flatten()
         n_img = labels.numel()
         n_regions = len(self.layout.regions)
@@ -304,7 +306,7 @@ class AST(Controller):
             rho_i2t = rho_img
         t2t = -(torch.arange(n_text) + 2)  # unique labels: the identity for tokens in no phrase
         i2t = torch.full((n_text,), -1, dtype=torch.long)
-        keep = lambda ps: [p for p in ps if p < n_text]  # noqa: E731
+        keep = lambda ps: [p for p in ps if not tokens.is_cut(p, n_text)]  # noqa: E731
         for r, region in enumerate(bound.regions, start=1):
             phrase = keep(region.phrase)
             if not phrase:
