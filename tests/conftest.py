@@ -22,6 +22,10 @@ def tiny_pipe(name: str):
     return _cache[name]
 
 
+def denoiser_of(name, pipe):
+    return pipe.unet if name in ("unet", "sdxl") else pipe.transformer
+
+
 def call_kwargs(name: str, steps: int = 3, **extra):
     kwargs = dict(height=64, width=64, num_inference_steps=steps, output_type="np")
     if name == "flux":

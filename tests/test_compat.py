@@ -11,13 +11,9 @@ import attnctl
 from attnctl import Capture, UsageError
 from attnctl.control import Session
 
-from conftest import call_kwargs, run, tiny_pipe
+from conftest import call_kwargs, denoiser_of, run, tiny_pipe
 
 PROMPT = "a red dog and a grey cat"
-
-
-def denoiser_of(name, pipe):
-    return pipe.unet if name in ("unet", "sdxl") else pipe.transformer
 
 
 def pipeline_state(denoiser):

@@ -8,7 +8,7 @@ import torch
 import attnctl
 from attnctl import AST, Capture, Regulation
 
-from conftest import call_kwargs, run, tiny_pipe
+from conftest import call_kwargs, denoiser_of, run, tiny_pipe
 
 PROMPT = "a red dog and a grey cat"
 EMBED_DIM = 8
@@ -21,7 +21,7 @@ def load_random_ip_adapter(pipe, name):
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
-    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    denoiser = denoiser_of(name, pipe)
     saved = dict(denoiser.attn_processors)
     generator = torch.manual_seed(1)
     processors = {}
@@ -47,7 +47,7 @@ def load_random_ip_adapter(pipe, name):
 
 
 def unload(pipe, name, saved):
-    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    denoiser = denoiser_of(name, pipe)
     denoiser.set_attn_processor(dict(saved))
     denoiser.encoder_hid_proj = None
     if name == "unet":
@@ -80,13 +80,13 @@ def test_capture_leaves_the_ip_adapter_image_bit_identical_and_sees_only_the_tex
     kwargs = call_kwargs(name, **image_prompt(name))
     expected = run(pipe, PROMPT, **kwargs)
     assert not np.array_equal(expected, plain_image)  # the adapter does change the image
-    processors = dict((pipe.unet if name == "unet" else pipe.transformer).attn_processors)
+    processors = dict(denoiser_of(name, pipe).attn_processors)
     keys = KeyCounts()
     with attnctl.apply(pipe, Capture(["dog", "cat"]), keys, prompt=PROMPT) as session:
         image = run(pipe, PROMPT, **kwargs)
         text_len = session.step.text_len or 77
     assert np.array_equal(image, expected)
-    assert dict((pipe.unet if name == "unet" else pipe.transformer).attn_processors) == processors  # restored
+    assert dict(denoiser_of(name, pipe).attn_processors) == processors  # restored
     # every call's text is the prompt's tokens alone, and its probabilities are a distribution over them plus (joint
     # attention) the image tokens: the adapter's image tokens are in neither
     assert keys.text_lengths == {text_len}

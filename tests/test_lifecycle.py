@@ -9,7 +9,7 @@ import torch
 import attnctl
 from attnctl import AST, Capture, Regulation
 
-from conftest import call_kwargs, run, tiny_pipe
+from conftest import call_kwargs, denoiser_of, run, tiny_pipe
 
 PROMPT = "a red dog and a grey cat"
 LAYOUT = {"prompt": PROMPT, "background": "",
@@ -35,7 +35,7 @@ def cycle(name: str, controllers, generations: int):
     image is kept: an image holds a tensor)."""
     torch._dynamo.reset()  # compiled graphs of earlier tests are freed now, not during the count
     pipe = tiny_pipe(name)
-    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    denoiser = denoiser_of(name, pipe)
     processors, n_hooks = dict(denoiser.attn_processors), hooks(denoiser)
     kwargs = call_kwargs(name, steps=2)
     first_plain, same, alive = None, True, []

@@ -100,11 +100,16 @@ def _items(value) -> list | None:
         return None
 
 
+def comma_list(text: str) -> list[str]:
+    """'cat, dog#2' -> ['cat', 'dog#2']: a comma-separated flag value, blanks dropped."""
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
 def word_list(words, name: str) -> list[str]:
     """`words` (a list of words of the prompt, or one comma-separated string) as a list; a UsageError naming
     `name` unless every word is a non-empty string."""
     if isinstance(words, str):
-        words = [w.strip() for w in words.split(",") if w.strip()]
+        words = comma_list(words)
     items = _items(words)
     if items is None or not all(isinstance(w, str) and w.strip() for w in items):
         raise UsageError(f"{name} must be a list of words of the prompt such as [\"cat\", \"dog\"] (or \"cat,dog\"), "

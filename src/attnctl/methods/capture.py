@@ -12,14 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import build, check, option, step_indices, word_list
+from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
-
-
-def parse_words(text: str) -> list[str]:
-    """'cat,dog#2' -> ['cat', 'dog#2']."""
-    return [w.strip() for w in text.split(",") if w.strip()]
 
 
 def parse_steps(text: str) -> list[int]:
@@ -38,7 +33,7 @@ def parse_steps(text: str) -> list[int]:
 class CaptureConfig:
     """What `Capture` records (docs/methods.md §3)."""
 
-    words: list = option([], "words of the prompt to map (word#2 for a repeat)", parse=parse_words)
+    words: list = option([], "words of the prompt to map (word#2 for a repeat)", parse=comma_list)
     steps: list | None = option(None, "step indices to average, e.g. 0-9 or 0,5,10", parse=parse_steps,
                                 flag="map-steps", shown_default="every step")
     sites: object = option(None, "site names, or a predicate on a site", cli=False, shown_default="every site")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import build, check, option, step_indices, word_list
+from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 from . import regulation_math
@@ -83,10 +83,6 @@ class _Group:
         self.prompt, self.rows, self.targets, self.eos = prompt, rows, targets, eos
 
 
-def _word_list(text: str) -> list[str]:
-    return [w.strip() for w in text.split(",") if w.strip()]
-
-
 @dataclass
 class RegulationConfig:
     """Every option of Attention Regulation, with the paper's defaults (docs/methods.md §1).
@@ -98,10 +94,10 @@ class RegulationConfig:
     targets: list | None = option(
         None, "words of the prompt to regulate (every sub-token of a word is a target; word#2 for a repeat), one list "
         "for all prompts or one list per prompt; None chooses each prompt's nouns (an attnctl extension)",
-        parse=_word_list, shown_default="the prompt's nouns")
+        parse=comma_list, shown_default="the prompt's nouns")
     layers: tuple | None = option(
         None, "cross-attention layers to edit: stages such as down_blocks.2, site-name prefixes, or 'all'",
-        parse=_word_list, shown_default="the coarsest cross-attention stages outside the mid block: SD 1.x/2.x "
+        parse=comma_list, shown_default="the coarsest cross-attention stages outside the mid block: SD 1.x/2.x "
         "down_blocks.2, up_blocks.1 (the paper's 16x16 layers at 512²), SDXL down_blocks.2, up_blocks.0")
     edit_steps: int | tuple | None = option(
         None, "edit the first N denoising steps (API: or a collection of step indices); more than the run has is an "
