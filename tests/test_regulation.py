@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import attnctl
-from attnctl.methods.regulation import Regulation, RegulationConfig, choose_targets
+from attnctl.methods.regulation import Regulation, RegulationConfig
+from attnctl.methods.targets import choose_targets
 
 from conftest import run, tiny_pipe
 

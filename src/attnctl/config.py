@@ -26,7 +26,8 @@ def option(default: Any, help: str, *, symbol: str | None = None, flag: str | No
            parse: Callable[[str], Any] | None = None, choices: tuple | None = None, cli: bool = True,
            shown_default: str | None = None, low: float | None = None, high: float | None = None):
     """A config field. `help` says what it means; `symbol` is the paper's symbol; `flag` replaces the field name on
-    the command line; `parse` turns the flag's text into the field's value (default: the type of `default`);
+    the command line (one starting with -- is used as it is, without the config's prefix: a flag that methods share,
+    such as --targets); `parse` turns the flag's text into the field's value (default: the type of `default`);
     `choices` are the allowed values; `cli=False` keeps the field off the command line; `shown_default` describes a
     default that is not a plain value (such as None meaning "chosen per model"); `low` and `high` bound a number
     (inclusive). Numbers must be finite and of the field's kind (`check`)."""
@@ -143,12 +144,13 @@ def _prefix(config_class) -> str:
 
 
 def _flag(field: dataclasses.Field, prefix: str) -> str:
-    return "--" + prefix + (field.metadata.get("flag") or field.name.replace("_", "-"))
+    flag = field.metadata.get("flag") or field.name.replace("_", "-")
+    return flag if flag.startswith("--") else "--" + prefix + flag
 
 
 def _dest(field: dataclasses.Field, prefix: str) -> str:
     # its own namespace: a field may share its name with another option of the command (Regulation's `seed`)
-    return f"{prefix or 'option-'}{field.name}"
+    return "option" + _flag(field, prefix)
 
 
 def cli_fields(config_class) -> list[dataclasses.Field]:
@@ -172,6 +174,8 @@ def add_arguments(parser, config_class, title: str | None = None) -> None:
         help_text = f"{meta['help']} (default: {shown}" + (f"; {meta['symbol']} in the paper)" if meta.get("symbol")
                                                              else ")")
         flag = _flag(field, prefix)
+        if flag in parser._option_string_actions:
+            continue  # shared with a method added before (--targets): one flag, read by both configs
         kwargs: dict[str, Any] = dict(dest=_dest(field, prefix), default=argparse.SUPPRESS,
                                       help=help_text.replace("%", "%%"))
         if isinstance(default, bool):

@@ -131,8 +131,24 @@ class Controller:
     def __call__(self, call: AttentionCall) -> None:
         """Inspect or modify one attention call."""
 
+    def prepare_call(self, session: Session, args: tuple, kwargs: dict) -> dict:
+        """The pipeline's keyword arguments for a run through `session(...)`, with what this controller adds (a
+        method that moves the latents adds its step callback and initial latents)."""
+        return kwargs
+
+    def exclusive_call(self, call: AttentionCall) -> None:
+        """An attention call of a denoiser forward this controller runs itself (`Session.exclusive`)."""
+
     def detach(self) -> None:
         """Called when the session ends."""
+
+
+class _FirstCall(Exception):
+    """Stops a probing run at its first denoiser call, carrying that call's inputs."""
+
+    def __init__(self, args, kwargs):
+        super().__init__("first denoiser call")
+        self.args, self.kwargs = args, kwargs
 
 
 class _ContextState(BaseState):
@@ -153,8 +169,14 @@ class _StepHook(ModelHook):
 
     @torch.compiler.disable  # under torch.compile, the per-step Python state must not become guards (recompiles)
     def pre_forward(self, module, *args, **kwargs):
+        session = self.session
+        if session._probing:
+            raise _FirstCall(args, kwargs)
+        if session._exclusive is not None:
+            session._exclusive_grid = session.family.token_grid(session.denoiser, args, kwargs)
+            return args, kwargs
         context = self.contexts._context
-        self.session._begin_call(args, kwargs, context.name if context is not None else None)
+        session._begin_call(args, kwargs, context.name if context is not None else None)
         return args, kwargs
 
     def reset_state(self, module):
@@ -195,6 +217,17 @@ class Session:
         self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
         self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
         self._had_forward = "forward" in self.denoiser.__dict__
+        self.inputs: tuple[tuple, dict] | None = None  # the arguments of the last denoiser call of a run
+        self._probing = False
+        self._exclusive: Controller | None = None
+        self._exclusive_grid: tuple[int, int] | None = None
+
+    def __call__(self, *args, **kwargs):
+        """Run the pipeline with what the controllers add to its arguments (`Controller.prepare_call`). The same as
+        `pipe(*args, **kwargs)` for every controller but those that move the latents (Attend-and-Excite)."""
+        for c in self.controllers:
+            kwargs = c.prepare_call(self, args, kwargs)
+        return self.pipe(*args, **kwargs)
 
     # --- public helpers for controllers -------------------------------------------------------------
     def site(self, name: str) -> AttentionSite:
@@ -202,6 +235,36 @@ class Session:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+    def first_denoiser_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, StepState]:
+        """Start the pipeline with `args` and `kwargs` and stop it at its first denoiser call, before any step is
+        taken: that call's arguments and batch layout. Text encoding and the initial latents are done as the run
+        would do them, so a generator given in `kwargs` advances as the run's own draws advance it."""
+        config = getattr(self.pipe, "_progress_bar_config", None)
+        self.pipe.set_progress_bar_config(**{**(config or {}), "disable": True})
+        self._probing = True
+        try:
+            self.pipe(*args, **kwargs)
+        except _FirstCall as first:
+            return first.args, first.kwargs, self._step_state(first.args, first.kwargs, None)
+        finally:
+            self._probing = False
+            if config is None:
+                del self.pipe._progress_bar_config
+            else:
+                self.pipe._progress_bar_config = config
+        raise UsageError("the pipeline returned without calling its denoiser (0 denoising steps?); attnctl's "
+                         "methods act inside denoising steps")
+
+    @contextlib.contextmanager
+    def exclusive(self, controller: Controller):
+        """Within the block, denoiser forwards that `controller` runs itself (Attend-and-Excite's gradient pass) begin
+        no step and give their attention calls to its `exclusive_call` alone; their outputs are the plain ones."""
+        self._exclusive = controller
+        try:
+            yield
+        finally:
+            self._exclusive, self._exclusive_grid = None, None
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -266,6 +329,17 @@ class Session:
                 "(attention slicing, IP-Adapter, set_attn_processor) before entering `with attnctl.apply(...)` or "
                 "after leaving it."
             )
+        self.step = self._step_state(args, kwargs, context_name)
+        self.inputs = (args, kwargs)
+        timesteps = self.pipe.scheduler.timesteps
+        new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
+        self._timesteps = timesteps
+        for c in self.controllers:
+            if new_run:
+                c.begin_run()
+            c.begin_step(self.step)
+
+    def _step_state(self, args, kwargs, context_name) -> StepState:
         scheduler = self.pipe.scheduler
         timesteps = scheduler.timesteps
         index = _step_index(scheduler, self.family.timestep(args, kwargs))
@@ -277,8 +351,7 @@ class Session:
         else:
             cond = slice(0, batch)
         n_cond = cond.stop - cond.start
-        per_prompt = max(1, n_cond // max(1, len(self.prompts)))
-        self.step = StepState(
+        return StepState(
             index=index,
             num_steps=len(timesteps),
             timestep=float(timesteps[min(index, len(timesteps) - 1)]),
@@ -286,14 +359,8 @@ class Session:
             cond_rows=cond,
             token_grid=self.family.token_grid(self.denoiser, args, kwargs),
             text_len=self.family.text_len(args, kwargs),
-            images_per_prompt=per_prompt,
+            images_per_prompt=max(1, n_cond // max(1, len(self.prompts))),
         )
-        new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
-        self._timesteps = timesteps
-        for c in self.controllers:
-            if new_run:
-                c.begin_run()
-            c.begin_step(self.step)
 
     @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile
     def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:
@@ -304,6 +371,12 @@ class Session:
                               stacklevel=1)
                 self._warned_mask = True
             return attention(q, k, v, mask=mask)
+        if self._exclusive is not None:
+            grid = grid_of(image.stop - image.start, self._exclusive_grid, site)
+            call = AttentionCall(site, None, q, k, v, text=text, image=image, grid=grid)
+            if self._exclusive in self._active[site.name]:
+                self._exclusive.exclusive_call(call)
+            return call.output()
         grid = grid_of(image.stop - image.start, self.step.token_grid, site)
         call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid)
         for c in self._active[site.name]:

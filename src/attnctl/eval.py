@@ -10,6 +10,8 @@ Categories (every prompt but the seen pairs and single objects uses combinations
                   three bound;
 - layout:         "a red circle to the left of a blue square" — success: both bound, each mostly inside its region
                   (the half of the image the relation names; AST is given those regions as its layout).
+Methods: none (the plain model), regulation, attend-excite (UNet model), ast (MMDiT model). Each arm's wall time per
+image is recorded, and its ratio to the plain arm on the same model (the arms run one after another in one process).
 Each (prompt, seed) is one sample; rates come with 95% Wilson intervals. Regulation selects its best iterate per
 image (`selection="image"`), which is what the reference does at its only batch size, 1, while letting us batch seeds.
 With several processes (`accelerate launch -m attnctl.cli eval ...`), prompts are split between them.
@@ -26,6 +28,7 @@ import csv
 import itertools
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +146,10 @@ def controllers_for(arm: Arm, case: Case) -> list:
         from .methods.regulation import Regulation
 
         return [Regulation(targets=[s for _, s in case.objects], **{"selection": "image", **options})]
+    if arm.method == "attend-excite":
+        from .methods.attend_excite import AttendAndExcite
+
+        return [AttendAndExcite(targets=[s for _, s in case.objects], **options)]
     if arm.method == "ast":
         from .methods.ast import AST
 
@@ -218,9 +225,11 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, 
                 case = cases[i]
                 generators = [torch.Generator().manual_seed(1000 * s + i) for s in seeds]
                 observers = observers_for(arm, case, pipe) if measure else []
-                with apply(pipe, *controllers_for(arm, case), *observers, prompt=case.prompt):
-                    images = pipe(case.prompt, num_images_per_prompt=len(seeds), generator=generators,
-                                  num_inference_steps=steps, guidance_scale=guidance, output_type="pil").images
+                with apply(pipe, *controllers_for(arm, case), *observers, prompt=case.prompt) as session:
+                    start = time.perf_counter()
+                    images = session(case.prompt, num_images_per_prompt=len(seeds), generator=generators,
+                                     num_inference_steps=steps, guidance_scale=guidance, output_type="pil").images
+                    seconds = (time.perf_counter() - start) / len(images)
                 attention = attention_columns(observers, len(images))
                 for seed, image, measured in zip(seeds, images, attention):
                     s = score_case(case, image)
@@ -230,6 +239,7 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, 
                                      "present": int(s["present"]), "bound": int(s["bound"]),
                                      "inside": int(s["inside"]), "relation": int(s["relation"]),
                                      "mean_iou": round(s["mean_iou"], 4), "count": s["count"],
+                                     "seconds": round(seconds, 4),
                                      **{k: round(v, 5) for k, v in measured.items()}})
     return _gather(rows, state)
 
@@ -263,6 +273,20 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def time_ratios(rows: list[dict]) -> dict[str, dict]:
+    """Per arm: mean seconds per image (over its distinct samples) and the ratio to the plain arm on its model."""
+    seconds: dict[str, dict] = {}
+    for row in rows:
+        if "seconds" in row:
+            seconds.setdefault(row["method"], {"model": row["model"], "samples": {}})["samples"][
+                (row["prompt"], row["seed"])] = row["seconds"]
+    means = {label: (entry["model"], float(np.mean(list(entry["samples"].values())))) for label, entry in
+             seconds.items()}
+    plain = {model: mean for label, (model, mean) in means.items() if label.startswith("none ")}
+    return {label: {"seconds": mean, "ratio": mean / plain[model] if model in plain else float("nan")}
+            for label, (model, mean) in means.items()}
+
+
 def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
@@ -281,6 +305,12 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
     lines += ["", "Success rate [95% Wilson interval] (samples = prompts x seeds). See attnctl/eval.py for what "
               "counts as success in each category.", ""]
     lines += attention_table(summary)
+    timing = time_ratios(rows)
+    if timing:
+        lines += ["", "| method (model) | seconds per image | time vs plain |", "|---|---|---|"]
+        lines += [f"| {label} | {t['seconds']:.3f} | {t['ratio']:.2f}× |" for label, t in timing.items()]
+        lines += ["", "Wall time per image, the arms run one after another in this process (a ratio is only as "
+                  "steady as the machine was)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     from .viz import eval_figure
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import add_arguments, build, describe, flag_of, given_arguments
 from ..errors import UsageError
 from ..methods.ast import AST, ASTConfig
+from ..methods.attend_excite import AttendAndExcite, AttendExciteConfig
 from ..methods.regulation import Regulation, RegulationConfig
 
 
@@ -21,7 +22,8 @@ class MethodOptions:
     config: type
 
 
-METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig), "ast": MethodOptions(AST, ASTConfig)}
+METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig), "ast": MethodOptions(AST, ASTConfig),
+           "attend-excite": MethodOptions(AttendAndExcite, AttendExciteConfig)}
 
 
 def add_model_options(parser, default_model: str) -> None:
@@ -150,8 +152,8 @@ def generate(pipe, prompt, args, controllers=()):
     from ..control import apply
 
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    with apply(pipe, *controllers, prompt=prompt):
-        return pipe(prompt, generator=generator, **call_kwargs(args, pipe)).images
+    with apply(pipe, *controllers, prompt=prompt) as session:
+        return session(prompt, generator=generator, **call_kwargs(args, pipe)).images
 
 
 def save_images(images, out: Path, stem: str = "image") -> list[Path]:

@@ -9,14 +9,16 @@ from ..config import argument_type, build, given_arguments
 from ..errors import UsageError
 from .common import MAX_STEPS, METHODS, add_method_options, bounded
 
-METHOD_NAMES = ("none", "regulation", "ast")
+METHOD_NAMES = ("none", "regulation", "attend-excite", "ast")
+UNET_METHODS = ("regulation", "attend-excite")
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="compare methods on held-out shapes-world prompts, scored exactly")
     p.add_argument("--suite", choices=["shapes"], default="shapes")
     p.add_argument("--methods", default="none,regulation,ast",
-                   help="comma-separated: none, regulation (on the UNet model), ast (on the MMDiT model); "
+                   help="comma-separated: none, regulation and attend-excite (on the UNet model), ast (on the MMDiT "
+                        "model); "
                         "'none' is the plain model each method runs on (the UNet model when alone)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
@@ -58,7 +60,7 @@ def _categories(text: str) -> list[str]:
 
 def _method_options(args) -> dict[str, dict]:
     given = {name: given_arguments(METHODS[name].config, args) for name in METHODS}
-    if "targets" in given["regulation"]:
+    if any("targets" in options for options in given.values()):
         raise UsageError("--targets does not apply to eval: each prompt's shape words are the targets")
     for name, options in given.items():
         build(METHODS[name].config, None, **options)  # bad values fail here, before any model loads
@@ -127,8 +129,8 @@ def run(args) -> None:
     if unknown or not names:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
                          f"{', '.join(METHOD_NAMES)}")
-    unet = "regulation" in names or "ast" not in names
-    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", "regulation") and unet]
+    unet = any(m in UNET_METHODS for m in names) or "ast" not in names
+    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", *UNET_METHODS) and unet]
     if "ast" in names:
         arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [Arm("ast", args.mmdit_model,
                                                                                     options["ast"])]

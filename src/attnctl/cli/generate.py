@@ -42,16 +42,18 @@ def register(sub) -> None:
 
 
 def _refuse_other_methods(args) -> None:
+    own = set(given_method_flags(args, args.method)) if args.method in METHODS else {"--targets"}  # none: the maps'
     for name in METHODS:
-        flags = given_method_flags(args, name)
-        if name != args.method and flags and not (args.method == "none" and flags == ["--targets"]):
+        flags = [f for f in given_method_flags(args, name) if f not in own]
+        if name != args.method and flags:
             raise UsageError(f"{', '.join(flags)} belong to --method {name}, not --method {args.method}")
 
 
 def _controller(args):
     """The method's controller, its prompt, the words to map and whether they were named (not chosen automatically);
     checked before the model loads."""
-    from ..methods.regulation import RegulationConfig, choose_targets
+    from ..methods.regulation import RegulationConfig
+    from ..methods.targets import choose_targets
 
     if args.method == "ast":
         from ..layout import Layout
@@ -74,11 +76,11 @@ def _controller(args):
         raise UsageError(f"--prompt is required with --method {args.method}")
     if args.method == "none":
         return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or []), True
-    config = method_config("regulation", args, resolve_model(args))
+    config = method_config(args.method, args, resolve_model(args))
     named = config.targets is not None
     if not named:
-        config = dataclasses.replace(config, targets=choose_targets(args.prompt))
-    return METHODS["regulation"].controller(config=config), args.prompt, list(config.targets), named
+        config = dataclasses.replace(config, targets=choose_targets(args.prompt, args.method))
+    return METHODS[args.method].controller(config=config), args.prompt, list(config.targets), named
 
 
 def run(args) -> None:

@@ -34,6 +34,7 @@ from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 from . import regulation_math
+from .targets import TARGETS_HELP, normalise_targets, target_positions, targets_per_prompt
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,7 @@ class RegulationConfig:
         Regulation(config=config)          # or Regulation(["cat", "dog"], layers=...): the same fields as keywords
     """
 
-    targets: list | None = option(
-        None, "words of the prompt to regulate (every sub-token of a word is a target; word#2 for a repeat), one list "
-        "for all prompts or one list per prompt; None chooses each prompt's nouns (an attnctl extension)",
-        parse=comma_list, shown_default="the prompt's nouns")
+    targets: list | None = option(None, TARGETS_HELP, parse=comma_list, shown_default="the prompt's nouns")
     layers: tuple | None = option(
         None, "cross-attention layers to edit: stages such as down_blocks.2, site-name prefixes, or 'all'",
         parse=comma_list, shown_default="the coarsest cross-attention stages outside the mid block: SD 1.x/2.x "
@@ -131,7 +129,7 @@ class RegulationConfig:
 
     def __post_init__(self):
         check(self)
-        self.targets = _normalise_targets(self.targets)
+        self.targets = normalise_targets(self.targets)
         self.layers = _normalise_layers(self.layers)
         self.edit_steps = _normalise_steps(self.edit_steps)
         self.iterations = int(self.iterations)
@@ -178,12 +176,7 @@ class Regulation(Controller):
         per_prompt = self._targets_per_prompt(session.prompts)
         self._positions, self._eos = [], []
         for prompt, words in zip(session.prompts, per_prompt):
-            positions: list[int] = []
-            for word in words:
-                for p in prompt.word_positions(word):  # UsageError listing the prompt's tokens if absent
-                    if p not in positions:
-                        positions.append(p)
-            self._positions.append(positions)
+            self._positions.append(target_positions(prompt, words))
             self._eos.append(prompt.end_of_text)
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
@@ -313,49 +306,13 @@ class Regulation(Controller):
         return set(edit_steps)
 
     def _targets_per_prompt(self, prompts) -> list[list[str]]:
-        targets = self.config.targets
-        if targets is None:
-            chosen = [choose_targets(p.prompt) for p in prompts]
-            if self.target_words is None and len({tuple(c) for c in chosen}) == 1:
-                self.target_words = list(chosen[0])
-            return chosen
-        if isinstance(targets[0], str):
-            return [list(targets)] * len(prompts)
-        if len(targets) != len(prompts):
-            raise UsageError(f"targets were given for {len(targets)} prompts but the batch has "
-                             f"{len(prompts)} prompts; give one list for all prompts or one per prompt")
-        return [list(t) for t in targets]
-
-
-def choose_targets(prompt: str) -> list[str]:
-    """The nouns of `prompt` as Regulation's targets (an attnctl extension: the paper's method is given them)."""
-    from ..nouns import choose_nouns, tagger_name
-
-    words = choose_nouns(prompt)
-    if not words:
-        raise UsageError(f"no nouns found in the prompt {prompt!r}; name the targets (targets=[...] or "
-                         "--targets w1,w2)")
-    log.info("Regulation targets for %r: %s (nouns chosen by the %s tagger: an attnctl extension, the paper's method "
-             "is given targets; set them with targets=[...] or --targets)", prompt, ", ".join(words), tagger_name())
-    return words
+        chosen = targets_per_prompt(self.config.targets, prompts, "Regulation")
+        if self.target_words is None and len({tuple(c) for c in chosen}) == 1:
+            self.target_words = list(chosen[0])
+        return chosen
 
 
 # --- input checks ------------------------------------------------------------------------------------------------
-
-def _normalise_targets(targets):
-    if targets is None:
-        return None
-    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, (list, tuple)) for t in targets):
-        per_prompt = [word_list(t, "targets (one list of words per prompt)") for t in targets]
-        if not all(per_prompt):
-            raise UsageError("targets has an empty list of words for a prompt: name at least one word of each prompt")
-        return [[x.strip() for x in t] for t in per_prompt]
-    words = word_list(targets, "targets")
-    if not words:
-        raise UsageError("targets is empty: name at least one word of the prompt, or pass targets=None to choose "
-                         "the prompt's nouns")
-    return [t.strip() for t in words]
-
 
 def _normalise_layers(layers) -> tuple[str, ...] | None:
     if layers is None:
