@@ -10,7 +10,8 @@ Categories (every prompt but the seen pairs and single objects uses combinations
                   three bound;
 - layout:         "a red circle to the left of a blue square" — success: both bound, each mostly inside its region
                   (the half of the image the relation names; AST is given those regions as its layout).
-Methods: none (the plain model), regulation, attend-excite (UNet model), ast (MMDiT model). Each arm's wall time per
+Methods: none (the plain model), regulation, attend-excite (UNet model), ast, layout-modulation (MMDiT model; both
+layout methods get each case's boxes as their layout). Each arm's wall time per
 image is recorded, and its ratio to the plain arm on the same model (the arms run one after another in one process).
 Each (prompt, seed) is one sample; rates come with 95% Wilson intervals. Regulation selects its best iterate per
 image (`selection="image"`), which is what the reference does at its only batch size, 1, while letting us batch seeds.
@@ -154,6 +155,10 @@ def controllers_for(arm: Arm, case: Case) -> list:
         from .methods.ast import AST
 
         return [AST(case_layout(case), **options)]
+    if arm.method == "layout-modulation":
+        from .methods.layout_modulation import LayoutModulation
+
+        return [LayoutModulation(case_layout(case), **options)]
     raise ValueError(arm.method)
 
 

@@ -11,6 +11,7 @@ from ..config import add_arguments, build, describe, flag_of, given_arguments
 from ..errors import UsageError
 from ..methods.ast import AST, ASTConfig
 from ..methods.attend_excite import AttendAndExcite, AttendExciteConfig
+from ..methods.layout_modulation import LayoutModulation, LayoutModulationConfig
 from ..methods.regulation import Regulation, RegulationConfig
 
 
@@ -23,7 +24,9 @@ class MethodOptions:
 
 
 METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig), "ast": MethodOptions(AST, ASTConfig),
-           "attend-excite": MethodOptions(AttendAndExcite, AttendExciteConfig)}
+           "attend-excite": MethodOptions(AttendAndExcite, AttendExciteConfig),
+           "layout-modulation": MethodOptions(LayoutModulation, LayoutModulationConfig)}
+LAYOUT_METHODS = ("ast", "layout-modulation")  # given a layout; on the built-in MMDiT model by default
 
 
 def add_model_options(parser, default_model: str) -> None:

@@ -9,16 +9,17 @@ from ..config import argument_type, build, given_arguments
 from ..errors import UsageError
 from .common import MAX_STEPS, METHODS, add_method_options, bounded
 
-METHOD_NAMES = ("none", "regulation", "attend-excite", "ast")
+METHOD_NAMES = ("none", "regulation", "attend-excite", "ast", "layout-modulation")
 UNET_METHODS = ("regulation", "attend-excite")
+MMDIT_METHODS = ("ast", "layout-modulation")
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="compare methods on held-out shapes-world prompts, scored exactly")
     p.add_argument("--suite", choices=["shapes"], default="shapes")
     p.add_argument("--methods", default="none,regulation,ast",
-                   help="comma-separated: none, regulation and attend-excite (on the UNet model), ast (on the MMDiT "
-                        "model); "
+                   help="comma-separated: none, regulation and attend-excite (on the UNet model), ast and "
+                        "layout-modulation (on the MMDiT model); "
                         "'none' is the plain model each method runs on (the UNet model when alone)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
@@ -129,11 +130,12 @@ def run(args) -> None:
     if unknown or not names:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
                          f"{', '.join(METHOD_NAMES)}")
-    unet = any(m in UNET_METHODS for m in names) or "ast" not in names
+    mmdit = [m for m in names if m in MMDIT_METHODS]
+    unet = any(m in UNET_METHODS for m in names) or not mmdit
     arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", *UNET_METHODS) and unet]
-    if "ast" in names:
-        arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [Arm("ast", args.mmdit_model,
-                                                                                    options["ast"])]
+    if mmdit:
+        arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [
+            Arm(m, args.mmdit_model, options[m]) for m in mmdit]
     rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=args.device,
                      measure=not args.no_attention)
     if not PartialState().is_main_process:

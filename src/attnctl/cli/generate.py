@@ -10,6 +10,7 @@ from ..config import given_arguments
 from ..errors import UsageError
 from ..methods.capture import Capture
 from .common import (
+    LAYOUT_METHODS,
     METHODS,
     add_method_options,
     add_model_options,
@@ -30,9 +31,10 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images with an attention-control method")
     add_model_options(p, DEFAULT_MODEL)
     p.add_argument("--method", choices=["none", *METHODS], default="regulation")
-    p.add_argument("--prompt", default=None, help="the prompt (AST takes it from the layout)")
+    p.add_argument("--prompt", default=None, help="the prompt (AST and layout-modulation take it from the layout)")
     p.add_argument("--layout", default=None,
-                   help="AST: layout JSON with prompt, background and regions (see attnctl.layout)")
+                   help="AST and layout-modulation: layout JSON with prompt, background and regions (see "
+                        "attnctl.layout)")
     p.add_argument("--maps", action="store_true",
                    help="also write the token maps of the targets with and without the method (same seed)")
     p.add_argument("--out", required=True, type=Path)
@@ -55,23 +57,25 @@ def _controller(args):
     from ..methods.regulation import RegulationConfig
     from ..methods.targets import choose_targets
 
-    if args.method == "ast":
+    if args.method in LAYOUT_METHODS:
         from ..layout import Layout
 
         if args.prompt:
-            raise UsageError("--prompt does not apply to --method ast: the prompt is the layout's")
+            raise UsageError(f"--prompt does not apply to --method {args.method}: the prompt is the layout's")
         if not args.layout:
-            raise UsageError("AST needs a layout: pass --layout L.json (prompt, background and regions; see "
-                             "examples/)")
+            raise UsageError(f"--method {args.method} needs a layout: pass --layout L.json (prompt, background and "
+                             "regions; see examples/)")
         layout = Layout.load(args.layout)
         tuned = given_arguments(METHODS["ast"].config, args).get("tuned_steps")
         if tuned is not None and args.steps is not None and tuned > args.steps:
             raise UsageError(f"--ast-tuned-steps {tuned} is more than the {args.steps} denoising steps (--steps); "
                              f"pass at most {args.steps} (all steps tuned) or more --steps")
-        method = METHODS["ast"].controller(layout, method_config("ast", args, resolve_model(args, joint=True)))
+        config = method_config(args.method, args, resolve_model(args, joint=True))
+        method = METHODS[args.method].controller(layout, config)
         return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions], False  # head words
     if args.layout:
-        raise UsageError(f"--layout applies to --method ast only, not --method {args.method}")
+        raise UsageError(f"--layout applies to --method {' and '.join(LAYOUT_METHODS)} only, not --method "
+                         f"{args.method}")
     if not args.prompt:
         raise UsageError(f"--prompt is required with --method {args.method}")
     if args.method == "none":
@@ -86,12 +90,12 @@ def _controller(args):
 def run(args) -> None:
     _refuse_other_methods(args)
     method, prompt, words, named = _controller(args)
-    pipe = load(args, joint=args.method == "ast")  # after the method's inputs are checked: cheap errors first
+    pipe = load(args, joint=args.method in LAYOUT_METHODS)  # after the method's inputs are checked: cheap errors first
     capture = Capture(words, requested=named) if args.maps and words else None
     images = generate(pipe, prompt, args, ([method] if method else []) + ([capture] if capture else []))
     paths = save_images(images, args.out)
     written = list(paths)
-    if args.method == "ast":
+    if args.method in LAYOUT_METHODS:
         from ..viz import overlay
 
         for image, path in zip(images, paths):
