@@ -154,3 +154,11 @@ def test_bad_options_and_resolutions_are_refused():
     with pytest.raises(UsageError, match="UNet cross-attention"):
         with attnctl.apply(tiny_pipe("flux"), AttendAndExcite(["cat"]), prompt=PROMPT):
             pass
+
+
+def test_without_16x16_sites_the_nearest_grid_is_read():
+    pipe = tiny_pipe("unet")  # at 64² its cross-attention runs at 8, 4, 2 and 1
+    ae = AttendAndExcite(["cat"], max_iter_to_alter=1, thresholds={})
+    with attnctl.apply(pipe, ae, prompt=PROMPT) as session:
+        session(PROMPT, num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert ae._grid == (8, 8) and ae._n_sites == 3

@@ -54,3 +54,18 @@ def test_generate_ast_and_analyze_list_every_file_they_wrote(tmp_path, cli):
     names = ("hierarchy.csv", "hierarchy.png", "image.png", "image_layout.png")
     assert set(listed(out, tmp_path / "analyze")) == present(tmp_path / "analyze") == {
         str(tmp_path / "analyze" / name) for name in names}
+
+
+def test_generate_with_the_peers_lists_every_file_it_wrote(tmp_path, cli):
+    code, out, err = cli("generate", "--method", "attend-excite", "--targets", "dog", "--model", "random:sd15-tiny",
+                         "--prompt", "a cat and a dog", "--maps", "--steps", "2", "--height", "128", "--width", "128",
+                         "--out", tmp_path / "ae")
+    assert code == 0, err
+    names = ("image.png", "plain.png", "compare.png", "maps.png", "maps.safetensors")
+    assert set(listed(out, tmp_path / "ae")) == present(tmp_path / "ae") == {
+        str(tmp_path / "ae" / name) for name in names}
+    code, out, err = cli("generate", "--method", "layout-modulation", "--model", "random:sd3-tiny", "--layout",
+                         EXAMPLES / "two_animals.json", *SMALL, "--out", tmp_path / "lm")
+    assert code == 0, err
+    assert set(listed(out, tmp_path / "lm")) == present(tmp_path / "lm") == {
+        str(tmp_path / "lm" / name) for name in ("image.png", "image_layout.png")}

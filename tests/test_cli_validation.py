@@ -9,12 +9,18 @@ import pytest
 
 from attnctl.config import cli_fields, default_of, flag_of
 from attnctl.methods.ast import ASTConfig
+from attnctl.methods.attend_excite import AttendExciteConfig
+from attnctl.methods.layout_modulation import LayoutModulationConfig
 from attnctl.methods.regulation import RegulationConfig
 
 LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "two_animals.json"
 BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:sd15-tiny", "--prompt",
                        "a cat and a dog"],
         "ast": ["generate", "--method", "ast", "--model", "random:sd3-tiny", "--layout", str(LAYOUT)],
+        "attend-excite": ["generate", "--method", "attend-excite", "--model", "random:sd15-tiny", "--prompt",
+                          "a cat and a dog"],
+        "layout-modulation": ["generate", "--method", "layout-modulation", "--model", "random:sd3-tiny", "--layout",
+                              str(LAYOUT)],
         "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
 
 SAMPLING = [
@@ -66,7 +72,8 @@ def _bad_values(field):
 
 
 CASES = [(method, flag_of(config, f.name), value, message)
-         for method, config in (("regulation", RegulationConfig), ("ast", ASTConfig))
+         for method, config in (("regulation", RegulationConfig), ("ast", ASTConfig),
+                                ("attend-excite", AttendExciteConfig), ("layout-modulation", LayoutModulationConfig))
          for f in cli_fields(config) for value, message in _bad_values(f)]
 
 
@@ -108,6 +115,16 @@ OTHER = [
     (["eval", "--categories", "everything"], "--categories 'everything': choose from single_objects, seen_pairs"),
     (["eval", "--targets", "cat"], "--targets does not apply to eval"),
     (["eval", "--ast-w-i2t", "nan"], "w_i2t (--ast-w-i2t) must be a finite number"),
+    (["eval", "--methods", "none,attend-excite", "--targets", "cat"], "--targets does not apply to eval"),
+    (BASE["attend-excite"] + ["--ae-thresholds", "0:x"], "write step:threshold pairs such as 0:0.05"),
+    (BASE["attend-excite"] + ["--ae-thresholds", "0:1.5"], "thresholds (--ae-thresholds) must map step indices"),
+    (BASE["attend-excite"] + ["--ast-w-i2t", "2"], "--ast-w-i2t belong to --method ast, not --method attend-excite"),
+    (BASE["regulation"] + ["--ae-scale-factor", "2"], "--ae-scale-factor belong to --method attend-excite"),
+    (["generate", "--method", "layout-modulation", "--model", "random:sd3-tiny", "--prompt", "a cat"],
+     "--prompt does not apply to --method layout-modulation"),
+    (["generate", "--method", "layout-modulation", "--model", "random:sd3-tiny"],
+     "--method layout-modulation needs a layout"),
+    (BASE["attend-excite"] + ["--layout", str(LAYOUT)], "--layout applies to --method ast and layout-modulation"),
     (["shapes", "train", "--family", "unet", "--threads", "-1"], "--threads must be between 1"),
     (["shapes", "train", "--family", "unet", "--steps", "0"], "--steps must be between 1"),
     (["shapes", "train", "--family", "mmdit", "--batch", "0"], "--batch must be between 1"),

@@ -12,12 +12,13 @@ from .layout import Layout
 from .methods.ast import AST, ASTConfig
 from .methods.attend_excite import AttendAndExcite, AttendExciteConfig
 from .methods.capture import Capture, CaptureConfig
+from .methods.layout_modulation import LayoutModulation, LayoutModulationConfig
 from .methods.regulation import Regulation, RegulationConfig
 from .models import load_pipeline
 from .sites import AttentionSite
 
 __all__ = ["apply", "Capture", "CaptureConfig", "Regulation", "RegulationConfig", "AST", "ASTConfig",
-           "AttendAndExcite", "AttendExciteConfig", "Hierarchy",
+           "AttendAndExcite", "AttendExciteConfig", "LayoutModulation", "LayoutModulationConfig", "Hierarchy",
            "Layout", "Controller", "AttentionCall", "AttentionSite", "Session", "StepState", "UsageError",
            "load_pipeline"]
 __version__ = "0.1.0"

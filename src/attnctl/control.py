@@ -9,6 +9,9 @@ step (from the scheduler) and the batch layout before every denoiser call. On ex
 original processor objects are put back and the hook is removed, leaving the pipeline as it was. A processor the user
 set while attached is an error at the next denoiser call and is left in place on exit (with a logged warning). A
 `torch.compile` wrapper is seen through; the hook and the controllers run eagerly inside the compiled model.
+
+Methods that move the latents (Attend-and-Excite) are run through the session, `session(prompt, ...)`: the pipeline
+call with what each controller adds to its arguments (`Controller.prepare_call`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ At each of the first denoising steps, before the denoiser's step, the latents mo
 the cross-attention maps of a gradient-enabled conditional forward: the loss of the most neglected target token,
 1 − its smoothed maximum attention (`attend_excite_math`). At threshold steps the move repeats until every target
 reaches the step's threshold (at most `max_refinement_steps` times). The definition and its defaults are those of
-diffusers' `StableDiffusionAttendAndExcitePipeline`; docs/methods.md §4 states them and what decides exactness.
+diffusers' `StableDiffusionAttendAndExcitePipeline`; docs/methods.md §5 states them and what decides exactness.
 
 How the new latents reach the pipeline without changing it: the update of step i + 1 runs in the pipeline's
 `callback_on_step_end` at the end of step i (it returns the new latents, as that callback may); the update of step 0
@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,7 @@ def parse_thresholds(text: str) -> dict[int, float]:
 @dataclass
 class AttendExciteConfig:
     """Every option of Attend-and-Excite, with the defaults of diffusers' StableDiffusionAttendAndExcitePipeline
-    (docs/methods.md §4).
+    (docs/methods.md §5).
 
         AttendAndExcite(["cat", "dog"], max_iter_to_alter=10)     # or config=AttendExciteConfig(...)
     """
@@ -75,8 +76,8 @@ class AttendExciteConfig:
                                  low=0)
     max_refinement_steps: int = option(20, "most moves at a threshold step", low=1, high=10_000)
     resolution: int | None = option(None, "side of the cross-attention grid whose maps are read", parse=int,
-                                    shown_default="16 (the reference's 16x16 sites), or the model's coarsest "
-                                    "cross-attention grid where it has none at 16", low=1, high=1024)
+                                    shown_default="16 (the reference's 16x16 sites), or the side nearest to 16 "
+                                    "where the model has none (SDXL at 1024²: 32)", low=1, high=1024)
 
     cli_prefix = "ae-"  # its flags: --ae-max-iter-to-alter, ...; --targets is shared with Regulation
 
@@ -131,6 +132,11 @@ class AttendAndExcite(Controller):
         self._prepared = False
 
     def prepare_call(self, session, args, kwargs) -> dict:
+        accepted = inspect.signature(session.pipe.__call__).parameters
+        missing = [name for name in ("latents", "callback_on_step_end") if name not in accepted]
+        if missing:
+            raise UsageError(f"Attend-and-Excite moves the latents through the pipeline's {' and '.join(missing)} "
+                             f"argument(s), which {type(session.pipe).__name__} does not take")
         first_args, first_kwargs, step = session.first_denoiser_call(args, kwargs)
         scheduler = session.pipe.scheduler
         sample = first_args[0] if first_args else first_kwargs["sample"]
@@ -231,8 +237,8 @@ class AttendAndExcite(Controller):
         grids = {s.name: s.grid(token_grid) for s in cross}
         sides = sorted({max(g) for g in grids.values()})
         wanted = self.config.resolution
-        if wanted is None:
-            wanted = REFERENCE_RESOLUTION if REFERENCE_RESOLUTION in sides else sides[0]
+        if wanted is None:  # the reference's 16, or the side nearest to it (the larger on a tie)
+            wanted = min(sides, key=lambda side: (abs(math.log2(side / REFERENCE_RESOLUTION)), -side))
         chosen = [name for name, g in grids.items() if max(g) == wanted]
         if not chosen:
             raise UsageError(f"Attend-and-Excite: no cross-attention site runs at side {wanted} at this image size; "

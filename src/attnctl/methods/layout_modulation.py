@@ -9,7 +9,7 @@ With S = q kᵀ·scale, for an image token p and a text token j of a phrase (a r
     pushed (j belongs to another region's phrase):      S'[p, j] = S[p, j] − λ_t · s_p · (S[p, j] − min_j S[p, :])
 with the maximum and minimum over the row's text keys, s_p = 1 − |region(p)| / (H·W) (small regions pulled harder) and
 λ_t = w · (t/1000)^5, at the first `steps_fraction` of the steps; then softmax(S')·V. Text tokens in no phrase, every
-other key and every text query are left alone; only conditional rows are modulated. docs/methods.md §5 gives the
+other key and every text query are left alone; only conditional rows are modulated. docs/methods.md §6 gives the
 sources and how this departs from DenseDiffusion's code (which also modulates self-attention and pushes every key
 outside a pixel's segment, start and padding tokens included).
 
@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class LayoutModulationConfig:
     """Every option of layout attention modulation, with DenseDiffusion's defaults for cross-attention
-    (docs/methods.md §5)."""
+    (docs/methods.md §6)."""
 
-    weight: float = option(0.3, "strength w of the image→text modulation (DenseDiffusion's cross-attention "
-                           "weight)", symbol="w", low=0)
+    weight: float = option(1.0, "strength w of the image→text modulation (DenseDiffusion's cross-attention "
+                           "weight w^c)", symbol="w", low=0)
     power: float = option(5.0, "decay over the denoising: λ_t = w·(t/1000)^power", low=0)
     steps_fraction: float = option(0.3, "modulate the first fraction of the denoising steps", low=0, high=1)
     size_weighted: bool = option(True, "scale each pixel's modulation by 1 − its region's share of the image")
