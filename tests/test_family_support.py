@@ -41,7 +41,8 @@ def test_kandinsky_is_refused_before_anything_changes():
         "KandinskyV22Pipeline: its UNet2DConditionModel has no attention over prompt tokens that attnctl knows (its "
         "attention processors: AttnAddedKVProcessor2_0; e.g. Kandinsky 2.x conditions on image embeddings); "
         "supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
-        "(SD3/3.5), FluxTransformer2DModel (FLUX.1); to ask for another, open an issue naming the pipeline class")
+        "(SD3/3.5), FluxTransformer2DModel (FLUX.1), PixArtTransformer2DModel (PixArt-α/Σ); to ask for another, open "
+        "an issue naming the pipeline class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
 
 
@@ -114,9 +115,6 @@ def tiny_transformer(name):
     import diffusers
 
     configs = {
-        "PixArtTransformer2DModel": dict(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                         caption_channels=16, in_channels=4, cross_attention_dim=16, out_channels=8,
-                                         norm_type="ada_norm_single", use_additional_conditions=False),
         "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
                                        attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
                                        cross_attention_dim=8, caption_channels=8, sample_size=8),
@@ -128,6 +126,30 @@ def tiny_transformer(name):
                                             num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
     }
     return SimpleNamespace(transformer=getattr(diffusers, name)(**configs[name]))
+
+
+def pixart():
+    """A tiny random PixArt-Σ: T5 text with a padding mask, cross-attention in every block (built once)."""
+    if "pixart" not in _built:
+        from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+        from attnctl.models import _t5, _vae
+
+        torch.manual_seed(0)
+        t5, tokenizer = _t5(16)
+        transformer = PixArtTransformer2DModel(
+            sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+            in_channels=4, cross_attention_dim=16, out_channels=8, norm_type="ada_norm_single",
+            use_additional_conditions=False, patch_size=1)
+        pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=_vae(4), transformer=transformer.eval(),
+                                   scheduler=DPMSolverMultistepScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        _built["pixart"] = pipe
+    return _built["pixart"]
+
+
+PIXART_CALL = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
+_built = {}
 
 
 def kontext():
@@ -144,7 +166,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, capture, Regulation, 
     ("FLUX.1 dev / schnell", lambda: tiny_pipe("flux"), YES, NO, EDITS),
     ("FLUX.1 Kontext", kontext, YES, NO, EDITS),
     ("Kandinsky 2.2", kandinsky22, NO, NO, NO),
-    ("PixArt-Σ", lambda: tiny_transformer("PixArtTransformer2DModel"), NO, NO, NO),
+    ("PixArt-Σ", pixart, YES, EDITS, NO),
     ("Sana", lambda: tiny_transformer("SanaTransformer2DModel"), NO, NO, NO),
     ("Chroma", lambda: tiny_transformer("ChromaTransformer2DModel"), NO, NO, NO),
     ("Qwen-Image", lambda: tiny_transformer("QwenImageTransformer2DModel"), NO, NO, NO),
@@ -164,6 +186,8 @@ def generate(pipe, name, controllers):
     kwargs = dict(call_kwargs("flux" if "FLUX" in name else "unet", steps=2), output_type="latent")
     if "SD 1" in name or "SDXL" in name:
         kwargs.update(height=256, width=256)  # Regulation's default layers at 8x8
+    if "PixArt" in name:
+        kwargs.update(PIXART_CALL)
     if "Kontext" in name:
         kwargs.update(image=Image.new("RGB", (64, 64), (200, 30, 30)), max_area=64 * 64, _auto_resize=False)
     with attnctl.apply(pipe, *controllers, prompt=PROMPT):
@@ -200,3 +224,36 @@ def test_the_readme_matrix_is_the_table():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert support_matrix() in readme, "paste support_matrix() into the README"
+
+
+class MaskProbe(attnctl.Controller):
+    """An observer that keeps what each PixArt call shows: its key mask and the probabilities in use."""
+
+    observer = True
+    handles_key_mask = True
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, call):
+        self.calls.append((call.q, call.k, call.scale, call.key_bias, call.text_probs()))
+
+
+def test_pixart_padding_tokens_are_masked_in_maps_and_never_edited():
+    from attnctl import Regulation
+
+    pipe = pixart()
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="latent", **PIXART_CALL)
+    for methods in ([], [Regulation(["dog", "cat"], edit_steps=2, iterations=2)]):
+        probe = MaskProbe()
+        with attnctl.apply(pipe, *methods, probe, prompt=PROMPT):
+            pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert probe.calls
+        for q, k, scale, bias, probs in probe.calls:
+            padding = (bias[:, 0, 0] < -1000)[:, None, None, :].expand_as(probs)  # per row: its own text's padding
+            assert 0 < int(padding[-1, 0, 0].sum()) < 32  # the prompt's tokens, then padding
+            assert probs[padding].max() < 1e-6
+            if not methods:  # the maps are the masked softmax's (Regulation's rows need not sum to 1: it restores
+                # the end token's probability, as the reference does)
+                exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale + bias.double(), dim=-1)
+                assert (probs.double() - exact).abs().max() < 1e-5

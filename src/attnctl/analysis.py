@@ -48,6 +48,7 @@ class TargetCoverage(Controller):
     """
 
     observer = True
+    handles_key_mask = True  # reads text_probs(), which honour the key mask
 
     def __init__(self, words, sites=None, steps=None, quantile: float = 0.9):
         self.words = word_list(words, "TargetCoverage's words")
@@ -121,6 +122,7 @@ class Hierarchy(Controller):
     """
 
     observer = True
+    handles_key_mask = True  # reads text_probs(), which honour the key mask
 
     def __init__(self, layout, steps=None, role_parser: str = "auto"):
         self.layout: Layout = load_layout(layout)

@@ -53,19 +53,24 @@ def cpu_attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.T
     return out, lse
 
 
-def chunked_lse(q, k, scale=None) -> torch.Tensor:
+def chunked_lse(q, k, scale=None, key_bias=None) -> torch.Tensor:
+    """Row log-sum-exp of q kᵀ · scale (+ `key_bias`, an additive (batch, heads or 1, 1, keys) mask), float32."""
     scale = default_scale(q) if scale is None else scale
+    bias = 0.0 if key_bias is None else key_bias.float()
     parts = [
-        torch.logsumexp((q[..., i : i + _LSE_CHUNK, :].float() @ k.float().transpose(-1, -2)) * scale, dim=-1)
+        torch.logsumexp((q[..., i : i + _LSE_CHUNK, :].float() @ k.float().transpose(-1, -2)) * scale + bias, dim=-1)
         for i in range(0, q.shape[-2], _LSE_CHUNK)
     ]
     return torch.cat(parts, dim=-1)
 
 
-def key_probs(q, k_sel, lse, scale=None) -> torch.Tensor:
-    """Attention probabilities (float32) of queries `q` on the selected keys `k_sel`, given the rows' full lse."""
+def key_probs(q, k_sel, lse, scale=None, key_bias=None) -> torch.Tensor:
+    """Attention probabilities (float32) of queries `q` on the selected keys `k_sel`, given the rows' full lse (and
+    the selected keys' additive mask, if any: masked keys get 0)."""
     scale = default_scale(q) if scale is None else scale
     logits = (q.float() @ k_sel.float().transpose(-1, -2)) * scale
+    if key_bias is not None:
+        logits = logits + key_bias.float()
     return torch.exp(logits - lse.unsqueeze(-1))
 
 

@@ -26,7 +26,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
-from .attention import attention, attention_with_lse, default_scale, key_probs
+from .attention import attention, attention_with_lse, chunked_lse, default_scale, key_probs
 from .errors import UsageError
 from .families import family_of, refuse_without_sites
 from .sites import AttentionSite, downsampled
@@ -69,7 +69,7 @@ class AttentionCall:
             call.set_output(call.output() * 1.0)       # a method may replace the output
     """
 
-    def __init__(self, site, step, q, k, v, text, image, grid, scale=None):
+    def __init__(self, site, step, q, k, v, text, image, grid, scale=None, key_bias=None):
         self.site: AttentionSite = site
         self.step: StepState = step
         self.q, self.k, self.v = q, k, v
@@ -77,6 +77,8 @@ class AttentionCall:
         self.image: slice = image  # query (and, for joint sites, key) positions of the image tokens
         self.grid: tuple[int, int] = grid
         self.scale = default_scale(q) if scale is None else scale
+        # the model's key mask (padding text tokens), additive, (batch, heads or 1, 1, keys); None: no mask
+        self.key_bias: torch.Tensor | None = key_bias
         self._out = None
         self._lse = None
         self._text_probs = None
@@ -84,22 +86,27 @@ class AttentionCall:
 
     def output(self) -> torch.Tensor:
         if self._out is None:
-            self._out = attention(self.q, self.k, self.v, scale=self.scale)
+            self._out = attention(self.q, self.k, self.v, mask=self.key_bias, scale=self.scale)
         return self._out
 
     def lse(self) -> torch.Tensor:
-        """Row log-sum-exp of the unmodified logits, float32 (batch, heads, queries)."""
+        """Row log-sum-exp of the unmodified logits (with the key mask), float32 (batch, heads, queries)."""
         if self._lse is None:
-            out, self._lse = attention_with_lse(self.q, self.k, self.v, scale=self.scale)
-            if self._out is None:
-                self._out = out
+            if self.key_bias is not None:
+                self._lse = chunked_lse(self.q, self.k, self.scale, self.key_bias)
+            else:
+                out, self._lse = attention_with_lse(self.q, self.k, self.v, scale=self.scale)
+                if self._out is None:
+                    self._out = out
         return self._lse
 
     def text_probs(self) -> torch.Tensor:
-        """Image-query → text-key probabilities in use, float32 (batch, heads, image tokens, text tokens)."""
+        """Image-query → text-key probabilities in use, float32 (batch, heads, image tokens, text tokens); masked
+        keys have 0."""
         if self._text_probs is None:
             lse = self.lse()[:, :, self.image]
-            self._text_probs = key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale)
+            bias = None if self.key_bias is None else self.key_bias[..., self.text]
+            self._text_probs = key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale, bias)
         return self._text_probs
 
     def set_output(self, out: torch.Tensor, text_probs: torch.Tensor | None = None) -> None:
@@ -118,6 +125,9 @@ class Controller:
     """
 
     observer = False  # observers run after the methods and never change the output
+    # whether it honours `AttentionCall.key_bias` (a model's text padding mask); calls with a mask are left plain,
+    # with a warning, when a controller at the site does not
+    handles_key_mask = False
 
     def attach(self, session: Session) -> None:
         """Validate inputs against the pipeline (sites, prompts) and prepare; raise UsageError on bad input."""
@@ -368,12 +378,15 @@ class Session:
     @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile
     def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:
         """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out."""
+        key_bias = None
         if mask is not None:
-            if not self._warned_mask:
-                warnings.warn(f"{site.name}: an attention mask is in use; attnctl leaves masked calls unchanged",
-                              stacklevel=1)
-                self._warned_mask = True
-            return attention(q, k, v, mask=mask)
+            key_bias = _key_bias(mask, q.shape[2])
+            if key_bias is None or not all(c.handles_key_mask for c in self._active[site.name]):
+                if not self._warned_mask:
+                    warnings.warn(f"{site.name}: an attention mask is in use that attnctl's controllers here do not "
+                                  "handle; masked calls are left unchanged", stacklevel=1)
+                    self._warned_mask = True
+                return attention(q, k, v, mask=mask)
         if self._exclusive is not None:
             grid = grid_of(image.stop - image.start, self._exclusive_grid, site)
             call = AttentionCall(site, None, q, k, v, text=text, image=image, grid=grid)
@@ -381,10 +394,23 @@ class Session:
                 self._exclusive.exclusive_call(call)
             return call.output()
         grid = grid_of(image.stop - image.start, self.step.token_grid, site)
-        call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid)
+        call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid, key_bias=key_bias)
         for c in self._active[site.name]:
             c(call)
         return call.output()
+
+
+def _key_bias(mask: torch.Tensor, n_queries: int) -> torch.Tensor | None:
+    """A mask that is the same for every query (a key padding mask) as an additive float32 (batch, heads or 1, 1,
+    keys) bias; None for any other mask."""
+    if mask.dim() != 4 or mask.shape[2] != 1:
+        if mask.dim() == 4 and mask.shape[2] == n_queries and bool((mask == mask[:, :, :1]).all()):
+            mask = mask[:, :, :1]
+        else:
+            return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.float()
 
 
 def grid_of(n_image: int, token_grid: tuple[int, int], site: AttentionSite) -> tuple[int, int]:

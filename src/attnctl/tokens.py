@@ -78,6 +78,7 @@ class PromptTokens:
         self.token_strings: list[str] = []
         self._counts: list[int] = []  # per segment: the prompt's tokens, special ones included, before any cut
         self.end_of_text: int | None = None  # sequence position of the first segment's first end token
+        self.start_of_text: int | None = None  # the first segment's start token (CLIP's), None if it has none (T5)
         for seg in self.segments:
             ids, spans = _token_char_spans(seg.tokenizer, self.prompt, seg.length)
             self._counts.append(len(ids))
@@ -105,6 +106,8 @@ class PromptTokens:
                 if len(ids) > seg.length and eos is not None:
                     ends = [seg.length - 1]  # the tokenizer keeps its end token in the last kept position
                 self.end_of_text = start + ends[0] if ends else None
+                bos = getattr(seg.tokenizer, "bos_token_id", None)
+                self.start_of_text = start if kept and bos is not None and kept[0] == bos else None
 
     def words(self) -> list[tuple[str, int, int]]:
         """(word, start, end) for every word of the prompt."""

@@ -66,6 +66,7 @@ class Capture(Controller):
     """
 
     observer = True
+    handles_key_mask = True  # reads text_probs(), which honour the key mask
 
     def __init__(self, words=None, config: CaptureConfig | None = None, requested: bool = True, **options):
         if words is not None:

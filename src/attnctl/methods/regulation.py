@@ -78,10 +78,11 @@ def _small_ops(device: torch.device):
 
 
 class _Group:
-    """The conditional rows made from one prompt: their targets and end-of-text position."""
+    """The conditional rows made from one prompt: their targets, and their start and end-of-text positions (the
+    special tokens whose probabilities are restored)."""
 
-    def __init__(self, prompt: int, rows: list[int], targets: list[int], eos: int | None):
-        self.prompt, self.rows, self.targets, self.eos = prompt, rows, targets, eos
+    def __init__(self, prompt: int, rows: list[int], targets: list[int], special: tuple[int, ...]):
+        self.prompt, self.rows, self.targets, self.special = prompt, rows, targets, special
 
 
 @dataclass
@@ -114,8 +115,8 @@ class RegulationConfig:
     quantile_target: float = option(0.9, "the value that quantile is pulled towards", low=0, high=1)
     share_per_target: float = option(0.2, "attention share per target: θ = min(1, share_per_target · k)", low=0,
                                      high=1)
-    restore_special: bool = option(True, "reset the start and first end-of-text token probabilities to their "
-                                   "unedited values")
+    restore_special: bool = option(True, "reset the start (where the tokenizer has one: CLIP, not T5) and first "
+                                   "end-of-text token probabilities to their unedited values")
     selection: str = option("batch", "keep the iterate with the lowest loss over the batch (the reference) or per "
                             "image", choices=SELECTIONS)
     implementation: str = option("fast", "fast (split softmax denominator, analytic gradient) or direct (the "
@@ -154,6 +155,8 @@ class Regulation(Controller):
     edited call, the chosen iterates and losses when `record_history` is set.
     """
 
+    handles_key_mask = True  # it reads and edits probabilities with the model's key mask added
+
     def __init__(self, targets=None, config: RegulationConfig | None = None, **options):
         if targets is not None:
             options["targets"] = targets
@@ -174,10 +177,10 @@ class Regulation(Controller):
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
-        self._positions, self._eos = [], []
+        self._positions, self._special = [], []
         for prompt, words in zip(session.prompts, per_prompt):
             self._positions.append(target_positions(prompt, words))
-            self._eos.append(prompt.end_of_text)
+            self._special.append(tuple(p for p in (prompt.start_of_text, prompt.end_of_text) if p is not None))
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
@@ -216,6 +219,8 @@ class Regulation(Controller):
         out = call.output().clone()  # the plain attention; its rows outside the conditional half are kept
         with _small_ops(device):
             logits = (q.float() @ k.float().transpose(-1, -2)) * call.scale  # (batch, heads, N, L) float32
+            if call.key_bias is not None:  # padding text tokens stay masked (PixArt's T5 mask)
+                logits = logits + call.key_bias[..., call.text].float()
             heads = q.shape[1]
             groups = self._groups(step, logits.shape[-1])
             trajectories = []
@@ -236,7 +241,7 @@ class Regulation(Controller):
                 self._best[key] = best
                 c = self.config
                 applied = (c.smoothing * previous + (1.0 - c.smoothing) * best) * (c.decay**step.index * c.strength)
-                keep = (0, g.eos) if c.restore_special else ()
+                keep = g.special if c.restore_special else ()
                 targets = torch.tensor(g.targets, device=device)
                 edited = regulation_math.edited_probs(g_logits, targets, applied, keep)
                 edited = edited.unflatten(0, (len(g.rows), heads))
@@ -278,9 +283,8 @@ class Regulation(Controller):
         groups = []
         for prompt, rows in by_prompt.items():
             targets = [p for p in self._positions[prompt] if p < n_text]
-            eos = self._eos[prompt]
             if targets:
-                groups.append(_Group(prompt, rows, targets, eos if eos is not None and eos < n_text else None))
+                groups.append(_Group(prompt, rows, targets, tuple(p for p in self._special[prompt] if p < n_text)))
         return groups
 
     def _basis_for(self, h: int, w: int, device):

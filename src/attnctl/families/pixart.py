@@ -1,0 +1,44 @@
+"""PixArt-α/Σ: PixArtTransformer2DModel, a DiT whose every block has a text cross-attention (`attn2`, diffusers'
+AttnProcessor2_0) over T5 tokens with a padding mask. The sites are cross sites like a UNet's, all on the one token
+grid; the mask reaches the controllers as `AttentionCall.key_bias`."""
+
+from __future__ import annotations
+
+from ..sites import AttentionSite
+from ..tokens import TextSegment
+from .base import Family, argument
+from .unet import UNetCrossProcessor
+
+MAX_T5_TOKENS = 512  # PixArt-Σ encodes up to 300 tokens by default; positions past the call's length are cut
+
+
+class PixArtFamily(Family):
+    name = "pixart"
+    denoiser_class = "PixArtTransformer2DModel"
+    known_processors = ("AttnProcessor2_0",)
+
+    def discover(self, transformer) -> list[AttentionSite]:
+        names = [f"transformer_blocks.{i}.attn2" for i, block in enumerate(transformer.transformer_blocks)
+                 if getattr(block, "attn2", None) is not None]
+        return [AttentionSite(name, self.name, "cross", i, len(names), "transformer_blocks", 1, None)
+                for i, name in enumerate(names)]
+
+    def make_processor(self, site, session, original):
+        return UNetCrossProcessor(site, session)  # the same computation as AttnProcessor2_0 on any Attention
+
+    def text_segments(self, pipe):
+        return [TextSegment(pipe.tokenizer, 0, MAX_T5_TOKENS)]
+
+    def timestep(self, args, kwargs):
+        return argument(args, kwargs, "timestep", 2)
+
+    def batch_size(self, args, kwargs):
+        return argument(args, kwargs, "hidden_states", 0).shape[0]
+
+    def patch_size(self, transformer) -> int:
+        return transformer.config.patch_size
+
+    def token_grid(self, transformer, args, kwargs):
+        h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
+        p = self.patch_size(transformer)
+        return h // p, w // p
