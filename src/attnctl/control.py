@@ -249,6 +249,10 @@ class Session:
                 return s
         raise KeyError(name)
 
+    def observed_sites(self) -> set[str]:
+        """Names of the sites some observer wants: where a method must hand over the probabilities it used."""
+        return {s.name for s in self.sites if any(c.observer and c.wants(s) for c in self.controllers)}
+
     def first_denoiser_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, StepState]:
         """Start the pipeline with `args` and `kwargs` and stop it at its first denoiser call, before any step is
         taken: that call's arguments and batch layout. Text encoding and the initial latents are done as the run

@@ -225,8 +225,7 @@ class AST(Controller):
         self.bound = [self.layout.bind(p, self.config.role_parser) for p in session.prompts]
         self._prompts = list(session.prompts)
         self._tables.clear()
-        self._probs_sites = {s.name for s in session.sites
-                             if any(c.observer and c.wants(s) for c in session.controllers)}
+        self._probs_sites = session.observed_sites()
 
     def band(self, site) -> Band | None:
         depth = Fraction(site.block, site.num_sites)

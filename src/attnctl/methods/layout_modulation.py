@@ -133,8 +133,7 @@ class LayoutModulation(Controller):
             self._labels.append(labels)
         self._tables.clear()
         self._active = False
-        self._probs_sites = {s.name for s in session.sites
-                             if any(c.observer and c.wants(s) for c in session.controllers)}
+        self._probs_sites = session.observed_sites()
 
     def wants(self, site) -> bool:
         return site.kind in ("cross", "joint")
