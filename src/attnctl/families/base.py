@@ -75,3 +75,19 @@ class Family:
         """Whether this denoiser call is an extra guidance pass of the step (SD3.5's skip-layer guidance), which
         methods leave alone and observers do not count as conditional, like an unconditional pass."""
         return False
+
+
+class LatentImageFamily(Family):
+    """A family whose denoiser takes the latent image as `hidden_states` (batch, channels, H, W) and cuts it into
+    `config.patch_size` patches (SD3, PixArt)."""
+
+    def batch_size(self, args, kwargs) -> int:
+        return argument(args, kwargs, "hidden_states", 0).shape[0]
+
+    def patch_size(self, denoiser) -> int:
+        return denoiser.config.patch_size
+
+    def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
+        h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
+        p = self.patch_size(denoiser)
+        return h // p, w // p

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from ..sites import AttentionSite
 from ..tokens import TextSegment
-from .base import Family, argument
+from .base import LatentImageFamily, argument
 from .unet import UNetCrossProcessor
 
 MAX_T5_TOKENS = 512  # PixArt-Σ encodes up to 300 tokens by default; positions past the call's length are cut
 
 
-class PixArtFamily(Family):
+class PixArtFamily(LatentImageFamily):
     name = "pixart"
     denoiser_class = "PixArtTransformer2DModel"
     known_processors = ("AttnProcessor2_0",)
@@ -32,13 +32,3 @@ class PixArtFamily(Family):
     def timestep(self, args, kwargs):
         return argument(args, kwargs, "timestep", 2)
 
-    def batch_size(self, args, kwargs):
-        return argument(args, kwargs, "hidden_states", 0).shape[0]
-
-    def patch_size(self, transformer) -> int:
-        return transformer.config.patch_size
-
-    def token_grid(self, transformer, args, kwargs):
-        h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
-        p = self.patch_size(transformer)
-        return h // p, w // p

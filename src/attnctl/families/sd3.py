@@ -6,7 +6,7 @@ import torch
 
 from ..sites import AttentionSite
 from ..tokens import TextSegment
-from .base import Family, argument
+from .base import LatentImageFamily, argument
 
 
 def _heads(x, batch, heads, head_dim):
@@ -74,7 +74,7 @@ class SD3JointProcessor:
         return joint_out(attn, out.to(query.dtype), n_image, with_text=encoder_hidden_states is not None)
 
 
-class SD3Family(Family):
+class SD3Family(LatentImageFamily):
     name = "sd3"
     denoiser_class = "SD3Transformer2DModel"
     known_processors = ("JointAttnProcessor2_0",)
@@ -98,17 +98,6 @@ class SD3Family(Family):
 
     def timestep(self, args, kwargs):
         return argument(args, kwargs, "timestep", 3)
-
-    def batch_size(self, args, kwargs):
-        return argument(args, kwargs, "hidden_states", 0).shape[0]
-
-    def patch_size(self, denoiser) -> int:
-        return denoiser.config.patch_size
-
-    def token_grid(self, denoiser, args, kwargs):
-        h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
-        p = self.patch_size(denoiser)
-        return h // p, w // p
 
     def text_len(self, args, kwargs):
         return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]
