@@ -143,7 +143,7 @@ class AttendAndExcite(Controller):
         rows = step.cond_rows
         scale = copy.deepcopy(scheduler).scale_model_input(torch.ones_like(sample[:1]), scheduler.timesteps[0])
         latents = sample[rows] / scale
-        self._inputs = (first_args, first_kwargs, step)
+        self._inputs = self._conditioning(first_args, first_kwargs, step)
         self._check_resolution(step.token_grid)
         latents = self.move(latents, 0, step)
         user_callback = kwargs.get("callback_on_step_end")
@@ -154,7 +154,7 @@ class AttendAndExcite(Controller):
             out = dict(user_callback(pipe, i, t, tensors) or {}) if user_callback is not None else {}
             nxt = i + 1
             if nxt < len(pipe.scheduler.timesteps) and self._moves_at(nxt):
-                self._inputs = (*session.inputs, session.step)
+                self._inputs = self._conditioning(*session.inputs, session.step)
                 out["latents"] = self.move(out.get("latents", tensors["latents"]), nxt, session.step)
             return out
 
@@ -206,14 +206,19 @@ class AttendAndExcite(Controller):
         log.debug("Attend-and-Excite step %d: losses %s", index, [round(x, 4) for x in loss.tolist()])
         return z.to(latents.dtype)
 
-    def _loss_and_grad(self, z, t, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each image's loss at latents `z` (the images `images` of the batch) and its gradient with respect to its
-        own latents."""
-        args, kwargs, step = self._inputs
+    def _conditioning(self, args, kwargs, step: StepState) -> tuple[dict, StepState]:
+        """A pipeline denoiser call's arguments by name, less the latents (the step's gradient forwards reuse them)."""
         denoiser = self.session.denoiser
         named = inspect.signature(type(denoiser).forward).bind_partial(denoiser, *args, **kwargs).arguments
         named.pop("self", None)
         named.pop("sample", None)
+        return named, step
+
+    def _loss_and_grad(self, z, t, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's loss at latents `z` (the images `images` of the batch) and its gradient with respect to its
+        own latents."""
+        named, step = self._inputs
+        denoiser = self.session.denoiser
         rows = [step.cond_rows.start + int(i) for i in images]
         inputs = {**_rows_of(named, rows, step.batch_size), "timestep": t, "return_dict": False}
         with torch.enable_grad():
