@@ -46,7 +46,8 @@ def test_generate_ast_and_analyze_list_every_file_they_wrote(tmp_path, cli):
     base = ["--model", "random:flux-tiny", "--layout", EXAMPLES / "two_animals.json", *SMALL]
     code, out, err = cli("generate", "--method", "ast", "--maps", *base, "--out", tmp_path / "ast")
     assert code == 0, err
-    names = ("image.png", "image_layout.png", "plain.png", "compare.png", "maps.png", "maps.safetensors")
+    names = ("image.png", "image_layout.png", "plain.png", "plain_layout.png", "compare.png", "maps.png",
+             "maps.safetensors")
     assert set(listed(out, tmp_path / "ast")) == present(tmp_path / "ast") == {
         str(tmp_path / "ast" / name) for name in names}
     code, out, err = cli("analyze", *base, "--out", tmp_path / "analyze")

@@ -10,14 +10,24 @@ import sys
 import warnings
 
 from ..errors import UsageError
-from . import analyze, bench, evaluate, generate, maps, shapes, sites
+from . import analyze, app, bench, evaluate, generate, maps, shapes, sites
 
-SUBCOMMANDS = (sites, maps, generate, analyze, bench, evaluate, shapes)
+SUBCOMMANDS = (sites, maps, generate, analyze, bench, evaluate, shapes, app)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnctl", description="Training-free attention control for diffusers "
-                                     "pipelines: Attention Regulation, AST, token maps, analysis.")
+class _RaisingParser(argparse.ArgumentParser):
+    """A parser whose errors are UsageErrors (with argparse's message), not a usage text and an exit."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser(raise_errors: bool = False) -> argparse.ArgumentParser:
+    """The `attnctl` parser; with `raise_errors` a bad command line raises UsageError instead of exiting (for
+    callers that build command lines, such as the app)."""
+    parser_class = _RaisingParser if raise_errors else argparse.ArgumentParser
+    parser = parser_class(prog="attnctl", description="Training-free attention control for diffusers "
+                          "pipelines: Attention Regulation, AST, token maps, analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(sub)

@@ -149,14 +149,23 @@ def load(args, joint: bool = False):
     return load_pipeline(resolve_model(args, joint), device=args.device, dtype=parse_dtype(args.dtype))
 
 
-def generate(pipe, prompt, args, controllers=()):
+def generate(pipe, prompt, args, controllers=(), on_step=None):
+    """The images of `prompt` with `controllers` attached. `on_step(step, steps)`, if given, is called after each
+    denoising step (1-based); an exception it raises stops the run (the pipeline is restored)."""
     import torch
 
     from ..control import apply
 
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    kwargs = call_kwargs(args, pipe)
+    if on_step is not None:
+        def step_end(pipe, step, timestep, tensors):
+            on_step(step + 1, pipe.num_timesteps)
+            return tensors
+
+        kwargs["callback_on_step_end"] = step_end
     with apply(pipe, *controllers, prompt=prompt) as session:
-        return session(prompt, generator=generator, **call_kwargs(args, pipe)).images
+        return session(prompt, generator=generator, **kwargs).images
 
 
 def save_images(images, out: Path, stem: str = "image") -> list[Path]:

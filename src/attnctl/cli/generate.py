@@ -87,25 +87,27 @@ def _controller(args):
     return METHODS[args.method].controller(config=config), args.prompt, list(config.targets), named
 
 
-def run(args) -> None:
+def run(args, load_pipeline=load, on_step=None) -> list[Path]:
+    """Generate as the command line says and write the files; returns their paths. `load_pipeline(args, joint)`
+    gives the pipeline (the app passes its cache); `on_step(label, step, steps)` follows each run's denoising steps
+    (label: the method's name, then "plain" for the comparison)."""
     _refuse_other_methods(args)
     method, prompt, words, named = _controller(args)
-    pipe = load(args, joint=args.method in LAYOUT_METHODS)  # after the method's inputs are checked: cheap errors first
+    pipe = load_pipeline(args, joint=args.method in LAYOUT_METHODS)  # after the method's inputs: cheap errors first
     capture = Capture(words, requested=named) if args.maps and words else None
-    images = generate(pipe, prompt, args, ([method] if method else []) + ([capture] if capture else []))
-    paths = save_images(images, args.out)
-    written = list(paths)
-    if args.method in LAYOUT_METHODS:
-        from ..viz import overlay
 
-        for image, path in zip(images, paths):
-            written.append(path.with_name(path.stem + "_layout.png"))
-            overlay(image, method.layout).save(written[-1])
+    def run_images(label, controllers):
+        step = (lambda i, n: on_step(label, i, n)) if on_step else None
+        return generate(pipe, prompt, args, controllers, on_step=step)
+
+    images = run_images(args.method, ([method] if method else []) + ([capture] if capture else []))
+    written = save_images(images, args.out)
+    plain = None
     if capture:
         captures = {args.method: (capture, images)}
         if method is not None:
             plain_capture = Capture(words, requested=named)
-            plain = generate(pipe, prompt, args, [plain_capture])
+            plain = run_images("plain", [plain_capture])
             written += save_images(plain, args.out, "plain")
             captures = {"plain": (plain_capture, plain), **captures}
             from ..viz import comparison_figure
@@ -115,4 +117,20 @@ def run(args) -> None:
         written += write_maps(captures, words, args.out, "maps", prompt)
     elif args.maps:
         print("attnctl: no target words to map; pass --targets")
+    if args.method in LAYOUT_METHODS:
+        written += _write_overlays(images, method.layout, args.out, "image")
+        if plain is not None:
+            written += _write_overlays(plain, method.layout, args.out, "plain")
     print_written(written, args.out)
+    return written
+
+
+def _write_overlays(images, layout, out: Path, stem: str) -> list[Path]:
+    """Each image with the layout's regions drawn over it (STEM_layout.png, or STEM_I_layout.png)."""
+    from ..viz import overlay
+
+    paths = [out / (f"{stem}_layout.png" if len(images) == 1 else f"{stem}_{i}_layout.png")
+             for i in range(len(images))]
+    for image, path in zip(images, paths):
+        overlay(image, layout).save(path)
+    return paths
