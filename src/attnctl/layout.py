@@ -125,7 +125,9 @@ class Layout:
         return cls.from_dict(data, base=path.parent, where=str(path))
 
     @classmethod
-    def from_dict(cls, data: dict, base=".", where: str = "layout") -> Layout:
+    def from_dict(cls, data: dict, base=".", where: str = "layout", sketch: np.ndarray | None = None) -> Layout:
+        """A layout from its JSON data; paths are relative to `base`. `sketch` (uint8 RGB, H×W×3), if given, is the
+        pixels of the data's 'sketch', which is then not read from its file (the app checks a canvas this way)."""
         if not isinstance(data, dict):
             raise UsageError(f"{where}: a layout is a JSON object with prompt, background and regions")
         unknown = set(data) - _TOP_KEYS
@@ -138,12 +140,14 @@ class Layout:
         if not isinstance(regions_data, list) or not regions_data:
             raise UsageError(f"{where}: 'regions' must be a non-empty list of regions")
         base = Path(base)
-        sketch = None
         if data.get("sketch") is not None:
             if not isinstance(data["sketch"], str) or not data["sketch"].strip():
                 raise UsageError(f"{where}: 'sketch' must be the path of a PNG (relative to the layout), not "
                                  f"{data['sketch']!r}")
-            sketch = _read_rgb(base / data["sketch"], f"{where}: sketch")
+            if sketch is None:
+                sketch = _read_rgb(base / data["sketch"], f"{where}: sketch")
+        else:
+            sketch = None
         regions = [_region_from_dict(r, i + 1, base, sketch, data.get("sketch"), where)
                    for i, r in enumerate(regions_data)]
         background = data.get("background", "")
