@@ -161,6 +161,18 @@ def default_of(field: dataclasses.Field):
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
+def default_text(field: dataclasses.Field) -> str:
+    """A field's default written as its flag's value ("a,b" for a list, "k:v,k:v" for a mapping; "" for None)."""
+    default = default_of(field)
+    if default is None:
+        return ""
+    if isinstance(default, Mapping):
+        return ",".join(f"{k}:{v}" for k, v in default.items())
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default))
+    return str(default)
+
+
 def add_arguments(parser, config_class, title: str | None = None) -> None:
     """One flag per field of `config_class` (`--PREFIXNAME`), with the field's meaning and default as help. Flags
     the user does not give are absent from the parsed namespace, so defaults and a model's recommendations stay in
@@ -169,8 +181,7 @@ def add_arguments(parser, config_class, title: str | None = None) -> None:
     prefix = _prefix(config_class)
     for field in cli_fields(config_class):
         meta, default = field.metadata, default_of(field)
-        shown = meta.get("shown_default") or (",".join(map(str, default)) if isinstance(default, (list, tuple))
-                                               else default)
+        shown = meta.get("shown_default") or default_text(field)
         help_text = f"{meta['help']} (default: {shown}" + (f"; {meta['symbol']} in the paper)" if meta.get("symbol")
                                                              else ")")
         flag = _flag(field, prefix)

@@ -391,7 +391,8 @@ def _validate(layout: Layout) -> None:
         at = f"region {i} ({r.phrase!r})"
         if r.phrase.strip().lower() not in lowered:
             raise UsageError(f"{at}: the phrase is not part of the prompt {layout.prompt!r}; each region's phrase "
-                             "must appear in the prompt verbatim (case does not matter)")
+                             "must appear in the prompt verbatim (case does not matter). The prompt's words are: "
+                             f"{', '.join(layout.prompt.split())}")
         if r.box is not None:
             x0, y0, x1, y1 = r.box
             if not all(0.0 <= v <= 1.0 for v in r.box):

@@ -1,0 +1,332 @@
+"""The web page (Gradio): a layout painted, uploaded or typed; a method with its options generated from its config;
+the plain and controlled images side by side with the layout over them, and the words' attention maps. Every check
+and every image comes from the package's own code (`app.sketch`, `app.jobs`, the `generate` command)."""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from ..cli.common import LAYOUT_METHODS
+from ..errors import UsageError
+from . import jobs, sketch
+
+log = logging.getLogger(__name__)
+
+KEPT_RESULTS = 8  # request folders kept (Gradio serves copies of what it shows)
+CANVAS = (512, 512)
+
+
+def _swatch(colour: str, share: float) -> str:
+    return (f"<div class='swatch'><span style='background:{colour}'></span>{colour} · {share:.0%} of the sketch"
+            "</div>")
+
+
+def _message(text: str, kind: str = "error") -> str:
+    return f"<div class='msg {kind}'>{html.escape(text)}</div>" if text else ""
+
+
+class Page:
+    """One app: its pipelines (loaded once, reused), the requests' folders, and the cancel switch per browser
+    session."""
+
+    def __init__(self, model: str | None = None, method: str = "ast", device: str = "cpu", dtype: str = "float32"):
+        if method not in jobs.METHOD_CHOICES:
+            raise UsageError(f"method {method!r} is not one of {', '.join(jobs.METHOD_CHOICES)}")
+        self.model, self.method, self.device, self.dtype = model or "", method, device, dtype
+        self.pipelines = jobs.Pipelines()
+        self.root = Path(tempfile.mkdtemp(prefix="attnctl-app-"))
+        self._count = 0
+        self._cancels: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    # --- from the page's values to a request ------------------------------------------------------------
+    def request(self, v: dict) -> jobs.Request:
+        """The request the page's values `v` describe; a UsageError (the CLI's message) for what is wrong."""
+        method = v["method"]
+        options = []
+        for flag, f in jobs.method_fields(method):
+            options += jobs.option_arguments(flag, f, v[f"{method} {flag}"])
+        numbers = {name: _whole(name, v[name] or 0) or None for name in ("steps", "height", "width")}  # 0: default
+        request = jobs.Request(method=method, prompt=v["prompt"] or "", targets=v["targets"] or "",
+                               model=v["model"] or "", options=options, device=self.device, dtype=self.dtype,
+                               seed=_whole("seed", v["seed"] or 0), guidance=_guidance(v["guidance"]), **numbers)
+        if method in LAYOUT_METHODS:
+            request.sketch = sketch.flat_sketch(_composite(v["sketch"]))
+            request.layout = sketch.page_layout(v["prompt"], v["background"], request.sketch, v["phrases"],
+                                                v["boxes"])
+        elif not request.prompt.strip():
+            raise UsageError("type a prompt")
+        self._check_flags(request)
+        return request
+
+    def _check_flags(self, request: jobs.Request) -> None:
+        """The command line parses and the method's options are within their bounds (no model needed)."""
+        from ..cli import build_parser
+        from ..cli.common import METHODS, check_sampling
+        from ..config import build, given_arguments
+
+        args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
+        check_sampling(args)
+        if request.method in METHODS:
+            config = METHODS[request.method].config
+            build(config, None, **given_arguments(config, args))
+
+    # --- the page's events -------------------------------------------------------------------------------
+    def check(self, v: dict) -> tuple[str, str]:
+        """The message and command for the page as it stands (as the person types)."""
+        try:
+            request = self.request(v)
+            jobs.check_words(request, self.pipelines)
+        except UsageError as err:
+            return _message(str(err)), ""
+        note = ""
+        if request.method not in LAYOUT_METHODS and (sketch.sketch_colours(sketch.flat_sketch(
+                _composite(v["sketch"]))) or (v["boxes"] or "").strip()):
+            note = _message("the layout is used by ast and layout-modulation; this method reads the prompt and "
+                            "its target words", "note")
+        return note or _message("ready", "ok"), request.command()
+
+    def colours(self, editor) -> list:
+        """The phrase boxes, one per colour found on the canvas (shown with its colour), the others hidden."""
+        try:
+            found = sketch.sketch_colours(sketch.flat_sketch(_composite(editor)))
+        except UsageError:
+            found = []
+        updates = []
+        for i in range(sketch.MAX_COLOURS):
+            shown = i < len(found)
+            updates.append(gr.update(visible=shown, value=_swatch(*found[i]) if shown else ""))
+            updates.append(gr.update(visible=shown))
+        return updates
+
+    def download(self, v: dict):
+        """layout.json (and sketch.png) for `attnctl generate --layout`, and the command that reproduces the page."""
+        try:
+            request = self.request(v)
+        except UsageError as err:
+            return None, _message(str(err)), ""
+        if request.layout is None:
+            return None, _message("only ast and layout-modulation take a layout; this method's command is below",
+                                  "note"), request.command()
+        paths = jobs.write_layout(request.layout, request.sketch, self._folder())
+        return [str(p) for p in paths], _message("layout written: save both files in one folder and run the "
+                                                 "command there", "ok"), request.command()
+
+    def generate(self, v: dict, progress, session: str):
+        """(plain, controlled, maps, message, command, files) for the page's request."""
+        empty = (None, None, None)
+        try:
+            request = self.request(v)
+        except UsageError as err:
+            return (*empty, _message(str(err)), "", None)
+        cancel = self._cancels.setdefault(session, threading.Event())
+        cancel.clear()
+        progress(0, desc="loading the model")
+        try:
+            result = jobs.run(request, self._folder(), self.pipelines, cancel=cancel,
+                              on_progress=lambda fraction, text: progress(fraction, desc=text))
+        except UsageError as err:
+            return (*empty, _message(str(err)), request.command(), None)
+        except jobs.Cancelled:
+            return (*empty, _message("cancelled", "note"), request.command(), None)
+        except Exception as err:  # a bug: say so on the page, keep the server up, log the traceback
+            log.exception("generation failed")
+            return (*empty, _message(f"internal error: {type(err).__name__}: {err}"), request.command(), None)
+        f = result.files
+        shown = [f.get("plain_layout") or f.get("plain"), f.get("image_layout") or f.get("image")]
+        if request.method == "none":
+            shown = [f["image"], None]
+        downloads = [str(f[name]) for name in ("layout.json", "sketch.png") if name in f]
+        return (*[str(p) if p else None for p in shown], str(f["maps"]) if "maps" in f else None,
+                _message("done", "ok"), result.command, downloads or None)
+
+    def cancel(self, session: str) -> None:
+        if session in self._cancels:
+            self._cancels[session].set()
+
+    def _folder(self) -> Path:
+        with self._lock:
+            self._count += 1
+            folder = self.root / f"{self._count:06d}"
+            for old in sorted(self.root.iterdir())[:-KEPT_RESULTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        folder.mkdir()
+        return folder
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # --- the page ----------------------------------------------------------------------------------------
+    def blocks(self) -> gr.Blocks:
+        from ..methods.targets import choose_targets
+
+        with gr.Blocks(title="attnctl") as demo:
+            gr.Markdown("## attnctl: sketch where things go, then generate with attention control\n"
+                        "Paint each object in its own colour (white is the background) or upload a sketch PNG, "
+                        "give each colour its phrase from the prompt, pick a method, generate. The plain image "
+                        "(same seed) is shown beside the controlled one.")
+            values: dict[str, gr.components.Component] = {}
+            with gr.Row():
+                with gr.Column(scale=5):
+                    values["method"] = gr.Radio(list(jobs.METHOD_CHOICES), value=self.method, label="method",
+                                                elem_id="method")
+                    values["model"] = gr.Textbox(self.model, label="model", elem_id="model",
+                                                 placeholder="blank: the built-in model that fits the method "
+                                                 "(builtin:NAME, a hub id or a local diffusers folder)")
+                    values["prompt"] = gr.Textbox(label="prompt", elem_id="prompt",
+                                                  placeholder="a red circle and a blue square")
+                    values["background"] = gr.Textbox(label="background", elem_id="background",
+                                                      info="the background's phrase, part of the prompt (may be "
+                                                      "blank)")
+                    values["targets"] = gr.Textbox(label="targets", elem_id="targets",
+                                                   info="regulation and attend-excite's words (the maps' words for "
+                                                   "none), comma-separated; preselected from the prompt's nouns")
+                    values["sketch"] = gr.ImageEditor(
+                        label="sketch: paint each object in its own colour (white is the background), or upload a "
+                        "sketch PNG", type="numpy", image_mode="RGBA", format="png", sources=("upload",),
+                        canvas_size=CANVAS, fixed_canvas=True, elem_id="sketch", layers=False,
+                        brush=gr.Brush(colors=list(sketch.BRUSH_COLOURS), default_color=sketch.BRUSH_COLOURS[0],
+                                       color_mode="fixed", default_size=32))
+                    swatches, phrases = [], []
+                    for i in range(sketch.MAX_COLOURS):
+                        with gr.Row(equal_height=True):
+                            swatches.append(gr.HTML(visible=False, elem_id=f"swatch-{i + 1}"))
+                            phrases.append(gr.Textbox(label=f"phrase {i + 1}", show_label=False, visible=False,
+                                                      elem_id=f"phrase-{i + 1}",
+                                                      placeholder="the phrase painted in this colour"))
+                    values["boxes"] = gr.Textbox(lines=2, label="boxes", elem_id="boxes",
+                                                 info="instead of or beside the sketch, one per line: phrase: x0, "
+                                                 "y0, x1, y1 (fractions of the image, origin top left)")
+                    with gr.Row():
+                        values["seed"] = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="seed")
+                        for name in ("steps", "height", "width"):
+                            values[name] = gr.Number(0, label=name, precision=0, minimum=0, elem_id=name,
+                                                     info="0: the model's")
+                        values["guidance"] = gr.Textbox(label="guidance", elem_id="guidance",
+                                                        info="blank: the pipeline's")
+                    panels = {}
+                    for method in jobs.METHOD_CHOICES[1:]:
+                        with gr.Accordion(f"{method} options (published defaults)", open=False,
+                                          visible=method == self.method, elem_id=f"options-{method}") as panel:
+                            panels[method] = panel
+                            for flag, f in jobs.method_fields(method):
+                                values[f"{method} {flag}"] = _option_component(flag, f)
+                    message = gr.HTML(elem_id="message")
+                    with gr.Row():
+                        run = gr.Button("generate", variant="primary", elem_id="generate")
+                        stop = gr.Button("cancel", elem_id="cancel")
+                        save = gr.Button("download layout", elem_id="download-layout")
+                    command = gr.Textbox(label="the same on the command line (beside the downloaded layout)",
+                                         interactive=False, elem_id="command", buttons=["copy"])
+                    files = gr.File(label="layout files", file_count="multiple", interactive=False,
+                                    elem_id="layout-files")
+                with gr.Column(scale=6):
+                    with gr.Row():
+                        plain = gr.Image(label="plain (same seed)", type="filepath", interactive=False,
+                                         elem_id="plain")
+                        controlled = gr.Image(label="controlled", type="filepath", interactive=False,
+                                              elem_id="controlled")
+                    maps = gr.Image(label="attention maps: a row per run and resolution, a column per word",
+                                    type="filepath", interactive=False, elem_id="maps")
+
+            # the inputs of every event, in this order: (method, model, ..., options, phrase 1, ..., phrase 8)
+            self.input_names = list(values) + [f"phrase {i + 1}" for i in range(len(phrases))]
+            inputs = list(values.values()) + phrases
+
+            def page_values(args) -> dict:
+                v = dict(zip(self.input_names, args))
+                v["phrases"] = [v.pop(f"phrase {i + 1}") for i in range(len(phrases))]
+                return v
+
+            def check(*args):
+                return self.check(page_values(args))
+
+            def pick_targets(prompt, method, targets, last):
+                if method not in ("none", "regulation", "attend-excite") or (targets and targets != last):
+                    return targets, last
+                try:
+                    chosen = ", ".join(choose_targets(prompt)) if prompt.strip() else ""
+                except UsageError:
+                    chosen = ""
+                return chosen, chosen
+
+            def generate(*args, progress=gr.Progress(), request: gr.Request = None):  # noqa: B008 (Gradio's way)
+                return self.generate(page_values(args), progress, request.session_hash if request else "")
+
+            def cancel(request: gr.Request = None):
+                self.cancel(request.session_hash if request else "")
+
+            def download(*args):
+                return self.download(page_values(args))
+
+            values["method"].change(lambda m: [gr.update(visible=k == m) for k in panels], values["method"],
+                                    list(panels.values()), queue=False, api_visibility="private")
+            chosen = gr.State("")
+            values["prompt"].change(pick_targets, [values["prompt"], values["method"], values["targets"], chosen],
+                                    [values["targets"], chosen], queue=False, api_visibility="private")
+            colour_outputs = [c for pair in zip(swatches, phrases) for c in pair]
+            values["sketch"].change(self.colours, values["sketch"], colour_outputs, queue=False, api_name="colours")
+            gr.on([demo.load] + [c.change for c in inputs], check, inputs, [message, command], queue=False,
+                  show_progress="hidden", api_name="check", trigger_mode="always_last")
+            event = run.click(generate, inputs, [plain, controlled, maps, message, command, files],
+                              concurrency_limit=1, concurrency_id="generate", api_name="generate")
+            stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")
+            save.click(download, inputs, [files, message, command], queue=False, api_name="download")
+        return demo
+
+
+def _whole(name: str, value) -> int:
+    if float(value) != int(value):
+        raise UsageError(f"{name} must be a whole number, not {value}")
+    return int(value)
+
+
+def _guidance(text: str | None) -> float | None:
+    if not (text or "").strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"guidance must be a number (1 or less turns guidance off), not {text.strip()!r}") from None
+
+
+def _composite(editor):
+    """The flattened picture of the editor's value (background and paint), or None."""
+    if editor is None:
+        return None
+    if isinstance(editor, dict):
+        return editor.get("composite")
+    return editor
+
+
+def _option_component(flag: str, f):
+    """A method option's input, from its config field: a checkbox, a choice, a number or text."""
+    from ..config import default_of, default_text
+
+    meta, default = f.metadata, default_of(f)
+    label = flag + (f" ({meta['symbol']})" if meta.get("symbol") else "")
+    info = meta["help"] + (f"; default {meta['shown_default']}" if meta.get("shown_default") else "")
+    elem_id = "option-" + flag[2:]
+    if isinstance(default, bool):
+        return gr.Checkbox(default, label=label, info=info, elem_id=elem_id)
+    if meta.get("choices"):
+        return gr.Dropdown(list(meta["choices"]), value=default, label=label, info=info, elem_id=elem_id)
+    if isinstance(default, (int, float)):
+        return gr.Number(default, label=label, info=info, precision=0 if isinstance(default, int) else None,
+                         minimum=meta.get("low"), maximum=meta.get("high"), elem_id=elem_id)
+    return gr.Textbox(default_text(f), label=label, info=info, elem_id=elem_id)
+
+
+CSS = """
+.swatch {display:flex; align-items:center; gap:.5em; font-family:monospace}
+.swatch span {display:inline-block; width:1.6em; height:1.6em; border:1px solid #888; border-radius:3px}
+.msg {padding:.4em .7em; border-radius:4px}
+.msg.error {background:#fde8e8; color:#8a1c1c} .msg.note {background:#fff6da} .msg.ok {background:#e6f6e6}
+"""

@@ -1,0 +1,55 @@
+"""`attnctl app`: the sketch-to-image web page (Gradio), on this machine only unless told otherwise."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from .common import METHODS
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("app", help="a web page: paint a layout, generate with every method, see the maps")
+    p.add_argument("--model", default=None,
+                   help="the model the page starts with (default: the built-in model that fits the method)")
+    p.add_argument("--method", choices=["none", *METHODS], default="ast",
+                   help="the method the page starts with (default: ast)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default: 10)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from ..models import parse_dtype
+    from .common import bounded, check_sampling
+
+    bounded("--port", args.port, 1, 65535)
+    bounded("--max-upload-mb", args.max_upload_mb, 0.01, 1024)
+    check_sampling(_sampling(args))
+    parse_dtype(args.dtype)
+    from ..app import CSS, Page  # after the cheap checks: Gradio takes a few seconds to import
+
+    page = Page(model=args.model, method=args.method, device=args.device, dtype=args.dtype)
+    if args.host not in LOOPBACK:
+        print(f"attnctl: warning: serving on {args.host}: anyone who can reach this machine can use the page")
+    print(f"attnctl: the page is at http://{args.host}:{args.port} (Ctrl+C stops it)")
+    try:
+        page.blocks().queue(default_concurrency_limit=1).launch(
+            server_name=args.host, server_port=args.port, share=False, max_file_size=f"{args.max_upload_mb}mb",
+            css=CSS, footer_links=[], quiet=True)
+    except OSError as err:
+        raise UsageError(f"cannot serve on {args.host}:{args.port} ({err}); pick another --port") from None
+    finally:
+        page.close()
+
+
+def _sampling(args):
+    """The app's device and dtype checked as generate checks them."""
+    import argparse
+
+    return argparse.Namespace(seed=0, steps=None, height=None, width=None, num_images=1, max_sequence_length=None,
+                              guidance=None, device=args.device, dtype=args.dtype, out=None)
