@@ -162,9 +162,8 @@ class EMA:
     def update(self):
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for k, m in self.modules.items():
-            for ps, p in zip(self.shadow[k].parameters(), m.parameters()):
-                ps.lerp_(p.detach(), 1 - d)
+        for k, m in self.modules.items():  # one fused update per module: on a GPU a loop per tensor is launch-bound
+            torch._foreach_lerp_(list(self.shadow[k].parameters()), [p.detach() for p in m.parameters()], 1 - d)
 
 
 class EpsilonUNet:
@@ -322,11 +321,14 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
         log(f"resumed from {state_path} at step {step} ({spent:.0f} min trained before)")
     elif resume:
         log(f"--resume: no {state_path} yet, starting")
-    t0, last_ckpt, start_step = time.time(), time.time(), step
+    t0, last_ckpt, start_step, pending = time.time(), time.time(), step, []
     budget = minutes * 60.0
     folder = os.path.join(out, "pipeline")
 
     def checkpoint(final=False):
+        if pending:
+            losses.extend(torch.stack(pending).tolist())
+            pending.clear()
         total = spent + (time.time() - t0) / 60
         info = {"family": family, "steps": step, "total_steps": total_steps, "batch": batch, "lr": lr,
                 "minutes": total, "loss_last_200": float(np.mean(losses[-200:])) if losses else None,
@@ -358,9 +360,11 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             ema.update()
-            losses.append(loss.item())
+            pending.append(loss.detach())  # read back every 50 steps: a read per step would sync the GPU each step
             step += 1
-            if step % 50 == 0:
+            if step % 50 == 0 or step == last:
+                losses.extend(torch.stack(pending).tolist())
+                pending.clear()
                 el = time.time() - t0
                 log(f"{family} step {step}/{total_steps} loss {np.mean(losses[-50:]):.4f} "
                     f"lr {opt.param_groups[0]['lr']:.2e} {el / (step - start_step):.2f} s/it, "
@@ -413,6 +417,8 @@ def _load_vae(folder: str):
 def run_training(args: argparse.Namespace) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: a tiny model's training needs no more
     out = args.out or f"shapes-{args.family}-run"
     os.makedirs(out, exist_ok=True)
     init = _folder(args.init) if args.init else None
