@@ -115,8 +115,11 @@ def test_suite_runs_with_attention_measurements():
     cases = [c for c in build_suite(1) if c.categories == ("layout",)]
     arms = [Arm("none", "builtin:shapes-unet"), Arm("regulation", "builtin:shapes-unet", {"edit_steps": 1}),
             Arm("ast", "builtin:shapes-mmdit", {"tuned_steps": 1})]
-    rows = run_suite(arms, cases, [0], steps=2, guidance=3.0, progress=False)
+    rows = run_suite(arms, cases, [0], steps=2, progress=False)
     assert len(rows) == len(arms) * len(cases)
+    # no guidance given: each model's recommended scale (its attnctl.json), not one scale for both
+    assert {row["model"]: row["guidance"] for row in rows} == {"builtin:shapes-unet": 3.0, "builtin:shapes-mmdit": 5.0}
+    assert {row["steps"] for row in rows} == {2}
     for row in rows:
         unet = "unet" in row["model"]
         assert math.isnan(row["q90_min"]) != unet and math.isnan(row["share_instance"]) == unet

@@ -205,27 +205,33 @@ def attention_columns(observers, n_images: int) -> list[dict]:
     return columns
 
 
-def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, guidance: float,
-              device: str = "cpu", progress: bool | None = None, measure: bool = True) -> list[dict]:
+def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int | None = None,
+              guidance: float | None = None, device: str = "cpu", progress: bool | None = None,
+              measure: bool = True) -> list[dict]:
     """Generate and score every (arm, case, seed), with the attention measurements when `measure`; a progress bar
-    per arm unless `progress` is False (default: unless ATTNCTL_PROGRESS=0)."""
+    per arm unless `progress` is False (default: unless ATTNCTL_PROGRESS=0). `steps` and `guidance` default to what
+    each arm's model recommends (its `attnctl.json`), else DEFAULT_STEPS and DEFAULT_GUIDANCE."""
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from .control import apply
-    from .models import _show_progress, load_pipeline
+    from .models import _show_progress, load_pipeline, sampling_defaults
 
     progress = _show_progress() if progress is None else progress
     state = PartialState()
     rows = []
     pipes: dict[str, object] = {}
     for arm in arms:
+        recommended = sampling_defaults(arm.model)
+        arm_steps = steps if steps is not None else recommended.get("num_inference_steps", DEFAULT_STEPS)
+        arm_guidance = guidance if guidance is not None else recommended.get("guidance_scale", DEFAULT_GUIDANCE)
         if arm.model not in pipes:
             pipes[arm.model] = load_pipeline(arm.model, device=device if state.num_processes == 1 else state.device)
             pipes[arm.model].set_progress_bar_config(disable=True)
             # one untimed call first: one-time costs (allocator, lazy initialisation) must not count for the first arm
-            pipes[arm.model](cases[0].prompt, num_inference_steps=1, guidance_scale=guidance, output_type="latent")
+            pipes[arm.model](cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance,
+                          output_type="latent")
         pipe = pipes[arm.model]
         with state.split_between_processes(list(range(len(cases)))) as mine:
             for i in tqdm(mine, desc=arm.label, disable=not progress or not state.is_main_process):
@@ -235,7 +241,8 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, 
                 with apply(pipe, *controllers_for(arm, case), *observers, prompt=case.prompt) as session:
                     start = time.perf_counter()
                     images = session(case.prompt, num_images_per_prompt=len(seeds), generator=generators,
-                                     num_inference_steps=steps, guidance_scale=guidance, output_type="pil").images
+                                     num_inference_steps=arm_steps, guidance_scale=arm_guidance,
+                                     output_type="pil").images
                     seconds = (time.perf_counter() - start) / len(images)
                 attention = attention_columns(observers, len(images))
                 for seed, image, measured in zip(seeds, images, attention):
@@ -246,7 +253,7 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int, 
                                      "present": int(s["present"]), "bound": int(s["bound"]),
                                      "inside": int(s["inside"]), "relation": int(s["relation"]),
                                      "mean_iou": round(s["mean_iou"], 4), "count": s["count"],
-                                     "seconds": round(seconds, 4),
+                                     "seconds": round(seconds, 4), "steps": arm_steps, "guidance": arm_guidance,
                                      **{k: round(v, 5) for k, v in measured.items()}})
     return _gather(rows, state)
 
@@ -309,8 +316,10 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
             r = cats.get(c)
             cells.append("—" if r is None else f"{r['rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['n']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    sampling = {row["method"]: f"{row['steps']} steps, guidance {row['guidance']:g}" for row in rows}
     lines += ["", "Success rate [95% Wilson interval] (samples = prompts x seeds). See attnctl/eval.py for what "
-              "counts as success in each category.", ""]
+              "counts as success in each category. Sampling: "
+              + "; ".join(f"{label} {how}" for label, how in sampling.items()) + ".", ""]
     lines += attention_table(summary)
     timing = time_ratios(rows)
     if timing:

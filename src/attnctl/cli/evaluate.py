@@ -24,8 +24,10 @@ def register(sub) -> None:
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 10; 1 with --quick)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: each model's recommended count, from its attnctl.json, else 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: each model's recommended scale, from its attnctl.json, else 5.0)")
     p.add_argument("--unet-model", default="builtin:shapes-unet")
     p.add_argument("--mmdit-model", default="builtin:shapes-mmdit")
     p.add_argument("--device", default="cpu")
@@ -85,8 +87,6 @@ def run(args) -> None:
 
     from ..eval import (
         DEFAULT_CATEGORIES,
-        DEFAULT_GUIDANCE,
-        DEFAULT_STEPS,
         HELDOUT_CATEGORIES,
         QUICK_STEPS,
         Arm,
@@ -104,8 +104,8 @@ def run(args) -> None:
     bounded("--guidance", args.guidance, 0, 100)
     prompts = args.prompts or (3 if args.quick else 20)
     seeds = args.seeds or (1 if args.quick else 10)
-    steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else DEFAULT_STEPS
-    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else None  # None: the model's own
+    guidance = args.guidance
     cases = build_suite(prompts)
     wanted = args.categories or (HELDOUT_CATEGORIES if args.dose else DEFAULT_CATEGORIES)
     cases = [c for c in cases if set(c.categories) & set(wanted)]
