@@ -4,6 +4,7 @@ seed) beside it (compare.png) and the maps of the method's words with and withou
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from ..config import given_arguments
@@ -24,6 +25,8 @@ from .common import (
     write_maps,
 )
 
+log = logging.getLogger(__name__)
+
 
 def register(sub) -> None:
     from ..models import DEFAULT_MODEL
@@ -40,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path)
     for name in METHODS:
         add_method_options(p, name)
-    p.set_defaults(func=run)
+    p.set_defaults(func=main)
 
 
 def _refuse_other_methods(args) -> None:
@@ -87,10 +90,14 @@ def _controller(args):
     return METHODS[args.method].controller(config=config), args.prompt, list(config.targets), named
 
 
+def main(args) -> None:
+    print_written(run(args), args.out)
+
+
 def run(args, load_pipeline=load, on_step=None) -> list[Path]:
-    """Generate as the command line says and write the files; returns their paths. `load_pipeline(args, joint)`
-    gives the pipeline (the app passes its cache); `on_step(label, step, steps)` follows each run's denoising steps
-    (label: the method's name, then "plain" for the comparison)."""
+    """Generate as the command line says and write the files; returns their paths (the app calls this too).
+    `load_pipeline(args, joint)` gives the pipeline (the app passes its cache); `on_step(label, step, steps)` follows
+    each run's denoising steps (label: the method's name, then "plain" for the comparison)."""
     _refuse_other_methods(args)
     method, prompt, words, named = _controller(args)
     pipe = load_pipeline(args, joint=args.method in LAYOUT_METHODS)  # after the method's inputs: cheap errors first
@@ -116,12 +123,11 @@ def run(args, load_pipeline=load, on_step=None) -> list[Path]:
             comparison_figure({"plain (same seed)": plain[0], args.method: images[0]}, written[-1], prompt)
         written += write_maps(captures, words, args.out, "maps", prompt)
     elif args.maps:
-        print("attnctl: no target words to map; pass --targets")
+        log.info("no target words to map; pass --targets")
     if args.method in LAYOUT_METHODS:
         written += _write_overlays(images, method.layout, args.out, "image")
         if plain is not None:
             written += _write_overlays(plain, method.layout, args.out, "plain")
-    print_written(written, args.out)
     return written
 
 
