@@ -151,7 +151,7 @@ SKETCH = dict(method="ast", prompt=PROMPT, phrase_1="a blue square", phrase_2="a
 def test_a_two_colour_sketch_gives_both_images_the_maps_and_the_layout_files(app):
     _, client = app
     editor = editor_with(EXAMPLES / "sketch.png")
-    swatches = client.predict(editor, api_name="/colours")[::2]  # (swatch, phrase box) per colour slot
+    swatches = client.predict(*page_args(app, sketch=editor), api_name="/check")[2::2]  # (swatch, box) per colour
     assert [("#0082c8 · 24%" in u["value"], "#e6194b · 17%" in u["value"], u["visible"]) for u in swatches] == [
         (True, False, True), (False, True, True)] + [(False, False, False)] * 6
     plain, controlled, maps, message, command, files = client.predict(
@@ -220,14 +220,14 @@ def test_each_bad_input_gives_its_message_and_no_image(app, bad, message):
 def test_the_page_checks_as_the_person_types(app):
     _, client = app
     values = {**SKETCH, "sketch": editor_with(EXAMPLES / "sketch.png")}
-    shown, command = client.predict(*page_args(app, **values), api_name="/check")
+    shown, command, *_ = client.predict(*page_args(app, **values), api_name="/check")
     assert "ready" in shown and command.startswith("attnctl generate --method ast")
-    shown, command = client.predict(*page_args(app, **{**values, "phrase_1": "a blue cube"}), api_name="/check")
+    shown, command, *_ = client.predict(*page_args(app, **{**values, "phrase_1": "a blue cube"}), api_name="/check")
     assert "'a blue cube'): the phrase is not part of the prompt" in html.unescape(shown) and command == ""
     # once the model is loaded, also the words as its tokenizer reads them: here a phrase cut by its 16 tokens
     client.predict(*page_args(app, **{**values, "steps": 1}), api_name="/generate")
     long_prompt = {"prompt": PROMPT + " in a park with tall trees by a lake", "background": "a lake"}
-    shown, command = client.predict(*page_args(app, **{**values, **long_prompt}), api_name="/check")
+    shown, command, *_ = client.predict(*page_args(app, **{**values, **long_prompt}), api_name="/check")
     assert "phrase 'a lake' lies beyond the text encoder's token limit" in html.unescape(shown), shown
 
 

@@ -47,8 +47,9 @@ class Page:
         self._lock = threading.Lock()
 
     # --- from the page's values to a request ------------------------------------------------------------
-    def request(self, v: dict) -> jobs.Request:
-        """The request the page's values `v` describe; a UsageError (the CLI's message) for what is wrong."""
+    def request(self, v: dict, flat=None) -> jobs.Request:
+        """The request the page's values `v` describe; a UsageError (the CLI's message) for what is wrong. `flat`:
+        the canvas already flattened, if it was."""
         method = v["method"]
         options = []
         for flag, f in jobs.method_fields(method):
@@ -58,7 +59,7 @@ class Page:
                                model=v["model"] or "", options=options, device=self.device, dtype=self.dtype,
                                seed=_whole("seed", v["seed"] or 0), guidance=_guidance(v["guidance"]), **numbers)
         if method in LAYOUT_METHODS:
-            request.sketch = sketch.flat_sketch(_composite(v["sketch"]))
+            request.sketch = flat if flat is not None else sketch.flat_sketch(_composite(v["sketch"]))
             request.layout = sketch.page_layout(v["prompt"], v["background"], request.sketch, v["phrases"],
                                                 v["boxes"])
         elif not request.prompt.strip():
@@ -79,32 +80,28 @@ class Page:
             build(config, None, **given_arguments(config, args))
 
     # --- the page's events -------------------------------------------------------------------------------
-    def check(self, v: dict) -> tuple[str, str]:
-        """The message and command for the page as it stands (as the person types)."""
+    def check(self, v: dict) -> list:
+        """The message and command for the page as it stands (as the person types), then a (swatch, phrase box)
+        update per colour slot: one box per colour found on the canvas, shown with its colour, the others hidden."""
         try:
-            request = self.request(v)
-            jobs.check_words(request, self.pipelines)
-        except UsageError as err:
-            return _message(str(err)), ""
-        note = ""
-        if request.method not in LAYOUT_METHODS and (sketch.sketch_colours(sketch.flat_sketch(
-                _composite(v["sketch"]))) or (v["boxes"] or "").strip()):
-            note = _message("the layout is used by ast and layout-modulation; this method reads the prompt and "
-                            "its target words", "note")
-        return note or _message("ready", "ok"), request.command()
-
-    def colours(self, editor) -> list:
-        """The phrase boxes, one per colour found on the canvas (shown with its colour), the others hidden."""
-        try:
-            found = sketch.sketch_colours(sketch.flat_sketch(_composite(editor)))
+            flat = sketch.flat_sketch(_composite(v["sketch"]))
+            found = sketch.sketch_colours(flat)
         except UsageError:
-            found = []
-        updates = []
+            flat, found = None, []
+        slots = []
         for i in range(sketch.MAX_COLOURS):
             shown = i < len(found)
-            updates.append(gr.update(visible=shown, value=_swatch(*found[i]) if shown else ""))
-            updates.append(gr.update(visible=shown))
-        return updates
+            slots += [gr.update(visible=shown, value=_swatch(*found[i]) if shown else ""), gr.update(visible=shown)]
+        try:
+            request = self.request(v, flat)
+            jobs.check_words(request, self.pipelines)
+        except UsageError as err:
+            return [_message(str(err)), "", *slots]
+        note = ""
+        if request.method not in LAYOUT_METHODS and (found or (v["boxes"] or "").strip()):
+            note = _message("the layout is used by ast and layout-modulation; this method reads the prompt and "
+                            "its target words", "note")
+        return [note or _message("ready", "ok"), request.command(), *slots]
 
     def download(self, v: dict):
         """layout.json (and sketch.png) for `attnctl generate --layout`, and the command that reproduces the page."""
@@ -271,10 +268,13 @@ class Page:
             chosen = gr.State("")
             values["prompt"].change(pick_targets, [values["prompt"], values["method"], values["targets"], chosen],
                                     [values["targets"], chosen], queue=False, api_visibility="private")
-            colour_outputs = [c for pair in zip(swatches, phrases) for c in pair]
-            values["sketch"].change(self.colours, values["sketch"], colour_outputs, queue=False, api_name="colours")
-            gr.on([demo.load] + [c.change for c in inputs], check, inputs, [message, command], queue=False,
-                  show_progress="hidden", api_name="check", trigger_mode="always_last")
+            slots = [c for pair in zip(swatches, phrases) for c in pair]
+            # one event for every edit (the canvas is flattened once); "always_last" so that the editor's change
+            # after an upload is never dropped while an earlier check is running
+            editor = values["sketch"]
+            gr.on([demo.load, editor.upload, editor.apply] + [c.change for c in inputs], check, inputs,
+                  [message, command, *slots], queue=False, show_progress="hidden", api_name="check",
+                  trigger_mode="always_last")
             event = run.click(generate, inputs, [plain, controlled, maps, message, command, files],
                               concurrency_limit=1, concurrency_id="generate", api_name="generate")
             stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")
