@@ -35,13 +35,20 @@ def test_resumed_training_equals_one_run(tmp_path, cli):
 
 def test_init_takes_the_matching_tensors(tmp_path, cli):
     import attnctl.shapes.train as trainer
+    from attnctl.shapes import models
 
-    objective = trainer.FlowMMDiT("cpu")  # 16x16 tokens (patch 1): the shipped 8x8 model's patch layers differ
-    trainer.init_from(objective.parts, str(BUILTIN_DIR / "shapes-mmdit"))
     shipped = load_file(str(BUILTIN_DIR / "shapes-mmdit" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    objective = trainer.FlowMMDiT("cpu")  # the shipped architecture: every tensor is taken
+    trainer.init_from(objective.parts, str(BUILTIN_DIR / "shapes-mmdit"))
     own = objective.parts["transformer"].state_dict()
-    taken = [k for k in shipped if k in own and own[k].shape == shipped[k].shape]
-    assert len(taken) == len(own) - 4  # the patch embedding, its positions and the output projection are fresh
-    for k in taken:
+    assert set(own) == set(shipped)
+    for k in own:
         assert torch.equal(own[k], shipped[k].float()), k
-    assert own["proj_out.weight"].shape != shipped["proj_out.weight"].shape
+    patch2 = {"transformer": models.build_transformer(patch_size=2)}  # 8x8 tokens: the patch layers differ
+    fresh = {k: v.clone() for k, v in patch2["transformer"].state_dict().items()}
+    trainer.init_from(patch2, str(BUILTIN_DIR / "shapes-mmdit"))
+    own = patch2["transformer"].state_dict()
+    taken = [k for k in own if own[k].shape == shipped[k].shape]
+    assert len(taken) == len(own) - 3  # the patch embedding and the output projection stay fresh
+    for k in own:
+        assert torch.equal(own[k], shipped[k].float() if k in taken else fresh[k]), k
