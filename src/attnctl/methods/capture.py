@@ -95,25 +95,27 @@ class Capture(Controller):
         f = self.site_filter
         return f is None or (f(site) if callable(f) else site.name in f)
 
-    def _selector(self, prompt: int, n_text: int, device) -> torch.Tensor:
-        key = (prompt, n_text)
+    def _selector(self, prompts: tuple[int, ...], n_text: int, device) -> torch.Tensor:
+        """(rows, text positions, words): which text tokens make up each word, for each conditional row's prompt;
+        built once per (prompts, text length, device), so a call does not copy it to the device again."""
+        key = (prompts, n_text, str(device))
         if key not in self._selectors:
-            sel = torch.zeros(n_text, len(self.words))
-            for j, positions in enumerate(self.positions[prompt]):
-                sel[self.prompts[prompt].held(self.words[j], positions, n_text, self.requested), j] = 1.0
-            self._selectors[key] = sel
-        return self._selectors[key].to(device)
+            sel = torch.zeros(len(prompts), n_text, len(self.words))
+            for r, prompt in enumerate(prompts):
+                for j, positions in enumerate(self.positions[prompt]):
+                    sel[r, self.prompts[prompt].held(self.words[j], positions, n_text, self.requested), j] = 1.0
+            self._selectors[key] = sel.to(device)
+        return self._selectors[key]
 
     def __call__(self, call: AttentionCall) -> None:
         rows = call.step.cond_rows
         if rows.stop == rows.start or (self.steps is not None and call.step.index not in self.steps):
             return
-        probs = call.text_probs()[rows].mean(dim=1)  # (cond rows, image tokens, text tokens)
-        n_text = probs.shape[-1]
-        maps = torch.stack([
-            probs[r] @ self._selector(call.step.prompt_of_row(r), n_text, probs.device) for r in range(probs.shape[0])
-        ])  # (cond rows, image tokens, words)
-        maps = maps.transpose(1, 2).reshape(maps.shape[0], len(self.words), *call.grid).double().cpu()
+        probs = call.text_probs()[rows].mean(dim=1)  # (cond rows, image tokens, text tokens), float32
+        prompts = tuple(call.step.prompt_of_row(r) for r in range(probs.shape[0]))
+        maps = probs @ self._selector(prompts, probs.shape[-1], probs.device)  # (cond rows, image tokens, words)
+        maps = maps.transpose(1, 2).reshape(maps.shape[0], len(self.words), *call.grid)
+        # summed on the device in float32 and read back once, by maps(): no copy or sync inside a denoising step
         name = call.site.name
         if name in self.sums and self.sums[name].shape == maps.shape:
             self.sums[name] += maps
@@ -123,8 +125,8 @@ class Capture(Controller):
         self.grids[name], self.site_info[name] = call.grid, call.site
 
     def maps(self) -> dict[str, torch.Tensor]:
-        """Per site: (images, words, h, w) probabilities, mean over heads and captured steps."""
-        return {name: (s / self.counts[name]).float() for name, s in self.sums.items()}
+        """Per site: (images, words, h, w) probabilities, mean over heads and captured steps, on the CPU."""
+        return {name: (s / self.counts[name]).float().cpu() for name, s in self.sums.items()}
 
     def grouped(self, bands: int = 4) -> dict[str, torch.Tensor]:
         """Maps averaged within groups of sites: by grid size for cross-attention sites, by depth band for joint
