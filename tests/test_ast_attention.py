@@ -29,9 +29,11 @@ def make_case(text_first: bool, seed: int = 0, batch=2, heads=3, n_text=7, n_img
 
 
 def recipe(q, k, v, scale, tables):
-    """The reference's recipe, in float64, with explicit M matrices built position by position."""
+    """The reference's recipe, in float64, with explicit M matrices built position by position (the model's key
+    mask, if any, is part of the logits P comes from)."""
     q, k, v = q.double(), k.double(), v.double()
-    P = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    bias = 0.0 if tables.key_bias is None else tables.key_bias.double()
+    P = torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1)
     batch, _, n, _ = q.shape
     tuned = P.clone()
     img = list(range(tables.image.start, tables.image.stop))
@@ -75,6 +77,34 @@ def test_direct_and_fast_paths_equal_the_formula_float64(text_first, path, seed,
     assert out.dtype == torch.float64
     assert (out - want_out).abs().max() < 1e-12
     assert (probs.double() - want_probs).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("path", ["reference", "direct", "fast", "fast in chunks"])
+@pytest.mark.parametrize("kind", ["padding (-inf)", "additive (Chroma's 0/1)"])
+def test_a_key_mask_is_part_of_the_logits_and_masked_keys_stay_at_zero(path, kind):
+    """With the model's key mask (text padding) every path is still the formula, P taken from the masked logits;
+    masked text keys keep probability 0 after tuning (they are in no region and no phrase, but a label match would
+    still give them nothing)."""
+    q, k, v, scale, tables = make_case(True, seed=4)
+    valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool)
+    valid[0, 5:7], valid[1, 3:7] = False, False  # each batch row's own padding, inside the text
+    if kind.startswith("padding"):
+        padding = torch.zeros(valid.shape, dtype=torch.float64).masked_fill(~valid, float("-inf"))
+        tables.key_bias = padding[:, None, None]
+    else:
+        tables.key_bias = valid.double()[:, None, None]
+    paths = {"reference": lambda: reference_attention(q, k, v, scale, tables),
+             "direct": lambda: direct_attention(q, k, v, scale, tables, chunk=6, want_text_probs=True),
+             "fast": lambda: fast_attention(q, k, v, scale, tables, want_text_probs=True),
+             "fast in chunks": lambda: fast_attention(q, k, v, scale, tables, budget=500, want_text_probs=True)}
+    out, probs = paths[path]()
+    want_out, want_probs = recipe(q, k, v, scale, tables)
+    assert (out - want_out).abs().max() < 1e-12
+    assert (probs.double() - want_probs).abs().max() < 1e-7
+    if kind.startswith("padding"):
+        assert want_probs[0, :, :, 5:7].abs().max() == 0 and want_probs[1, :, :, 3:7].abs().max() == 0
+    unmasked, _ = recipe(q, k, v, scale, TuningTables(**{**tables.__dict__, "key_bias": None}))
+    assert (want_out - unmasked).abs().max() > 1e-3  # the mask matters here
 
 
 @pytest.mark.parametrize("path", ["reference", "direct", "fast"])

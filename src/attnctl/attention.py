@@ -54,11 +54,14 @@ def cpu_attention_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.T
 
 
 def chunked_lse(q, k, scale=None, key_bias=None) -> torch.Tensor:
-    """Row log-sum-exp of q kᵀ · scale (+ `key_bias`, an additive (batch, heads or 1, 1, keys) mask), float32."""
+    """Row log-sum-exp of q kᵀ · scale (+ `key_bias`, an additive (batch, heads or 1, 1, keys) mask), float32
+    (float64 for float64 inputs)."""
     scale = default_scale(q) if scale is None else scale
-    bias = 0.0 if key_bias is None else key_bias.float()
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bias = 0.0 if key_bias is None else key_bias.to(dtype)
     parts = [
-        torch.logsumexp((q[..., i : i + _LSE_CHUNK, :].float() @ k.float().transpose(-1, -2)) * scale + bias, dim=-1)
+        torch.logsumexp((q[..., i : i + _LSE_CHUNK, :].to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale + bias,
+                        dim=-1)
         for i in range(0, q.shape[-2], _LSE_CHUNK)
     ]
     return torch.cat(parts, dim=-1)

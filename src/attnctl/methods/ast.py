@@ -201,6 +201,8 @@ class AST(Controller):
             image = pipe(layout.prompt).images[0]
     """
 
+    handles_key_mask = True  # a model's text padding mask is part of S (ast_attention.TuningTables.key_bias)
+
     def __init__(self, layout, config: ASTConfig | None = None, **options):
         self.layout: Layout = load_layout(layout)
         self.prompt = self.layout.prompt
@@ -247,6 +249,8 @@ class AST(Controller):
         band = self.band(call.site)
         tau = (max(float(step.timestep), 0.0) / 1000.0) ** c.gamma * c.strength
         tables = self._tables_for(call, band, rows, tau)
+        if call.key_bias is not None:  # the model's text padding mask (Chroma): P and the tuned softmax both see it
+            tables.key_bias = call.key_bias[rows] if call.key_bias.shape[0] > 1 else call.key_bias
         want_probs = call.site.name in self._probs_sites
         batch = call.q.shape[0]
         partial = rows.stop - rows.start < batch

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attention, attention_with_lse, cpu_attention_with_lse
+from ..attention import attention, attention_with_lse, chunked_lse, cpu_attention_with_lse
 
 DIRECT_CHUNK = 1024
 
@@ -45,6 +45,9 @@ class TuningTables:
     alpha_i2i: torch.Tensor | None  # (B, I)
     alpha_i2t: torch.Tensor | None  # (B, I)
     alpha_t2t: torch.Tensor | None  # (B, T)
+    # the model's key mask (text padding), additive, (B, 1 or heads, 1, N): part of S, so P and the tuned softmax
+    # both see it (masked keys keep probability 0)
+    key_bias: torch.Tensor | None = None
 
     def groups(self, n: int):
         """(query slice, [(key slice, alpha (B, rows), query labels (B, rows), key labels (B, keys))]) for every query
@@ -65,7 +68,7 @@ class TuningTables:
     def to(self, device) -> TuningTables:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TuningTables(self.text, self.image, move(self.img_label), move(self.i2t_label), move(self.t2t_label),
-                            move(self.alpha_i2i), move(self.alpha_i2t), move(self.alpha_t2t))
+                            move(self.alpha_i2i), move(self.alpha_i2t), move(self.alpha_t2t), move(self.key_bias))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,6 +84,8 @@ def reference_attention(q, k, v, scale, tables: TuningTables):
     For tests and small inputs only."""
     q, k, v = q.double(), k.double(), v.double()
     S = (q @ k.transpose(-1, -2)) * scale
+    if tables.key_bias is not None:
+        S = S + tables.key_bias.double()
     P = torch.softmax(S, dim=-1)
     batch, n = S.shape[0], S.shape[-1]
     M = torch.zeros(batch, 1, n, n, dtype=torch.float64)
@@ -107,6 +112,8 @@ def direct_attention(q, k, v, scale, tables: TuningTables, chunk: int = DIRECT_C
     for rows, blocks in tables.groups(q.shape[2]):
         for c in _chunks(rows, chunk):
             S = (q[:, :, c].to(compute_dtype) @ kc.transpose(-1, -2)) * scale
+            if tables.key_bias is not None:
+                S = S + tables.key_bias.to(compute_dtype)
             P = torch.softmax(S, dim=-1)
             B = torch.zeros_like(S)
             local = _local(c, rows.start)
@@ -135,7 +142,7 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
     if approximate:
         return _approximate_attention(q, k, v, scale, tables, budget, want_text_probs)
     if lse is None:
-        lse = row_lse(q, k, v, scale)
+        lse = row_lse(q, k, v, scale, tables.key_bias)
     batch, heads, n, dim = q.shape
     budget = budget or max(1 << 18, 2 * q.numel())
     size = max(16, budget // max(1, batch * heads * n))
@@ -151,6 +158,8 @@ def fast_attention(q, k, v, scale, tables: TuningTables, lse=None, budget: int |
             qc = q[:, :, c].to(compute_dtype).reshape(batch * heads, rows_c, dim)
             # U = S − L in one fused op; U <= 0 and exp(U) = P
             U = torch.baddbmm(neg_lse, qc, kt, alpha=scale).view(batch, heads, rows_c, n)
+            if tables.key_bias is not None:
+                U.add_(tables.key_bias.to(compute_dtype))
             if blocks:
                 alphas, shifted_targets = _bias_tables(blocks, local, batch, rows_c, n, compute_dtype, q.device)
                 U.addcmul_(U.exp(), alphas, value=-1.0)  # − α·P
@@ -176,8 +185,11 @@ def _bias_tables(blocks, local: slice, batch: int, rows: int, n: int, dtype, dev
     return alphas, (alphas * targets).sub_(bound)
 
 
-def row_lse(q, k, v, scale) -> torch.Tensor:
-    """Row log-sum-exp of the plain logits from the fused kernel (float32; float64 for float64 inputs on CPU)."""
+def row_lse(q, k, v, scale, key_bias=None) -> torch.Tensor:
+    """Row log-sum-exp of the plain logits from the fused kernel (float32; float64 for float64 inputs on CPU); with
+    a key mask, of the masked logits."""
+    if key_bias is not None:
+        return chunked_lse(q, k, scale, key_bias)
     if q.dtype == torch.float64 and q.device.type == "cpu":
         return cpu_attention_with_lse(q, k, v, scale)[1]
     return attention_with_lse(q, k, v, scale=scale)[1]
@@ -193,15 +205,14 @@ def _approximate_attention(q, k, v, scale, tables, budget, want_text_probs):
     for rows, blocks in tables.groups(q.shape[2]):
         for c in _chunks(rows, size):
             local = _local(c, rows.start)
-            if not blocks:
-                out[:, :, c] = attention(q[:, :, c], k, v, scale=scale)
-                mask = None
-            else:
-                mask = torch.zeros(batch, 1, c.stop - c.start, n, dtype=q.dtype, device=q.device)
+            mask = None if tables.key_bias is None else tables.key_bias.to(q.dtype).expand(-1, -1, c.stop - c.start, -1)
+            if blocks:
+                tuned = torch.zeros(batch, 1, c.stop - c.start, n, dtype=q.dtype, device=q.device)
                 for keys, alpha, q_lab, k_lab in blocks:
                     m = (q_lab[:, local, None] == k_lab[:, None, :])[:, None]
-                    mask[..., keys] = (m * alpha[:, local][:, None, :, None]).to(q.dtype)
-                out[:, :, c] = attention(q[:, :, c], k, v, mask=mask, scale=scale)
+                    tuned[..., keys] = (m * alpha[:, local][:, None, :, None]).to(q.dtype)
+                mask = tuned if mask is None else tuned + mask
+            out[:, :, c] = attention(q[:, :, c], k, v, mask=mask, scale=scale)
             if probs is not None and rows == tables.image:
                 S = (q[:, :, c].float() @ k[:, :, tables.text].float().transpose(-1, -2)) * scale
                 full = (q[:, :, c].float() @ k.float().transpose(-1, -2)) * scale
