@@ -41,8 +41,8 @@ def test_kandinsky_is_refused_before_anything_changes():
         "KandinskyV22Pipeline: its UNet2DConditionModel has no attention over prompt tokens that attnctl knows (its "
         "attention processors: AttnAddedKVProcessor2_0; e.g. Kandinsky 2.x conditions on image embeddings); "
         "supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
-        "(SD3/3.5), FluxTransformer2DModel (FLUX.1), PixArtTransformer2DModel (PixArt-α/Σ); to ask for another, open "
-        "an issue naming the pipeline class")
+        "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), PixArtTransformer2DModel "
+        "(PixArt-α/Σ); to ask for another, open an issue naming the pipeline class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
 
 
@@ -79,6 +79,7 @@ class Passes(attnctl.Controller):
     a method changed it."""
 
     observer = True
+    handles_key_mask = True  # it reads nothing masked
 
     def attach(self, session):
         self.calls = []
@@ -118,10 +119,6 @@ def tiny_transformer(name):
         "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
                                        attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
                                        cross_attention_dim=8, caption_channels=8, sample_size=8),
-        "ChromaTransformer2DModel": dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                         axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
-                                         approximator_hidden_dim=16, approximator_layers=1),
         "QwenImageTransformer2DModel": dict(in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
                                             num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
     }
@@ -148,6 +145,26 @@ def pixart():
     return _built["pixart"]
 
 
+def chroma():
+    """A tiny random Chroma: FLUX-schnell blocks, T5 text with its padding mask, CFG as a second call (built once)."""
+    if "chroma" not in _built:
+        from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+        from attnctl.models import _t5, _vae
+
+        torch.manual_seed(0)
+        t5, tokenizer = _t5(16)
+        transformer = ChromaTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+            approximator_hidden_dim=16, approximator_layers=1)
+        pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4), text_encoder=t5,
+                              tokenizer=tokenizer, transformer=transformer.eval())
+        pipe.set_progress_bar_config(disable=True)
+        _built["chroma"] = pipe
+    return _built["chroma"]
+
+
 PIXART_CALL = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
 _built = {}
 
@@ -168,7 +185,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, capture, Regulation, 
     ("Kandinsky 2.2", kandinsky22, NO, NO, NO),
     ("PixArt-Σ", pixart, YES, EDITS, NO),
     ("Sana", lambda: tiny_transformer("SanaTransformer2DModel"), NO, NO, NO),
-    ("Chroma", lambda: tiny_transformer("ChromaTransformer2DModel"), NO, NO, NO),
+    ("Chroma", chroma, YES, NO, EDITS),
     ("Qwen-Image", lambda: tiny_transformer("QwenImageTransformer2DModel"), NO, NO, NO),
 ]
 PROMPT = "a red dog and a grey cat"
@@ -188,6 +205,8 @@ def generate(pipe, name, controllers):
         kwargs.update(height=256, width=256)  # Regulation's default layers at 8x8
     if "PixArt" in name:
         kwargs.update(PIXART_CALL)
+    if "Chroma" in name:
+        kwargs.update(max_sequence_length=32)
     if "Kontext" in name:
         kwargs.update(image=Image.new("RGB", (64, 64), (200, 30, 30)), max_area=64 * 64, _auto_resize=False)
     with attnctl.apply(pipe, *controllers, prompt=PROMPT):
@@ -257,3 +276,55 @@ def test_pixart_padding_tokens_are_masked_in_maps_and_never_edited():
                 # the end token's probability, as the reference does)
                 exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale + bias.double(), dim=-1)
                 assert (probs.double() - exact).abs().max() < 1e-5
+
+
+def test_chroma_negative_call_is_unconditional_and_the_maps_are_the_masked_softmax():
+    """Chroma runs the negative prompt as a second call per step: not conditional, never tuned. Its mask is m_i·m_j
+    added to the logits (a float 0/1 tensor in diffusers): the image rows' maps are softmax(S + m_j) exactly, and
+    AST's tuned padding text rows are the model's own."""
+    pipe = chroma()
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="latent", max_sequence_length=32)
+    layout = {"prompt": PROMPT, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]}
+    passes, probe = Passes(), MaskProbe()
+    with attnctl.apply(pipe, AST(layout), passes, probe, prompt=PROMPT):
+        pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+    tuned = {False, True}  # the schedule leaves some blocks alone
+    assert passes.calls == [[0, 1, (0, 1), tuned], [0, 1, (0, 0), {False}],
+                            [1, 1, (0, 1), tuned], [1, 1, (0, 0), {False}]]
+    plain = MaskProbe()
+    with attnctl.apply(pipe, plain, prompt=PROMPT):
+        pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+    for q, k, scale, bias, probs in plain.calls:
+        n_text = k.shape[2] - 16
+        kept = bias[0, 0, 0, :n_text]
+        assert bias.dtype == torch.float32 and 0 < int(kept.sum()) < n_text  # the prompt's tokens and one pad
+        exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale + bias.double(), dim=-1)
+        assert (probs.double() - exact[:, :, n_text:, :n_text]).abs().max() < 1e-6
+
+
+def test_chroma_padding_text_rows_keep_the_models_attention_under_ast():
+    pipe = chroma()
+    site = pipe.transformer.transformer_blocks[0].attn
+    seen = []
+    original = type(site.processor)
+
+    class Spy(attnctl.Controller):
+        observer = True
+        handles_key_mask = True
+
+        def __call__(self, call):
+            if call.site.name == "transformer_blocks.0.attn" and call.step.cond_rows.stop:
+                seen.append((call.q, call.k, call.v, call.scale, call.model_mask[0], call.output()))
+
+    layout = {"prompt": PROMPT, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]}
+    kwargs = dict(height=64, width=64, num_inference_steps=1, output_type="latent", max_sequence_length=32)
+    every_block = [{"from": 0, "to": 1, "blocks": ["i2i", "i2t", "t2t"], "roles": ["instance", "attribute"]}]
+    with attnctl.apply(pipe, AST(layout, schedule=every_block), Spy(), prompt=PROMPT):
+        pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert original is type(site.processor) and seen
+    q, k, v, scale, mask, out = seen[0]
+    n_text = k.shape[2] - 16
+    own = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    padded = mask[0, 0, :n_text, n_text] == 0  # text queries whose own mask row is 0: the padding
+    assert padded.any() and torch.equal(out[:, :, :n_text][:, :, padded], own[:, :, :n_text][:, :, padded])
+    assert (out[:, :, n_text:] - own[:, :, n_text:]).abs().max() > 1e-4  # the image rows are tuned

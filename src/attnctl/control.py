@@ -69,7 +69,7 @@ class AttentionCall:
             call.set_output(call.output() * 1.0)       # a method may replace the output
     """
 
-    def __init__(self, site, step, q, k, v, text, image, grid, scale=None, key_bias=None):
+    def __init__(self, site, step, q, k, v, text, image, grid, scale=None, key_bias=None, model_mask=None):
         self.site: AttentionSite = site
         self.step: StepState = step
         self.q, self.k, self.v = q, k, v
@@ -79,6 +79,9 @@ class AttentionCall:
         self.scale = default_scale(q) if scale is None else scale
         # the model's key mask (padding text tokens), additive, (batch, heads or 1, 1, keys); None: no mask
         self.key_bias: torch.Tensor | None = key_bias
+        # where the model's mask is per query (Chroma): (that mask, the image rows' part of it); the unmodified
+        # output uses the mask as the model does
+        self.model_mask: tuple[torch.Tensor, torch.Tensor] | None = model_mask
         self._out = None
         self._lse = None
         self._text_probs = None
@@ -86,7 +89,8 @@ class AttentionCall:
 
     def output(self) -> torch.Tensor:
         if self._out is None:
-            self._out = attention(self.q, self.k, self.v, mask=self.key_bias, scale=self.scale)
+            mask = self.key_bias if self.model_mask is None else self.model_mask[0]
+            self._out = attention(self.q, self.k, self.v, mask=mask, scale=self.scale)
         return self._out
 
     def lse(self) -> torch.Tensor:
@@ -110,7 +114,16 @@ class AttentionCall:
         return self._text_probs
 
     def set_output(self, out: torch.Tensor, text_probs: torch.Tensor | None = None) -> None:
-        """Replace the attention output; `text_probs` are the image→text probabilities that produced it."""
+        """Replace the attention output; `text_probs` are the image→text probabilities that produced it. Under a
+        per-query mask, text rows whose own mask differs from the image rows' (Chroma's padding text queries) keep
+        the model's attention: methods work with the keys the image rows see."""
+        if self.model_mask is not None:
+            mask, image_keys = self.model_mask
+            rows = mask[:, :, self.text]
+            differs = (rows != image_keys).any(dim=-1, keepdim=True)
+            own = attention(self.q[:, :, self.text], self.k, self.v, mask=rows, scale=self.scale)
+            out = out.clone()
+            out[:, :, self.text] = torch.where(differs, own.to(out.dtype), out[:, :, self.text])
         self._out, self._text_probs, self.modified = out, text_probs, True
         self._lse = None
 
@@ -228,6 +241,7 @@ class Session:
         self._attached: list[Controller] = []  # controllers whose `attach` was called
         self._hook: _StepHook | None = None
         self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
+        self._step_calls = (None, -1, 0)  # (timesteps, step index, denoiser calls made at that step so far)
         self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
         self._had_forward = "forward" in self.denoiser.__dict__
         self.inputs: tuple[tuple, dict] | None = None  # the arguments of the last denoiser call of a run
@@ -361,8 +375,13 @@ class Session:
         timesteps = scheduler.timesteps
         index = _step_index(scheduler, self.family.timestep(args, kwargs))
         batch = self.family.batch_size(args, kwargs)
+        seen, last, calls = self._step_calls
+        calls = calls + 1 if seen is timesteps and last == index else 0
+        self._step_calls = (timesteps, index, calls)
         if context_name == "uncond" or self.family.guidance_pass(args, kwargs):
             cond = slice(0, 0)
+        elif self.family.separate_guidance_calls and getattr(self.pipe, "do_classifier_free_guidance", False):
+            cond = slice(0, batch) if calls == 0 else slice(0, 0)  # the prompt's call first, then the negative one
         elif getattr(self.pipe, "do_classifier_free_guidance", False) and batch % 2 == 0:
             cond = slice(batch // 2, batch)
         else:
@@ -382,9 +401,10 @@ class Session:
     @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile
     def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:
         """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out."""
-        key_bias = None
+        key_bias, image_keys = None, None
         if mask is not None:
-            key_bias = _key_bias(mask, q.shape[2])
+            image_keys = self.family.image_key_mask(mask, image)
+            key_bias = _key_bias(mask if image_keys is None else image_keys, q.shape[2])
             if key_bias is None or not all(c.handles_key_mask for c in self._active[site.name]):
                 if not self._warned_mask:
                     warnings.warn(f"{site.name}: an attention mask is in use that attnctl's controllers here do not "
@@ -398,7 +418,8 @@ class Session:
                 self._exclusive.exclusive_call(call)
             return call.output()
         grid = grid_of(image.stop - image.start, self.step.token_grid, site)
-        call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid, key_bias=key_bias)
+        call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid, key_bias=key_bias,
+                             model_mask=None if image_keys is None else (mask, image_keys))
         for c in self._active[site.name]:
             c(call)
         return call.output()

@@ -32,6 +32,14 @@ class Family:
     name: str = ""
     denoiser_class: str = ""
     known_processors: tuple[str, ...] = ()
+    # classifier-free guidance as separate denoiser calls, the prompt's first (Chroma): later calls of a step are
+    # unconditional
+    separate_guidance_calls: bool = False
+
+    def image_key_mask(self, mask, image: slice):
+        """Where the model's attention mask is per query: the mask the image queries see, (batch, 1 or heads, 1,
+        keys); None where the mask is a key mask already (or the session should find out)."""
+        return None
 
     def matches(self, denoiser) -> bool:
         return type(denoiser).__name__ == self.denoiser_class

@@ -123,7 +123,10 @@ class FluxFamily(Family):
         return 2  # the pipeline packs 2x2 latent patches into one token
 
     def token_grid(self, denoiser, args, kwargs):
-        ids = argument(args, kwargs, "img_ids", 4)
+        return self._grid(argument(args, kwargs, "img_ids", 4))
+
+    @staticmethod
+    def _grid(ids) -> tuple[int, int]:
         ids = ids[ids[..., 0] == 0]  # the generated image; FLUX.1 Kontext marks its context image's tokens with 1
         return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
 
