@@ -41,8 +41,9 @@ def test_kandinsky_is_refused_before_anything_changes():
         "KandinskyV22Pipeline: its UNet2DConditionModel has no attention over prompt tokens that attnctl knows (its "
         "attention processors: AttnAddedKVProcessor2_0; e.g. Kandinsky 2.x conditions on image embeddings); "
         "supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
-        "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), PixArtTransformer2DModel "
-        "(PixArt-α/Σ); to ask for another, open an issue naming the pipeline class")
+        "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
+        "(Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ); to ask for another, open an issue naming the pipeline "
+        "class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
 
 
@@ -119,8 +120,6 @@ def tiny_transformer(name):
         "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
                                        attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
                                        cross_attention_dim=8, caption_channels=8, sample_size=8),
-        "QwenImageTransformer2DModel": dict(in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
-                                            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
     }
     return SimpleNamespace(transformer=getattr(diffusers, name)(**configs[name]))
 
@@ -165,6 +164,57 @@ def chroma():
     return _built["chroma"]
 
 
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer with no merges (every byte is a token) and Qwen's chat tokens: built offline, it
+    stands in for Qwen2's tokenizer (same pre-tokenizer and special tokens, a far longer split of every text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials[1:])
+
+
+def qwen_image():
+    """A tiny random Qwen-Image: a one-layer Qwen2.5-VL text encoder, its chat template, joint attention (built
+    once)."""
+    if "qwen" not in _built:
+        from diffusers import (
+            AutoencoderKLQwenImage,
+            FlowMatchEulerDiscreteScheduler,
+            QwenImagePipeline,
+            QwenImageTransformer2DModel,
+        )
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        torch.manual_seed(0)
+        tokenizer = byte_level_tokenizer()
+        n = len(tokenizer)
+        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, vocab_size=n, max_position_embeddings=2048, bos_token_id=None,
+                    eos_token_id=n - 1, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                      vocab_size=n, bos_token_id=None,
+                                                                      eos_token_id=n - 1))
+        vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                     temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                                  attention_head_dim=8, num_attention_heads=2,
+                                                  joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+        pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+                                 text_encoder=encoder.eval(), tokenizer=tokenizer, transformer=transformer.eval())
+        pipe.set_progress_bar_config(disable=True)
+        _built["qwen"] = pipe
+    return _built["qwen"]
+
+
+QWEN_CALL = dict(max_sequence_length=256)  # the byte-level tokenizer leaves ~90 template tokens before the prompt
 PIXART_CALL = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
 _built = {}
 
@@ -186,7 +236,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, capture, Regulation, 
     ("PixArt-Σ", pixart, YES, EDITS, NO),
     ("Sana", lambda: tiny_transformer("SanaTransformer2DModel"), NO, NO, NO),
     ("Chroma", chroma, YES, NO, EDITS),
-    ("Qwen-Image", lambda: tiny_transformer("QwenImageTransformer2DModel"), NO, NO, NO),
+    ("Qwen-Image", qwen_image, YES, NO, EDITS),
 ]
 PROMPT = "a red dog and a grey cat"
 CELL_TEXT = {YES: "yes, exact", EDITS: "yes", NO: "refused"}
@@ -207,6 +257,8 @@ def generate(pipe, name, controllers):
         kwargs.update(PIXART_CALL)
     if "Chroma" in name:
         kwargs.update(max_sequence_length=32)
+    if "Qwen" in name:
+        kwargs.update(QWEN_CALL)
     if "Kontext" in name:
         kwargs.update(image=Image.new("RGB", (64, 64), (200, 30, 30)), max_area=64 * 64, _auto_resize=False)
     with attnctl.apply(pipe, *controllers, prompt=PROMPT):
@@ -328,3 +380,29 @@ def test_chroma_padding_text_rows_keep_the_models_attention_under_ast():
     padded = mask[0, 0, :n_text, n_text] == 0  # text queries whose own mask row is 0: the padding
     assert padded.any() and torch.equal(out[:, :, :n_text][:, :, padded], own[:, :, :n_text][:, :, padded])
     assert (out[:, :, n_text:] - own[:, :, n_text:]).abs().max() > 1e-4  # the image rows are tuned
+
+
+def test_qwen_image_words_sit_at_their_templated_position_less_the_dropped_tokens():
+    """Qwen-Image's pipeline wraps the prompt in a chat template and drops the first 34 tokens of the encoder's
+    output: a word's position is found in the templated tokenization, less 34 (the tokenizer's own output, counted
+    here a second way). The maps are the softmax in use, exactly; the negative prompt's call ("uncond" context) is
+    unconditional."""
+    pipe = qwen_image()
+    templated = pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT), return_offsets_mapping=True)
+    start = pipe.prompt_template_encode.index("{}") + PROMPT.index("dog")
+    want = [i - pipe.prompt_template_encode_start_idx for i, (a, b) in enumerate(templated["offset_mapping"])
+            if a >= start and b <= start + 3 and b > a]
+    assert len(want) == 3  # d, o, g: one byte each
+    passes, probe = Passes(), MaskProbe()
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="latent", negative_prompt="a blur",
+                  true_cfg_scale=4.0, **QWEN_CALL)
+    with attnctl.apply(pipe, passes, probe, prompt=PROMPT) as session:
+        pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
+        assert session.prompts[0].word_positions("dog") == want
+    assert [c[:3] for c in passes.calls] == [[0, 1, (0, 1)], [0, 1, (0, 0)], [1, 1, (0, 1)], [1, 1, (0, 0)]]
+    assert probe.calls
+    for q, k, scale, bias, probs in probe.calls:
+        n_text = k.shape[2] - 64
+        logits = (q.double() @ k.double().transpose(-1, -2)) * scale + (0 if bias is None else bias.double())
+        exact = torch.softmax(logits, dim=-1)[:, :, n_text:, :n_text]
+        assert (probs.double() - exact).abs().max() < 1e-6

@@ -23,11 +23,15 @@ _MARKERS = ("</w>", "\u2581", "\u0120", "##")
 
 @dataclass(frozen=True)
 class TextSegment:
-    """One tokenizer's tokens inside the attention's text sequence, starting at `offset`, `length` positions long."""
+    """One tokenizer's tokens inside the attention's text sequence, starting at `offset`, `length` positions long.
+    A pipeline that wraps the prompt in a chat `template` ("...{}...") and drops the first `drop` tokens of the
+    encoder's output (Qwen-Image) has the prompt's tokens at their templated position less `drop`."""
 
     tokenizer: object
     offset: int
     length: int
+    template: str = "{}"
+    drop: int = 0
 
 
 def _clean_piece(piece: str) -> str:
@@ -36,19 +40,24 @@ def _clean_piece(piece: str) -> str:
     return piece.lower()
 
 
-def _token_char_spans(tokenizer, prompt: str, length: int) -> tuple[list[int], list[tuple[int, int] | None]]:
-    """Token ids as the pipeline feeds them (special tokens included, cut to `length`) and each token's character
-    span in the prompt (None for special tokens)."""
-    enc = tokenizer(prompt, truncation=False, add_special_tokens=True)
+def _token_char_spans(seg: TextSegment, prompt: str) -> tuple[list[int], list[tuple[int, int] | None]]:
+    """Token ids as the pipeline feeds them to attention (special tokens included, the template's dropped tokens
+    left out) and each token's character span in the prompt (None for special tokens and the template's text)."""
+    tokenizer = seg.tokenizer
+    before, _, after = seg.template.partition("{}")
+    text = before + prompt + after
+    enc = tokenizer(text, truncation=False, add_special_tokens=True)
     ids = list(enc["input_ids"])
     try:
-        offsets = tokenizer(prompt, truncation=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = tokenizer(text, truncation=False, return_offsets_mapping=True)["offset_mapping"]
         spans = [None if a == b else (a, b) for a, b in offsets]
     except (NotImplementedError, TypeError, KeyError, ValueError):
-        spans = _walk_spans(tokenizer, prompt, ids)
+        spans = _walk_spans(tokenizer, text, ids)
     special = set(getattr(tokenizer, "all_special_ids", []))
-    spans = [None if i in special else s for i, s in zip(ids, spans)]
-    return ids, spans
+    shift, end = len(before), len(before) + len(prompt)
+    spans = [None if i in special or s is None or s[1] <= shift or s[0] >= end
+             else (max(s[0], shift) - shift, min(s[1], end) - shift) for i, s in zip(ids, spans)]
+    return ids[seg.drop:], spans[seg.drop:]
 
 
 def _walk_spans(tokenizer, prompt: str, ids: list[int]) -> list[tuple[int, int] | None]:
@@ -80,7 +89,7 @@ class PromptTokens:
         self.end_of_text: int | None = None  # sequence position of the first segment's first end token
         self.start_of_text: int | None = None  # the first segment's start token (CLIP's), None if it has none (T5)
         for seg in self.segments:
-            ids, spans = _token_char_spans(seg.tokenizer, self.prompt, seg.length)
+            ids, spans = _token_char_spans(seg, self.prompt)
             self._counts.append(len(ids))
             kept = ids[: seg.length]
             # a tokenizer that pads on the left (Kolors' ChatGLM) puts the prompt's tokens at the end of the sequence
