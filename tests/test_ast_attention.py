@@ -4,7 +4,14 @@ independent way (the reference's own recipe: P_X <- P_X * exp(w*rho*tau*(M_X - P
 import pytest
 import torch
 
-from attnctl.methods.ast_attention import TuningTables, direct_attention, fast_attention, reference_attention
+from attnctl.methods.ast_attention import (
+    TuningTables,
+    direct_attention,
+    fast_attention,
+    flex_attention_ast,
+    reference_attention,
+    row_lse,
+)
 
 
 def make_case(text_first: bool, seed: int = 0, batch=2, heads=3, n_text=7, n_img=20, dim=8, dtype=torch.float64,
@@ -176,3 +183,40 @@ def test_fast_path_memory_stays_far_below_the_attention_matrix():
         used[name] = mem.peak - mem.before
     assert used["fast"] < 0.1 * matrix, used
     assert used["direct"] > matrix, used
+
+
+def flex(q, k, v, scale, tables, **options):
+    """The flex path given the rows' plain LSE (with the key mask), as AST gives it."""
+    return flex_attention_ast(q, k, v, scale, tables, row_lse(q, k, v, scale, tables.key_bias), **options)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+@pytest.mark.parametrize("context", [0, 5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_flex_path_equals_the_formula_float64(text_first, context, masked):
+    """flex_attention with AST's score_mod (eager on the CPU: the same score_mod the CUDA kernel compiles) is the
+    formula: the output, and the tuned image→text probabilities observers get; context tokens stay plain."""
+    q, k, v, scale, tables = make_case(text_first, seed=5, n_context=context)
+    if masked:
+        valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool)
+        text = tables.text
+        valid[0, text.start + 5:text.stop], valid[1, text.start + 2:text.start + 4] = False, False
+        tables.key_bias = torch.zeros(valid.shape, dtype=torch.float64).masked_fill(~valid, float("-inf"))[:, None,
+                                                                                                             None]
+    out, probs = flex(q, k, v, scale, tables, want_text_probs=True)
+    want_out, want_probs = recipe(q, k, v, scale, tables)
+    assert out.dtype == torch.float64
+    assert (out - want_out).abs().max() < 1e-12
+    assert (probs.double() - want_probs).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_path_in_low_precision_is_within_twice_sdpas_own_error(dtype):
+    """In the model's dtype the flex path's error against the float64 formula is at most twice plain SDPA's own
+    error in that dtype (issue 10's numerics goal)."""
+    q, k, v, scale, tables = make_case(True, seed=6, dtype=dtype)
+    out, _ = flex(q, k, v, scale, tables)
+    want, _ = recipe(q, k, v, scale, tables)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    own = (sdpa(q, k, v, scale=scale).double() - sdpa(q.double(), k.double(), v.double(), scale=scale)).abs().max()
+    assert out.dtype == dtype and (out.double() - want).abs().max() <= 2 * own

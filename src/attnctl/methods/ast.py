@@ -28,7 +28,9 @@ rasterisation and the role parser, in docs/methods.md §2.8):
 - The reference also replaces the prompt embeddings of each phrase by those of the phrase encoded alone; the
   specification does not include this and neither do we (attention is the only thing AST changes here).
 - Computation: `implementation="fast"` (default) is exact with O(N) memory (two passes with the row LSE, query-chunked
-  with a budget proportional to q); `implementation="direct"` is the formula chunk by chunk (memory chunk × N);
+  with a budget proportional to q); `implementation="flex"` is exact too, one `flex_attention` pass whose
+  `score_mod` adds the bias from per-token labels and the rows' LSE (compiled on CUDA, eager elsewhere; the GPU path
+  of issue 10, not yet measured there); `implementation="direct"` is the formula chunk by chunk (memory chunk × N);
   `implementation="reference"`
   materialises everything in float64 (tests only). `approximate=True` drops the −P term (one fused SDPA pass per
   query chunk with an additive mask): not exact. Measured: on random attention it deviates from the exact output by
@@ -53,9 +55,16 @@ from ..errors import UsageError
 from ..layout import Layout, load_layout
 from ..roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
 from ..roles import PARSERS as ROLE_PARSERS
-from .ast_attention import TuningTables, direct_attention, fast_attention, reference_attention
+from .ast_attention import (
+    TuningTables,
+    direct_attention,
+    fast_attention,
+    flex_attention_ast,
+    reference_attention,
+    row_lse,
+)
 
-IMPLEMENTATIONS = ("fast", "direct", "reference")
+IMPLEMENTATIONS = ("fast", "flex", "direct", "reference")
 _BAND_KEYS = {"from", "to", "blocks", "roles"}
 I2T_AREAS = ("region", "reference")
 
@@ -174,8 +183,9 @@ class ASTConfig:
         parse=str, shown_default="the reference's FLUX.1 schedule, by relative depth")
     strength: float = option(1.0, "scale of the three weights together (an attnctl extension for dose-response "
                              "studies: 1 is the specification's method, 0 tunes nothing)", low=0)
-    implementation: str = option("fast", "fast (exact, O(N) memory), direct (the formula, query-chunked) or "
-                                 "reference (float64, for tests)", choices=IMPLEMENTATIONS)
+    implementation: str = option("fast", "fast (exact, O(N) memory), flex (exact, one flex_attention kernel, "
+                                 "compiled on CUDA), direct (the formula, query-chunked) or reference (float64, for "
+                                 "tests)", choices=IMPLEMENTATIONS)
     approximate: bool = option(False, "drop the −P term of the bias (one fused pass; not exact)")
     role_parser: str = option("auto", "how attribute words are found: auto (spaCy if installed, else the built-in "
                               "rules), spacy or rules", choices=ROLE_PARSERS)
@@ -259,6 +269,9 @@ class AST(Controller):
             lse = None if c.approximate or q.dtype == torch.float64 else call.lse()[rows]
             out, probs = fast_attention(q, k, v, call.scale, tables, lse=lse, want_text_probs=want_probs,
                                         approximate=c.approximate)
+        elif c.implementation == "flex":
+            lse = row_lse(q, k, v, call.scale, tables.key_bias) if q.dtype == torch.float64 else call.lse()[rows]
+            out, probs = flex_attention_ast(q, k, v, call.scale, tables, lse, want_text_probs=want_probs)
         elif c.implementation == "direct":
             out, probs = direct_attention(q, k, v, call.scale, tables, want_text_probs=want_probs)
         else:

@@ -221,3 +221,83 @@ def _approximate_attention(q, k, v, scale, tables, budget, want_text_probs):
                     full = full + mask.float()
                 probs[:, :, local] = torch.exp(S - torch.logsumexp(full, dim=-1, keepdim=True))
     return out, probs
+
+
+_compiled_flex = None
+
+
+def _flex():
+    """flex_attention: compiled once on CUDA (one fused kernel per shape); eager elsewhere (it then materialises the
+    scores, which is fine for tests and small inputs)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_attention_ast(q, k, v, scale, tables: TuningTables, lse, want_text_probs: bool = False):
+    """Exact AST attention as one `flex_attention` pass whose `score_mod` adds the bias from per-token label and α
+    vectors and the rows' plain log-sum-exp `lse` (float32 (B, H, N), with the key mask if any): never an N×N
+    tensor, in the model's dtype with the kernel's float32 scores. Returns (out, text probs or None)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    batch, heads, n, _ = q.shape
+    dev = q.device
+    kind = torch.zeros(n, dtype=torch.int8, device=dev)  # 1: image token, 2: text token, 0: other (context image)
+    kind[tables.image], kind[tables.text] = 1, 2
+
+    def spread(values, where, fill):
+        full = torch.full((batch, n), fill, dtype=values.dtype, device=dev)
+        full[:, where] = values
+        return full
+
+    lab_img = spread(tables.img_label, tables.image, -1)
+    lab_i2t = spread(tables.i2t_label, tables.text, -2)
+    lab_t2t = spread(tables.t2t_label, tables.text, -3)
+    dtype = _compute_dtype(q.dtype)
+    zero = torch.zeros(batch, 1, dtype=dtype, device=dev).expand(-1, n)
+    a_ii = zero if tables.alpha_i2i is None else spread(tables.alpha_i2i.to(dtype), tables.image, 0.0)
+    a_it = zero if tables.alpha_i2t is None else spread(tables.alpha_i2t.to(dtype), tables.image, 0.0)
+    a_tt = zero if tables.alpha_t2t is None else spread(tables.alpha_t2t.to(dtype), tables.text, 0.0)
+    key_bias = None if tables.key_bias is None else tables.key_bias.to(dtype).expand(batch, heads, 1, n)[:, :, 0]
+    lse = lse.to(dtype)
+
+    def score_mod(score, b, h, qi, ki):
+        if key_bias is not None:
+            score = score + key_bias[b, h, ki]
+        p = torch.exp(score - lse[b, h, qi])
+        key_image, key_text = kind[ki] == 1, kind[ki] == 2
+        m = torch.where(key_image, lab_img[b, qi] == lab_img[b, ki],
+                        torch.where(kind[qi] == 1, lab_img[b, qi] == lab_i2t[b, ki], lab_t2t[b, qi] == lab_t2t[b, ki]))
+        alpha = torch.where(key_image, a_ii[b, qi], torch.where(key_text, a_it[b, qi] + a_tt[b, qi], 0.0))
+        return score + alpha * (m.to(score.dtype) - p)
+
+    attend = _flex() if dev.type == "cuda" else flex_attention
+    out, tuned_lse = attend(q, k, v, score_mod=score_mod, scale=scale, **_lse_request())
+    if not isinstance(tuned_lse, torch.Tensor):  # AuxOutput
+        tuned_lse = tuned_lse.lse
+    return out, (_flex_text_probs(q, k, scale, tables, lse, tuned_lse.to(dtype)) if want_text_probs else None)
+
+
+def _lse_request() -> dict:
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch before AuxRequest
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
+def _flex_text_probs(q, k, scale, tables: TuningTables, lse, tuned_lse):
+    """The tuned image→text probabilities (float32 (B, H, I, T)) from the plain and the tuned row LSE: one small
+    image × text product."""
+    img, txt, dtype = tables.image, tables.text, lse.dtype
+    S = (q[:, :, img].to(dtype) @ k[:, :, txt].to(dtype).transpose(-1, -2)) * scale
+    if tables.key_bias is not None:
+        S = S + tables.key_bias[..., txt].to(dtype)
+    if tables.alpha_i2t is not None:
+        M = (tables.img_label[:, :, None] == tables.i2t_label[:, None, :])[:, None].to(dtype)
+        P = torch.exp(S - lse[:, :, img, None])
+        S = S + tables.alpha_i2t.to(dtype)[:, None, :, None] * (M - P)
+    return torch.exp(S - tuned_lse[:, :, img, None]).float()
