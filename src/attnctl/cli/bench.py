@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import json
 
-BENCHES = ("capture", "regulation", "ast")
+from ..errors import UsageError
+
+BENCHES = ("capture", "regulation", "ast", "gpu")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="time and memory of a method against the plain pipeline, side by side")
+    p = sub.add_parser("bench", help="time and memory of a method against the plain pipeline, side by side (gpu: "
+                       "every method on full-size models, issue 10's table)")
     p.add_argument("what", choices=BENCHES)
     p.add_argument("--quick", action="store_true", help="a small run (under a minute)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -18,6 +21,19 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
+    from .common import check_device
+
+    device = check_device(args.device)
+    if args.what == "gpu" and device.type != "cuda" and not args.quick:
+        raise UsageError("bench gpu builds full-size models (FLUX.1-dev's 12B transformer among them): run it with "
+                         "--device cuda, or add --quick for the same rows on the tiny models")
+    if args.what == "gpu":
+        from ..bench import gpu
+
+        results = gpu.run(quick=args.quick, device=args.device,
+                          on_row=lambda label, row: print(f"attnctl: {label}: done in {row['wall_s']} s", flush=True))
+        print(json.dumps(results, indent=2, default=str) if args.json else gpu.table(results))
+        return
     results = importlib.import_module(f"attnctl.bench.{args.what}").run(quick=args.quick, device=args.device)
     if args.json:
         print(json.dumps(results, indent=2, default=str))

@@ -65,7 +65,6 @@ def check_sampling(args) -> None:
     flag that is wrong."""
     import math
 
-    import torch
 
     bounded("--seed", args.seed, 0, 2**64 - 1, " (a 64-bit generator seed)")
     bounded("--steps", args.steps, 1, MAX_STEPS, " (schedulers have 1000 training timesteps)")
@@ -75,20 +74,28 @@ def check_sampling(args) -> None:
     bounded("--max-sequence-length", args.max_sequence_length, 1, MAX_TEXT, " tokens")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise UsageError(f"--guidance must be a finite number >= 0 (1 or less turns guidance off), not {args.guidance}")
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: this torch build or machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {args.device}: MPS is not available here; use --device cpu")
+    check_device(args.device)
     out = getattr(args, "out", None)
     if out is not None and (str(out) == "" or out.exists() and not out.is_dir()):
         raise UsageError(f"--out {str(out)!r} must be a folder (it is created if missing), not an existing file "
                          "or an empty name")
+
+
+def check_device(name: str):
+    """The torch device `--device` names, if this machine has it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch build or machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
 
 
 def add_method_options(parser, name: str) -> None:
