@@ -229,7 +229,7 @@ def test_phrase_cut_by_the_sequence_length():
 def test_layout_object_and_bad_options():
     lay = Layout.from_dict(LAYOUT)
     assert AST(lay).prompt == PROMPT
-    with pytest.raises(UsageError, match="implementation .* must be one of fast, direct, reference"):
+    with pytest.raises(UsageError, match="implementation .* must be one of fast, flex, direct, reference"):
         AST(lay, implementation="flash")
     with pytest.raises(UsageError, match="variant of the fast implementation"):
         AST(lay, implementation="direct", approximate=True)
