@@ -25,11 +25,11 @@ def register(sub) -> None:
 
 def run(args) -> None:
     from ..models import parse_dtype
-    from .common import bounded, check_sampling
+    from .common import bounded, check_device
 
     bounded("--port", args.port, 1, 65535)
     bounded("--max-upload-mb", args.max_upload_mb, 0.01, 1024)
-    check_sampling(_sampling(args))
+    check_device(args.device)
     parse_dtype(args.dtype)
     from ..app import CSS, Page  # after the cheap checks: Gradio takes a few seconds to import
 
@@ -46,10 +46,3 @@ def run(args) -> None:
     finally:
         page.close()
 
-
-def _sampling(args):
-    """The app's device and dtype checked as generate checks them."""
-    import argparse
-
-    return argparse.Namespace(seed=0, steps=None, height=None, width=None, num_images=1, max_sequence_length=None,
-                              guidance=None, device=args.device, dtype=args.dtype, out=None)
