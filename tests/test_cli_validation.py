@@ -48,6 +48,8 @@ def test_cuda_without_cuda_and_out_that_is_a_file(cli, tmp_path):
     if not torch.cuda.is_available():
         code, _, err = cli(*BASE["none"], "--out", tmp_path, "--device", "cuda")
         assert code == 2 and "no CUDA device" in err
+        code, _, err = cli("eval", "--quick", "--device", "cuda", "--out", tmp_path / "eval")
+        assert code == 2 and "no CUDA device" in err  # was an internal error from inside torch
     existing = tmp_path / "file.png"
     existing.write_bytes(b"")
     code, _, err = cli(*BASE["none"], "--out", existing)
@@ -108,6 +110,9 @@ OTHER = [
     (BASE["ast"] + ["--ast-schedule", "5"], "the AST schedule is a list of bands"),
     (BASE["ast"] + ["--ast-tuned-steps", "50", "--steps", "2"], "--ast-tuned-steps 50 is more than the 2 denoising"),
     (["eval", "--steps", "0"], "--steps must be between 1"),
+    (["eval", "--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["app", "--device", "nonsense"], "--device 'nonsense' is not a device"),
+    (["bench", "capture", "--device", "nonsense"], "--device 'nonsense' is not a device"),
     (["eval", "--seeds", "0"], "--seeds must be between 1"),
     (["eval", "--prompts", "0"], "--prompts must be between 1"),
     (["eval", "--guidance", "nan"], "--guidance must be between"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import argument_type, build, given_arguments
 from ..errors import UsageError
-from .common import MAX_STEPS, METHODS, add_method_options, bounded
+from .common import MAX_STEPS, METHODS, add_method_options, bounded, check_device
 
 METHOD_NAMES = ("none", "regulation", "attend-excite", "ast", "layout-modulation")
 UNET_METHODS = ("regulation", "attend-excite")
@@ -102,6 +102,7 @@ def run(args) -> None:
                               ("--steps", args.steps, MAX_STEPS)):
         bounded(flag, value, 1, high)
     bounded("--guidance", args.guidance, 0, 100)
+    check_device(args.device)
     prompts = args.prompts or (3 if args.quick else 20)
     seeds = args.seeds or (1 if args.quick else 10)
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else None  # None: the model's own
