@@ -325,10 +325,13 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
     budget = minutes * 60.0
     folder = os.path.join(out, "pipeline")
 
-    def checkpoint(final=False):
+    def read_losses():  # the losses of the steps since the last read, from the device in one copy
         if pending:
             losses.extend(torch.stack(pending).tolist())
             pending.clear()
+
+    def checkpoint(final=False):
+        read_losses()
         total = spent + (time.time() - t0) / 60
         info = {"family": family, "steps": step, "total_steps": total_steps, "batch": batch, "lr": lr,
                 "minutes": total, "loss_last_200": float(np.mean(losses[-200:])) if losses else None,
@@ -363,8 +366,7 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
             pending.append(loss.detach())  # read back every 50 steps: a read per step would sync the GPU each step
             step += 1
             if step % 50 == 0 or step == last:
-                losses.extend(torch.stack(pending).tolist())
-                pending.clear()
+                read_losses()
                 el = time.time() - t0
                 log(f"{family} step {step}/{total_steps} loss {np.mean(losses[-50:]):.4f} "
                     f"lr {opt.param_groups[0]['lr']:.2e} {el / (step - start_step):.2f} s/it, "
