@@ -2,6 +2,8 @@
 kind are refused before anything changes, with what is supported; FLUX.1 Kontext's context-image tokens are neither
 the image nor tuned."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -124,44 +126,42 @@ def tiny_transformer(name):
     return SimpleNamespace(transformer=getattr(diffusers, name)(**configs[name]))
 
 
+@functools.cache
 def pixart():
     """A tiny random PixArt-Σ: T5 text with a padding mask, cross-attention in every block (built once)."""
-    if "pixart" not in _built:
-        from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-        from attnctl.models import _t5, _vae
+    from attnctl.models import _t5, _vae
 
-        torch.manual_seed(0)
-        t5, tokenizer = _t5(16)
-        transformer = PixArtTransformer2DModel(
-            sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
-            in_channels=4, cross_attention_dim=16, out_channels=8, norm_type="ada_norm_single",
-            use_additional_conditions=False, patch_size=1)
-        pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=_vae(4), transformer=transformer.eval(),
-                                   scheduler=DPMSolverMultistepScheduler())
-        pipe.set_progress_bar_config(disable=True)
-        _built["pixart"] = pipe
-    return _built["pixart"]
+    torch.manual_seed(0)
+    t5, tokenizer = _t5(16)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2, caption_channels=16,
+        in_channels=4, cross_attention_dim=16, out_channels=8, norm_type="ada_norm_single",
+        use_additional_conditions=False, patch_size=1)
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=_vae(4), transformer=transformer.eval(),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
+@functools.cache
 def chroma():
     """A tiny random Chroma: FLUX-schnell blocks, T5 text with its padding mask, CFG as a second call (built once)."""
-    if "chroma" not in _built:
-        from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
-        from attnctl.models import _t5, _vae
+    from attnctl.models import _t5, _vae
 
-        torch.manual_seed(0)
-        t5, tokenizer = _t5(16)
-        transformer = ChromaTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
-            approximator_hidden_dim=16, approximator_layers=1)
-        pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4), text_encoder=t5,
-                              tokenizer=tokenizer, transformer=transformer.eval())
-        pipe.set_progress_bar_config(disable=True)
-        _built["chroma"] = pipe
-    return _built["chroma"]
+    torch.manual_seed(0)
+    t5, tokenizer = _t5(16)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+        approximator_hidden_dim=16, approximator_layers=1)
+    pipe = ChromaPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4), text_encoder=t5,
+                          tokenizer=tokenizer, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def byte_level_tokenizer():
@@ -180,43 +180,41 @@ def byte_level_tokenizer():
                                    additional_special_tokens=specials[1:])
 
 
+@functools.cache
 def qwen_image():
     """A tiny random Qwen-Image: a one-layer Qwen2.5-VL text encoder, its chat template, joint attention (built
     once)."""
-    if "qwen" not in _built:
-        from diffusers import (
-            AutoencoderKLQwenImage,
-            FlowMatchEulerDiscreteScheduler,
-            QwenImagePipeline,
-            QwenImageTransformer2DModel,
-        )
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        torch.manual_seed(0)
-        tokenizer = byte_level_tokenizer()
-        n = len(tokenizer)
-        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                    num_key_value_heads=1, vocab_size=n, max_position_embeddings=2048, bos_token_id=None,
-                    eos_token_id=n - 1, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
-        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
-        encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                                                                      vocab_size=n, bos_token_id=None,
-                                                                      eos_token_id=n - 1))
-        vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                     temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-        transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                                  attention_head_dim=8, num_attention_heads=2,
-                                                  joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
-        pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
-                                 text_encoder=encoder.eval(), tokenizer=tokenizer, transformer=transformer.eval())
-        pipe.set_progress_bar_config(disable=True)
-        _built["qwen"] = pipe
-    return _built["qwen"]
+    torch.manual_seed(0)
+    tokenizer = byte_level_tokenizer()
+    n = len(tokenizer)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=n, max_position_embeddings=2048, bos_token_id=None,
+                eos_token_id=n - 1, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                                                  vocab_size=n, bos_token_id=None,
+                                                                  eos_token_id=n - 1))
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2,
+                                              joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(),
+                             text_encoder=encoder.eval(), tokenizer=tokenizer, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 QWEN_CALL = dict(max_sequence_length=256)  # the byte-level tokenizer leaves ~90 template tokens before the prompt
 PIXART_CALL = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
-_built = {}
 
 
 def kontext():
