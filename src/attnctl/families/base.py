@@ -67,7 +67,8 @@ class Family:
         raise NotImplementedError
 
     def batch_size(self, args, kwargs) -> int:
-        raise NotImplementedError
+        """Rows of the denoiser call: the transformers' `hidden_states` (a UNet's `sample` in its own adapter)."""
+        return argument(args, kwargs, "hidden_states", 0).shape[0]
 
     def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
         raise NotImplementedError
@@ -88,9 +89,6 @@ class Family:
 class LatentImageFamily(Family):
     """A family whose denoiser takes the latent image as `hidden_states` (batch, channels, H, W) and cuts it into
     `config.patch_size` patches (SD3, PixArt)."""
-
-    def batch_size(self, args, kwargs) -> int:
-        return argument(args, kwargs, "hidden_states", 0).shape[0]
 
     def patch_size(self, denoiser) -> int:
         return denoiser.config.patch_size

@@ -78,9 +78,6 @@ class QwenImageFamily(Family):
     def timestep(self, args, kwargs):
         return argument(args, kwargs, "timestep", 3) * 1000  # the pipeline passes t / 1000
 
-    def batch_size(self, args, kwargs):
-        return argument(args, kwargs, "hidden_states", 0).shape[0]
-
     def patch_size(self, denoiser) -> int:
         return 2  # the pipeline packs 2x2 latent patches into one token
 
