@@ -34,7 +34,7 @@ from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 from . import regulation_math
-from .targets import TARGETS_HELP, normalise_targets, target_positions, targets_per_prompt
+from .targets import TARGETS_HELP, normalise_targets, targets_per_prompt
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +171,18 @@ class Regulation(Controller):
     def attach(self, session) -> None:
         cross = [s for s in session.sites if s.kind == "cross"]
         if not cross:
-            raise UsageError("Attention Regulation edits UNet cross-attention (SD 1.x/2.x, SDXL); this "
+            raise UsageError("Attention Regulation edits text cross-attention (SD 1.x/2.x, SDXL, PixArt, Sana); this "
                              f"{session.family.name} model has no cross-attention sites")
         self._site_names = edited_sites(self.config, cross)
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
-        self._positions, self._special = [], []
-        for prompt, words in zip(session.prompts, per_prompt):
-            self._positions.append(target_positions(prompt, words))
-            self._special.append(tuple(p for p in (prompt.start_of_text, prompt.end_of_text) if p is not None))
+        self._prompts = session.prompts
+        self._positions = [[(w, prompt.word_positions(w)) for w in words]
+                           for prompt, words in zip(session.prompts, per_prompt)]
+        self._held: dict[tuple[int, int], list[int]] = {}  # (prompt, text length) -> the target positions it holds
+        self._special = [tuple(p for p in (prompt.start_of_text, prompt.end_of_text) if p is not None)
+                         for prompt in session.prompts]
         self._generator = torch.Generator().manual_seed(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
@@ -282,10 +284,18 @@ class Regulation(Controller):
             by_prompt.setdefault(min(step.prompt_of_row(r), len(self._positions) - 1), []).append(cond.start + r)
         groups = []
         for prompt, rows in by_prompt.items():
-            targets = [p for p in self._positions[prompt] if p < n_text]
+            targets = self._targets(prompt, n_text)
             if targets:
                 groups.append(_Group(prompt, rows, targets, tuple(p for p in self._special[prompt] if p < n_text)))
         return groups
+
+    def _targets(self, prompt: int, n_text: int) -> list[int]:
+        """The target positions a text sequence of `n_text` tokens holds; a target word the call's
+        max_sequence_length cut is an error (`PromptTokens.held`)."""
+        if (prompt, n_text) not in self._held:
+            held = [self._prompts[prompt].held(w, pos, n_text) for w, pos in self._positions[prompt]]
+            self._held[prompt, n_text] = list(dict.fromkeys(p for pos in held for p in pos))
+        return self._held[prompt, n_text]
 
     def _basis_for(self, h: int, w: int, device):
         key = (h, w, str(device))
