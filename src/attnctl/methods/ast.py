@@ -228,7 +228,7 @@ class AST(Controller):
         if not any(s.kind == "joint" for s in session.sites):
             raise UsageError(
                 "AST tunes joint text-image attention (MMDiT models: SD3/3.5, FLUX.1), and this pipeline's denoiser "
-                "has only cross-attention (a UNet). For UNet models (SD 1.x/2.x, SDXL) use Attention Regulation "
+                "has only text cross-attention (a UNet, PixArt or Sana). For those use Attention Regulation "
                 "instead (`attnctl generate --method regulation`)."
             )
         if not session.prompts:
