@@ -109,3 +109,16 @@ def test_ast_does_not_take_the_end_token_for_a_phrase_token():
     with pytest.raises(attnctl.UsageError, match=r"region 2 \('dog'\) lies beyond the 5 text tokens"):
         with attnctl.apply(pipe, attnctl.AST(layout)):
             run(pipe, PROMPT, **call_kwargs("flux", steps=1, max_sequence_length=5))
+
+
+def test_a_tokenizer_without_an_end_token_keeps_a_prompt_token_last():
+    """Gemma (Sana) starts the text with a start token and adds no end token: a sequence cut to n tokens holds the
+    prompt's tokens up to position n - 1."""
+    from test_family_support import gemma_like_tokenizer
+
+    tokens = PromptTokens("a dog runs", [TextSegment(gemma_like_tokenizer(), 0, 8192, padding_side="right")])
+    assert tokens.word_positions("dog") == [3, 4, 5]  # <bos> a Ġ d o g Ġ r u n s: one token per byte
+    assert tokens.start_of_text == 0 and tokens.end_of_text is None
+    assert tokens.held("dog", [3, 4, 5], 6) == [3, 4, 5]
+    with pytest.raises(attnctl.UsageError, match="'dog' is at token position 5 .* limit of 5 text tokens"):
+        tokens.held("dog", [3, 4, 5], 5)

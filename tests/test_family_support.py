@@ -44,8 +44,8 @@ def test_kandinsky_is_refused_before_anything_changes():
         "attention processors: AttnAddedKVProcessor2_0; e.g. Kandinsky 2.x conditions on image embeddings); "
         "supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
         "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
-        "(Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ); to ask for another, open an issue naming the pipeline "
-        "class")
+        "(Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ), SanaTransformer2DModel (Sana); to ask for another, "
+        "open an issue naming the pipeline class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
 
 
@@ -112,20 +112,6 @@ def test_sd3_skip_layer_guidance_pass_is_neither_conditional_nor_tuned():
 
 
 # --- the support matrix: every cell is checked here, and the README's matrix is this table rendered ------------------
-def tiny_transformer(name):
-    """Denoisers of families attnctl does not support yet, tiny and random, in a stand-in pipeline."""
-    from types import SimpleNamespace
-
-    import diffusers
-
-    configs = {
-        "SanaTransformer2DModel": dict(in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
-                                       attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                       cross_attention_dim=8, caption_channels=8, sample_size=8),
-    }
-    return SimpleNamespace(transformer=getattr(diffusers, name)(**configs[name]))
-
-
 @functools.cache
 def pixart():
     """A tiny random PixArt-Σ: T5 text with a padding mask, cross-attention in every block (built once)."""
@@ -164,20 +150,68 @@ def chroma():
     return pipe
 
 
-def byte_level_tokenizer():
-    """A byte-level BPE tokenizer with no merges (every byte is a token) and Qwen's chat tokens: built offline, it
-    stands in for Qwen2's tokenizer (same pre-tokenizer and special tokens, a far longer split of every text)."""
+def byte_tokens(specials):
+    """A byte-level BPE tokenizer with no merges (every byte is a token) and `specials` added after the bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokenizer.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=specials[1:])
+    return tokenizer
+
+
+def byte_level_tokenizer():
+    """Built offline, it stands in for Qwen2's tokenizer (byte-level, Qwen's chat tokens; a far longer split of
+    every text)."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return PreTrainedTokenizerFast(tokenizer_object=byte_tokens(specials), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
+
+
+def gemma_like_tokenizer():
+    """Built offline, it stands in for Gemma's tokenizer: a start token before every text, no end token, and
+    padding on the left (Sana's pipeline pads on the right all the same)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = byte_tokens(["<pad>", "<eos>", "<bos>"])
+    bos = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                             special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", padding_side="left")
+
+
+@functools.cache
+def sana():
+    """A tiny random Sana (with Sana 1.5's q/k norms over all heads): a one-layer Gemma-2 encoder, cross-attention
+    in every block (built once)."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    tokenizer = gemma_like_tokenizer()
+    encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                                       max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id))
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=8, patch_size=1, qk_norm="rms_norm_across_heads")
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu")
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder.eval(), vae=vae.eval(),
+                        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @functools.cache
@@ -215,6 +249,7 @@ def qwen_image():
 
 QWEN_CALL = dict(max_sequence_length=256)  # the byte-level tokenizer leaves ~90 template tokens before the prompt
 PIXART_CALL = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
+SANA_CALL = dict(height=32, width=32, max_sequence_length=40, use_resolution_binning=False)  # 16x16 tokens
 
 
 def kontext():
@@ -232,7 +267,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, capture, Regulation, 
     ("FLUX.1 Kontext", kontext, YES, NO, EDITS),
     ("Kandinsky 2.2", kandinsky22, NO, NO, NO),
     ("PixArt-Σ", pixart, YES, EDITS, NO),
-    ("Sana", lambda: tiny_transformer("SanaTransformer2DModel"), NO, NO, NO),
+    ("Sana", sana, YES, EDITS, NO),
     ("Chroma", chroma, YES, NO, EDITS),
     ("Qwen-Image", qwen_image, YES, NO, EDITS),
 ]
@@ -253,6 +288,8 @@ def generate(pipe, name, controllers):
         kwargs.update(height=256, width=256)  # Regulation's default layers at 8x8
     if "PixArt" in name:
         kwargs.update(PIXART_CALL)
+    if "Sana" in name:
+        kwargs.update(SANA_CALL)
     if "Chroma" in name:
         kwargs.update(max_sequence_length=32)
     if "Qwen" in name:
@@ -308,11 +345,12 @@ class MaskProbe(attnctl.Controller):
         self.calls.append((call.q, call.k, call.scale, call.key_bias, call.text_probs()))
 
 
-def test_pixart_padding_tokens_are_masked_in_maps_and_never_edited():
+@pytest.mark.parametrize("build, call", [(pixart, PIXART_CALL), (sana, SANA_CALL)], ids=["PixArt", "Sana"])
+def test_padding_tokens_are_masked_in_maps_and_never_edited(build, call):
     from attnctl import Regulation
 
-    pipe = pixart()
-    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="latent", **PIXART_CALL)
+    pipe = build()
+    kwargs = {**dict(height=64, width=64, num_inference_steps=2, output_type="latent"), **call}
     for methods in ([], [Regulation(["dog", "cat"], edit_steps=2, iterations=2)]):
         probe = MaskProbe()
         with attnctl.apply(pipe, *methods, probe, prompt=PROMPT):
@@ -320,12 +358,79 @@ def test_pixart_padding_tokens_are_masked_in_maps_and_never_edited():
         assert probe.calls
         for q, k, scale, bias, probs in probe.calls:
             padding = (bias[:, 0, 0] < -1000)[:, None, None, :].expand_as(probs)  # per row: its own text's padding
-            assert 0 < int(padding[-1, 0, 0].sum()) < 32  # the prompt's tokens, then padding
+            assert 0 < int(padding[-1, 0, 0].sum()) < k.shape[2]  # the prompt's tokens, then padding
             assert probs[padding].max() < 1e-6
             if not methods:  # the maps are the masked softmax's (Regulation's rows need not sum to 1: it restores
                 # the end token's probability, as the reference does)
                 exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale + bias.double(), dim=-1)
                 assert (probs.double() - exact).abs().max() < 1e-5
+
+
+def attention_ids(pipe, encoder_ids, max_sequence_length):
+    """The token ids in the attention's text sequence, from what the text encoder was given: Sana's pipeline keeps
+    the start token and the last max_sequence_length - 1 (diffusers' `select_index`); PixArt's keeps them all."""
+    if type(pipe).__name__ == "SanaPipeline":
+        return encoder_ids[:, [0, *range(-max_sequence_length + 1, 0)]]
+    return encoder_ids
+
+
+@pytest.mark.parametrize("build, call", [(pixart, PIXART_CALL), (sana, SANA_CALL)], ids=["PixArt", "Sana"])
+def test_words_are_found_where_the_pipeline_puts_them(build, call):
+    """Both pipelines lowercase and strip the prompt (PixArt's T5 splits "Dog" into three tokens, "dog" is one),
+    Sana's puts its instruction before it and keeps the start token, the instruction's last token and the prompt,
+    padded on the right though Gemma's tokenizer pads on the left. Checked against the ids the text encoder is
+    given: the tokens at the session's positions of "dog" are dog's."""
+    pipe = build()
+    prompt = "  A Red Dog and a grey cat"
+    seen = []
+    spy = pipe.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]),
+                                                      with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, Capture(["dog"]), prompt=prompt) as session:
+            pipe(prompt=prompt, num_inference_steps=1, output_type="latent", **{**dict(height=64, width=64), **call})
+            positions = session.prompts[0].word_positions("dog")
+    finally:
+        spy.remove()
+    ids = attention_ids(pipe, seen[0], call["max_sequence_length"])[0]
+    assert pipe.tokenizer.decode(ids[positions]).strip() == "dog"
+    assert pipe.tokenizer.decode(ids[positions[0] - 2 : positions[0]]).strip() != "dog"
+
+
+def test_sana_refuses_another_instruction_before_any_step():
+    """Another instruction (none, or the user's own) moves every word of the prompt: refused as the prompt is
+    encoded, the pipeline restored. A negative prompt that holds the prompt is encoded without instruction, and is
+    not taken for the prompt."""
+    pipe = sana()
+    kwargs = dict(num_inference_steps=1, output_type="latent", **SANA_CALL)
+    before = dict(pipe.transformer.attn_processors)
+    for instruction in (None, ["Describe the picture in detail. User prompt: "]):
+        steps = Passes()
+        with pytest.raises(UsageError) as err:
+            with attnctl.apply(pipe, Capture(["dog"]), steps, prompt=PROMPT):
+                pipe(prompt=PROMPT, complex_human_instruction=instruction, **kwargs)
+        assert str(err.value) == (
+            "SanaPipeline was called with a complex_human_instruction other than its default, which moves the "
+            "prompt's tokens; attnctl finds words under the default instruction: call the pipeline without "
+            "complex_human_instruction")
+        assert not steps.calls  # no step taken
+        assert dict(pipe.transformer.attn_processors) == before
+        assert not hasattr(pipe.text_encoder, "_diffusers_hook") and "forward" not in pipe.text_encoder.__dict__
+    steps = Passes()
+    with attnctl.apply(pipe, Capture(["dog"]), steps, prompt=PROMPT):
+        for _ in range(2):  # every pipeline call is checked afresh
+            pipe(prompt=PROMPT, negative_prompt=PROMPT + ", blurry", **kwargs)
+    assert len(steps.calls) == 2
+
+
+def test_regulation_refuses_a_target_word_the_call_cuts():
+    from attnctl import Regulation
+
+    pipe = pixart()  # T5: ▁a ▁red ▁dog ▁and ▁a ▁grey ▁cat </s>; cut to 6, "grey" and "cat" are gone
+    kwargs = dict(height=64, width=64, num_inference_steps=2, output_type="latent",
+                  **{**PIXART_CALL, "max_sequence_length": 6})
+    with pytest.raises(UsageError, match="'cat' is at token position 6 .* limit of 6 text tokens"):
+        with attnctl.apply(pipe, Regulation(["dog", "cat"], edit_steps=2, iterations=2), prompt=PROMPT):
+            pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def test_chroma_negative_call_is_unconditional_and_the_maps_are_the_masked_softmax():

@@ -177,6 +177,40 @@ class _FirstCall(Exception):
         self.args, self.kwargs = args, kwargs
 
 
+class _Hooked:
+    """A diffusers hook registered on a module, removable so that the module is as it was: no hook registry and no
+    instance `forward` where it had none."""
+
+    def __init__(self, module, hook: ModelHook, name: str):
+        self.module, self.name = module, name
+        self.had_registry = hasattr(module, "_diffusers_hook")
+        self.had_forward = "forward" in module.__dict__
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+    def remove(self) -> None:
+        registry = self.module._diffusers_hook
+        registry.remove_hook(self.name, recurse=False)
+        if not self.had_registry and not registry.hooks:
+            del self.module._diffusers_hook
+        if not self.had_forward:
+            self.module.__dict__.pop("forward", None)
+
+
+class _TextHook(ModelHook):
+    """Gives the family the token ids of the first text-encoder call of each pipeline call (the prompts'), for
+    pipelines whose text sequence depends on a call argument the denoiser does not see (Sana's instruction)."""
+
+    def __init__(self, check):
+        super().__init__()
+        self.check, self.armed = check, True
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.armed:
+            self.armed = False
+            self.check(args, kwargs)
+        return args, kwargs
+
+
 class _ContextState(BaseState):
     def reset(self, *args, **kwargs):
         pass
@@ -196,6 +230,8 @@ class _StepHook(ModelHook):
     @torch.compiler.disable  # under torch.compile, the per-step Python state must not become guards (recompiles)
     def pre_forward(self, module, *args, **kwargs):
         session = self.session
+        if session._text_hook is not None:
+            session._text_hook.armed = True  # the next text encoding belongs to the next pipeline call
         if session._probing:
             raise _FirstCall(args, kwargs)
         if session._exclusive is not None:
@@ -239,11 +275,10 @@ class Session:
         self._active: dict[str, list[Controller]] = {}
         self._warned_mask = False
         self._attached: list[Controller] = []  # controllers whose `attach` was called
-        self._hook: _StepHook | None = None
+        self._hooks: list[_Hooked] = []
+        self._text_hook: _TextHook | None = None
         self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
         self._step_calls = (None, -1, 0)  # (timesteps, step index, denoiser calls made at that step so far)
-        self._had_registry = hasattr(self.denoiser, "_diffusers_hook")
-        self._had_forward = "forward" in self.denoiser.__dict__
         self.inputs: tuple[tuple, dict] | None = None  # the arguments of the last denoiser call of a run
         self._probing = False
         self._exclusive: Controller | None = None
@@ -318,8 +353,12 @@ class Session:
             ours = self.family.make_processor(s, self, module.processor)
             self._installed[s.name] = (module, module.processor, ours)
             module.set_processor(ours)
-        self._hook = _StepHook(self)
-        HookRegistry.check_if_exists_or_initialize(self.denoiser).register_hook(self._hook, HOOK_NAME)
+        self._hooks.append(_Hooked(self.denoiser, _StepHook(self), HOOK_NAME))
+        watched = self.family.encoder_check(self.pipe, self.prompts) if self.prompts else None
+        if watched is not None:
+            encoder, check = watched
+            self._text_hook = _TextHook(check)
+            self._hooks.append(_Hooked(unwrap_module(encoder), self._text_hook, HOOK_NAME + ".text"))
 
     def detach(self) -> None:
         """Undo what `attach` did, and only that (it may have stopped part way)."""
@@ -332,14 +371,9 @@ class Session:
             log.warning("%d site(s), e.g. %s, got a new attention processor while attnctl was attached; left as the "
                         "user set them, not restored to the processors they had before attnctl.apply",
                         len(replaced), replaced[0])
-        if self._hook is not None:
-            registry = self.denoiser._diffusers_hook
-            registry.remove_hook(HOOK_NAME, recurse=False)
-            if not self._had_registry and not registry.hooks:
-                del self.denoiser._diffusers_hook
-            if not self._had_forward:
-                self.denoiser.__dict__.pop("forward", None)
-            self._hook = None
+        while self._hooks:
+            self._hooks.pop().remove()
+        self._text_hook = None
         for c in self._attached:
             c.detach()
         self._attached.clear()

@@ -24,14 +24,23 @@ _MARKERS = ("</w>", "\u2581", "\u0120", "##")
 @dataclass(frozen=True)
 class TextSegment:
     """One tokenizer's tokens inside the attention's text sequence, starting at `offset`, `length` positions long.
-    A pipeline that wraps the prompt in a chat `template` ("...{}...") and drops the first `drop` tokens of the
-    encoder's output (Qwen-Image) has the prompt's tokens at their templated position less `drop`."""
+    A pipeline that wraps the prompt in a `template` ("...{}...") and drops `drop` tokens of the encoder's output
+    from index `drop_from` on (Qwen-Image: its chat template's first 34; Sana: its instruction's tokens but the start
+    token and the last) has the prompt's tokens at their templated position less `drop`. `lowercase`: the pipeline
+    lowercases and strips the prompt before tokenizing it (PixArt, Sana). `padding_side`: the side the pipeline pads
+    on where it sets one itself (Sana pads on the right whatever its Gemma tokenizer says); "" for the tokenizer's."""
 
     tokenizer: object
     offset: int
     length: int
     template: str = "{}"
     drop: int = 0
+    drop_from: int = 0
+    lowercase: bool = False
+    padding_side: str = ""
+
+    def pads_left(self) -> bool:
+        return (self.padding_side or getattr(self.tokenizer, "padding_side", "")) == "left"
 
 
 def _clean_piece(piece: str) -> str:
@@ -45,6 +54,10 @@ def _token_char_spans(seg: TextSegment, prompt: str) -> tuple[list[int], list[tu
     left out) and each token's character span in the prompt (None for special tokens and the template's text)."""
     tokenizer = seg.tokenizer
     before, _, after = seg.template.partition("{}")
+    lead = 0
+    if seg.lowercase:
+        lead = len(prompt) - len(prompt.lstrip())
+        prompt = prompt.strip().lower()
     text = before + prompt + after
     enc = tokenizer(text, truncation=False, add_special_tokens=True)
     ids = list(enc["input_ids"])
@@ -54,10 +67,12 @@ def _token_char_spans(seg: TextSegment, prompt: str) -> tuple[list[int], list[tu
     except (NotImplementedError, TypeError, KeyError, ValueError):
         spans = _walk_spans(tokenizer, text, ids)
     special = set(getattr(tokenizer, "all_special_ids", []))
-    shift, end = len(before), len(before) + len(prompt)
-    spans = [None if i in special or s is None or s[1] <= shift or s[0] >= end
-             else (max(s[0], shift) - shift, min(s[1], end) - shift) for i, s in zip(ids, spans)]
-    return ids[seg.drop:], spans[seg.drop:]
+    start, end = len(before), len(before) + len(prompt)  # the prompt inside `text`
+    shift = start - lead  # spans count characters of the prompt as given
+    spans = [None if i in special or s is None or s[1] <= start or s[0] >= end
+             else (max(s[0], start) - shift, min(s[1], end) - shift) for i, s in zip(ids, spans)]
+    cut = slice(seg.drop_from, seg.drop_from + seg.drop)
+    return ids[: cut.start] + ids[cut.stop :], spans[: cut.start] + spans[cut.stop :]
 
 
 def _walk_spans(tokenizer, prompt: str, ids: list[int]) -> list[tuple[int, int] | None]:
@@ -86,34 +101,36 @@ class PromptTokens:
         self._spans: list[tuple[int, tuple[int, int]]] = []  # (sequence position, char span)
         self.token_strings: list[str] = []
         self._counts: list[int] = []  # per segment: the prompt's tokens, special ones included, before any cut
+        self._closed: list[bool] = []  # per segment: its tokenizer ends the text with an end token, kept when cut
         self.end_of_text: int | None = None  # sequence position of the first segment's first end token
         self.start_of_text: int | None = None  # the first segment's start token (CLIP's), None if it has none (T5)
         for seg in self.segments:
             ids, spans = _token_char_spans(seg, self.prompt)
+            eos = getattr(seg.tokenizer, "eos_token_id", None)
+            closed = eos is not None and bool(ids) and ids[-1] == eos
             self._counts.append(len(ids))
+            self._closed.append(closed)
             kept = ids[: seg.length]
             # a tokenizer that pads on the left (Kolors' ChatGLM) puts the prompt's tokens at the end of the sequence
-            start = seg.offset + (seg.length - len(kept) if getattr(seg.tokenizer, "padding_side", "") == "left"
-                                  else 0)
+            start = seg.offset + (seg.length - len(kept) if seg.pads_left() else 0)
             if len(ids) > seg.length:
-                cut_chars = [s for s in spans[seg.length - 1 :] if s is not None]
+                cut_chars = [s for s in spans[seg.length - closed :] if s is not None]
                 cut = self.prompt[cut_chars[0][0] :] if cut_chars else ""
                 warnings.warn(
                     f"the prompt is longer than the text encoder's limit of {seg.length} tokens; "
                     f"this part was cut and has no effect: {cut!r}",
                     stacklevel=2,
                 )
-                # the tokenizer keeps its end token in the last kept position
-                spans = spans[: seg.length - 1] + [None]
+                if closed:  # the tokenizer keeps its end token in the last kept position
+                    spans = spans[: seg.length - 1] + [None]
             for pos, span in enumerate(spans[: len(kept)]):
                 if span is not None:
                     self._spans.append((start + pos, span))
             if seg is self.segments[0]:
                 self.token_strings = [_clean_piece(p) for p in seg.tokenizer.convert_ids_to_tokens(kept)]
-                eos = getattr(seg.tokenizer, "eos_token_id", None)
                 ends = [i for i, t in enumerate(kept) if t == eos]
-                if len(ids) > seg.length and eos is not None:
-                    ends = [seg.length - 1]  # the tokenizer keeps its end token in the last kept position
+                if len(ids) > seg.length and closed:
+                    ends = [seg.length - 1]
                 self.end_of_text = start + ends[0] if ends else None
                 bos = getattr(seg.tokenizer, "bos_token_id", None)
                 self.start_of_text = start if kept and bos is not None and kept[0] == bos else None
@@ -139,9 +156,9 @@ class PromptTokens:
     def held(self, spec: str, positions: list[int], n_text: int, requested: bool = True) -> list[int]:
         """Those of `positions` (the tokens of the word or phrase `spec`) that a text sequence of `n_text` tokens
         holds. A pipeline called with a `max_sequence_length` below a segment's length cuts the prompt's tokens to
-        it, keeping its end token last, so a word beyond the limit gets no attention at all: that is a UsageError
-        naming the word, its token position and the limit when the word was `requested`, and otherwise a logged
-        warning (the positions left are returned)."""
+        it (keeping the end token last where the tokenizer adds one), so a word beyond the limit gets no attention
+        at all: that is a UsageError naming the word, its token position and the limit when the word was
+        `requested`, and otherwise a logged warning (the positions left are returned)."""
         cut = [p for p in positions if self.is_cut(p, n_text)]
         if not cut:
             return positions
@@ -160,10 +177,10 @@ class PromptTokens:
     def is_cut(self, position: int, n_text: int) -> bool:
         """Whether sequence position `position` was cut from a text sequence of `n_text` tokens (the last kept
         position of a cut segment holds its end token, not the prompt's token)."""
-        for seg, count in zip(self.segments, self._counts):
+        for seg, count, closed in zip(self.segments, self._counts, self._closed):
             if seg.offset <= position < seg.offset + seg.length:
                 limit = n_text - seg.offset
-                return position - seg.offset >= (limit - 1 if count > limit else limit)
+                return position - seg.offset >= (limit - 1 if count > limit and closed else limit)
         return position >= n_text
 
     def _positions_of(self, spec, matches, occurrence, what) -> list[int]:

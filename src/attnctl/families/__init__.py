@@ -9,14 +9,16 @@ from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .pixart import PixArtFamily
 from .qwenimage import QwenImageFamily
+from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
-FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily(), ChromaFamily(), QwenImageFamily(), PixArtFamily()]
+FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily(), ChromaFamily(), QwenImageFamily(), PixArtFamily(),
+                           SanaFamily()]
 SUPPORTED = ("supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
              "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), "
-             "QwenImageTransformer2DModel (Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ); to ask for another, "
-             "open an issue naming the pipeline class")
+             "QwenImageTransformer2DModel (Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ), SanaTransformer2DModel "
+             "(Sana); to ask for another, open an issue naming the pipeline class")
 
 
 def family_of(denoiser) -> Family:

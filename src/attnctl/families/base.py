@@ -62,6 +62,12 @@ class Family:
     def text_segments(self, pipe) -> list[TextSegment]:
         raise NotImplementedError
 
+    def encoder_check(self, pipe, prompts):
+        """(text encoder, check(args, kwargs)) where a pipeline's text sequence depends on a call argument the
+        denoiser does not see: the check is given the encoder's first call of each pipeline call (the prompts' own)
+        and raises a UsageError when the prompts' tokens are not where `text_segments` put them. None elsewhere."""
+        return None
+
     # step inputs, read from the denoiser's forward arguments
     def timestep(self, args, kwargs):
         raise NotImplementedError

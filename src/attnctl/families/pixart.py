@@ -27,7 +27,7 @@ class PixArtFamily(LatentImageFamily):
         return UNetCrossProcessor(site, session)  # the same computation as AttnProcessor2_0 on any Attention
 
     def text_segments(self, pipe):
-        return [TextSegment(pipe.tokenizer, 0, MAX_T5_TOKENS)]
+        return [TextSegment(pipe.tokenizer, 0, MAX_T5_TOKENS, lowercase=True)]  # the pipeline lowercases the prompt
 
     def timestep(self, args, kwargs):
         return argument(args, kwargs, "timestep", 2)
