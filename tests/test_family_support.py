@@ -332,6 +332,56 @@ def test_the_readme_matrix_is_the_table():
     assert support_matrix() in readme, "paste support_matrix() into the README"
 
 
+def pag(name):
+    """The PAG pipeline of a tiny family, perturbing one block's self-attention."""
+    from diffusers import PixArtSigmaPAGPipeline, StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+
+    if name == "pixart":
+        return PixArtSigmaPAGPipeline(**pixart().components, pag_applied_layers=["transformer_blocks.1"])
+    if name == "unet":
+        return StableDiffusionPAGPipeline(**tiny_pipe("unet").components, pag_applied_layers=["mid"])
+    components = {k: v for k, v in tiny_pipe("sd3").components.items() if k not in ("image_encoder",
+                                                                                    "feature_extractor")}
+    return StableDiffusion3PAGPipeline(**components, pag_applied_layers=["transformer_blocks.1"])
+
+
+@pytest.mark.parametrize("build, kwargs, rows", [
+    (pixart, dict(guidance_scale=4.5), [2, (1, 2)]),  # PixArt keeps "do CFG" in a local variable
+    (pixart, dict(guidance_scale=1.0), [1, (0, 1)]),
+    (lambda: pag("pixart"), dict(guidance_scale=4.5, pag_scale=3.0), [3, (1, 2)]),  # [negative, prompt, perturbed]
+    (lambda: pag("pixart"), dict(guidance_scale=1.0, pag_scale=3.0), [2, (0, 1)]),
+    (lambda: pag("unet"), dict(guidance_scale=7.5, pag_scale=3.0), [3, (1, 2)]),
+], ids=["PixArt CFG", "PixArt", "PixArt PAG CFG", "PixArt PAG", "SD PAG CFG"])
+def test_guidance_passes_are_not_conditional(build, kwargs, rows):
+    """The negative prompt's rows and PAG's perturbed rows are guidance passes: capture leaves them out (and the
+    image is the plain one), Regulation never edits them."""
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(height=64, width=64, num_inference_steps=2, output_type="latent", **kwargs)
+    if "PixArt" in type(pipe).__name__:
+        call.update(PIXART_CALL)
+    plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
+    passes = Passes()
+    with attnctl.apply(pipe, Capture(["dog"]), passes, prompt=PROMPT):
+        image = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
+    assert torch.equal(image, plain)
+    assert [c[1:3] for c in passes.calls] == [rows, rows]
+
+
+def test_pag_on_a_site_is_refused_before_anything_changes():
+    pipe = pag("sd3")
+    before = dict(pipe.transformer.attn_processors)
+    with pytest.raises(UsageError) as err:
+        with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+            pass
+    assert str(err.value) == (
+        "StableDiffusion3PAGPipeline applies perturbed-attention guidance to transformer_blocks.1.attn "
+        "(pag_applied_layers ['transformer_blocks.1']), replacing its processor during every call, and attnctl "
+        "controls that attention; give PAG other layers (`pipe.set_pag_applied_layers([...])`, e.g. ones the method "
+        "leaves alone) or use the pipeline without PAG")
+    assert dict(pipe.transformer.attn_processors) == before
+
+
 class MaskProbe(attnctl.Controller):
     """An observer that keeps what each PixArt call shows: its key mask and the probabilities in use."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -348,6 +349,7 @@ class Session:
             if not wanting:
                 continue
             module = modules[s.name]
+            _check_pag(self.pipe, s.name, module)
             self.family.check_processor(s, module.processor)
             self._active[s.name] = wanting
             ours = self.family.make_processor(s, self, module.processor)
@@ -412,11 +414,18 @@ class Session:
         seen, last, calls = self._step_calls
         calls = calls + 1 if seen is timesteps and last == index else 0
         self._step_calls = (timesteps, index, calls)
+        cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+        pag = getattr(self.pipe, "do_perturbed_attention_guidance", False)
+        if cfg is None:  # PixArt's pipelines keep it in a local variable; their guidance passes repeat the latents
+            cfg = _repeated(self.family.latents(args, kwargs), 3 if pag else 2)
         if context_name == "uncond" or self.family.guidance_pass(args, kwargs):
             cond = slice(0, 0)
-        elif self.family.separate_guidance_calls and getattr(self.pipe, "do_classifier_free_guidance", False):
+        elif self.family.separate_guidance_calls and cfg:
             cond = slice(0, batch) if calls == 0 else slice(0, 0)  # the prompt's call first, then the negative one
-        elif getattr(self.pipe, "do_classifier_free_guidance", False) and batch % 2 == 0:
+        elif pag and batch % (3 if cfg else 2) == 0:
+            rows = batch // (3 if cfg else 2)  # PAG: [negative,] prompt, prompt with perturbed self-attention
+            cond = slice(rows, 2 * rows) if cfg else slice(0, rows)
+        elif cfg and batch % 2 == 0:
             cond = slice(batch // 2, batch)
         else:
             cond = slice(0, batch)
@@ -457,6 +466,27 @@ class Session:
         for c in self._active[site.name]:
             c(call)
         return call.output()
+
+
+def _check_pag(pipe, name: str, module) -> None:
+    """A PAG pipeline sets its own processors on the self-attention layers matching `pag_applied_layers` at every
+    call (and puts them back only if the call ends normally): a site among them is refused before anything
+    changes."""
+    layers = getattr(pipe, "pag_applied_layers", None) or []
+    if layers and not getattr(module, "is_cross_attention", False) and any(re.search(layer, name) for layer in layers):
+        raise UsageError(
+            f"{type(pipe).__name__} applies perturbed-attention guidance to {name} (pag_applied_layers {layers}), "
+            "replacing its processor during every call, and attnctl controls that attention; give PAG other layers "
+            "(`pipe.set_pag_applied_layers([...])`, e.g. ones the method leaves alone) or use the pipeline without "
+            "PAG")
+
+
+def _repeated(latents: torch.Tensor, copies: int) -> bool:
+    """Whether the batch is `copies` equal chunks (a pipeline that runs its guidance passes on the same latents)."""
+    if latents.shape[0] % copies:
+        return False
+    chunks = latents.chunk(copies)
+    return all(torch.equal(chunks[0], c) for c in chunks[1:])
 
 
 def _key_bias(mask: torch.Tensor, n_queries: int) -> torch.Tensor | None:

@@ -72,9 +72,12 @@ class Family:
     def timestep(self, args, kwargs):
         raise NotImplementedError
 
+    def latents(self, args, kwargs):
+        """The denoiser call's latent input: the transformers' `hidden_states` (a UNet's `sample`)."""
+        return argument(args, kwargs, "hidden_states", 0)
+
     def batch_size(self, args, kwargs) -> int:
-        """Rows of the denoiser call: the transformers' `hidden_states` (a UNet's `sample` in its own adapter)."""
-        return argument(args, kwargs, "hidden_states", 0).shape[0]
+        return self.latents(args, kwargs).shape[0]
 
     def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
         raise NotImplementedError

@@ -172,8 +172,8 @@ class UNetFamily(Family):
     def timestep(self, args, kwargs):
         return argument(args, kwargs, "timestep", 1)
 
-    def batch_size(self, args, kwargs):
-        return argument(args, kwargs, "sample", 0).shape[0]
+    def latents(self, args, kwargs):
+        return argument(args, kwargs, "sample", 0)
 
     def token_grid(self, denoiser, args, kwargs):
         return tuple(argument(args, kwargs, "sample", 0).shape[-2:])
