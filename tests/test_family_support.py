@@ -334,10 +334,17 @@ def test_the_readme_matrix_is_the_table():
 
 def pag(name):
     """The PAG pipeline of a tiny family, perturbing one block's self-attention."""
-    from diffusers import PixArtSigmaPAGPipeline, StableDiffusion3PAGPipeline, StableDiffusionPAGPipeline
+    from diffusers import (
+        PixArtSigmaPAGPipeline,
+        SanaPAGPipeline,
+        StableDiffusion3PAGPipeline,
+        StableDiffusionPAGPipeline,
+    )
 
     if name == "pixart":
         return PixArtSigmaPAGPipeline(**pixart().components, pag_applied_layers=["transformer_blocks.1"])
+    if name == "sana":
+        return SanaPAGPipeline(**sana().components, pag_applied_layers=["transformer_blocks.1"])
     if name == "unet":
         return StableDiffusionPAGPipeline(**tiny_pipe("unet").components, pag_applied_layers=["mid"])
     components = {k: v for k, v in tiny_pipe("sd3").components.items() if k not in ("image_encoder",
@@ -351,15 +358,15 @@ def pag(name):
     (lambda: pag("pixart"), dict(guidance_scale=4.5, pag_scale=3.0), [3, (1, 2)]),  # [negative, prompt, perturbed]
     (lambda: pag("pixart"), dict(guidance_scale=1.0, pag_scale=3.0), [2, (0, 1)]),
     (lambda: pag("unet"), dict(guidance_scale=7.5, pag_scale=3.0), [3, (1, 2)]),
-], ids=["PixArt CFG", "PixArt", "PixArt PAG CFG", "PixArt PAG", "SD PAG CFG"])
+    (lambda: pag("sana"), dict(guidance_scale=4.5, pag_scale=3.0), [3, (1, 2)]),
+], ids=["PixArt CFG", "PixArt", "PixArt PAG CFG", "PixArt PAG", "SD PAG CFG", "Sana PAG CFG"])
 def test_guidance_passes_are_not_conditional(build, kwargs, rows):
     """The negative prompt's rows and PAG's perturbed rows are guidance passes: capture leaves them out (and the
     image is the plain one), Regulation never edits them."""
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
     call = dict(height=64, width=64, num_inference_steps=2, output_type="latent", **kwargs)
-    if "PixArt" in type(pipe).__name__:
-        call.update(PIXART_CALL)
+    call.update(PIXART_CALL if "PixArt" in type(pipe).__name__ else SANA_CALL if "Sana" in type(pipe).__name__ else {})
     plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **call).images
     passes = Passes()
     with attnctl.apply(pipe, Capture(["dog"]), passes, prompt=PROMPT):
