@@ -78,12 +78,13 @@ class SanaFamily(PixArtFamily):
         tokenizer, instruction = pipe.tokenizer, default_instruction(pipe)
         texts = [p.prompt.strip().lower() for p in prompts]
         wanted = [tokenizer(instruction + t)["input_ids"] for t in texts]
-        alone = [tokenizer(t, add_special_tokens=False)["input_ids"][1:] for t in texts]  # the first may merge
+        # the prompt's own tokens but the first, which may merge with what precedes it (all of a one-token prompt)
+        alone = [ids[1:] or ids for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)]
 
         def check(args, kwargs):
             for row, want, own in zip(argument(args, kwargs, "input_ids", 0).tolist(), wanted, alone):
                 n = min(len(row), len(want))
-                if row[:n] != want[:n] and own and _contains(row, own):
+                if row[:n] != want[:n] and _contains(row, own):
                     raise UsageError(
                         f"{type(pipe).__name__} was called with a complex_human_instruction other than its default, "
                         "which moves the prompt's tokens; attnctl finds words under the default instruction: call "
