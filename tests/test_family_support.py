@@ -460,11 +460,13 @@ def test_sana_refuses_another_instruction_before_any_step():
     pipe = sana()
     kwargs = dict(num_inference_steps=1, output_type="latent", **SANA_CALL)
     before = dict(pipe.transformer.attn_processors)
-    for instruction in (None, ["Describe the picture in detail. User prompt: "]):
+    for prompt, word, instruction in ((PROMPT, "dog", None),
+                                      (PROMPT, "dog", ["Describe the picture in detail. User prompt: "]),
+                                      ("d", "d", None)):  # a prompt of one token (one byte here) is looked for whole
         steps = Passes()
         with pytest.raises(UsageError) as err:
-            with attnctl.apply(pipe, Capture(["dog"]), steps, prompt=PROMPT):
-                pipe(prompt=PROMPT, complex_human_instruction=instruction, **kwargs)
+            with attnctl.apply(pipe, Capture([word]), steps, prompt=prompt):
+                pipe(prompt=prompt, complex_human_instruction=instruction, **kwargs)
         assert str(err.value) == (
             "SanaPipeline was called with a complex_human_instruction other than its default, which moves the "
             "prompt's tokens; attnctl finds words under the default instruction: call the pipeline without "
