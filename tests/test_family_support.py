@@ -247,6 +247,20 @@ def qwen_image():
     return pipe
 
 
+def sana_sprint():
+    """Sana Sprint: the tiny Sana's text encoder and VAE with a guidance-embedding transformer and SCM steps."""
+    from diffusers import SanaSprintPipeline, SanaTransformer2DModel, SCMScheduler
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=8, patch_size=1, qk_norm="rms_norm_across_heads", guidance_embeds=True)
+    pipe = SanaSprintPipeline(**{**sana().components, "transformer": transformer.eval(), "scheduler": SCMScheduler()})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 QWEN_CALL = dict(max_sequence_length=256)  # the byte-level tokenizer leaves ~90 template tokens before the prompt
 PIXART_CALL = dict(max_sequence_length=32, use_resolution_binning=False, clean_caption=False)
 SANA_CALL = dict(height=32, width=32, max_sequence_length=40, use_resolution_binning=False)  # 16x16 tokens
@@ -268,6 +282,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, capture, Regulation, 
     ("Kandinsky 2.2", kandinsky22, NO, NO, NO),
     ("PixArt-Σ", pixart, YES, EDITS, NO),
     ("Sana", sana, YES, EDITS, NO),
+    ("Sana Sprint", sana_sprint, YES, EDITS, NO),
     ("Chroma", chroma, YES, NO, EDITS),
     ("Qwen-Image", qwen_image, YES, NO, EDITS),
 ]
