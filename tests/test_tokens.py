@@ -85,3 +85,27 @@ def test_positions_are_those_of_the_padded_sequence_the_pipeline_feeds(side):
     start = padded.index(tok.bos_token_id)
     assert padded[start + 8] == tok.eos_token_id and pt.end_of_text == start + 8  # <start>, 7 words, <end>
     assert start == (0 if side == "right" else 77 - 9)
+
+
+class WithoutOffsets:
+    """A tokenizer that cannot give character offsets (a slow, Python tokenizer), standing in with a fast one's
+    tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("make", [clip_tokenizer, t5_like_tokenizer], ids=["CLIP", "T5"])
+def test_tokenizers_without_offsets_find_the_same_positions(make):
+    prompt = "a photo of an astronaut riding a horse near a red barn"
+    fast, slow = (PromptTokens(prompt, [TextSegment(t, 0, 77)]) for t in (make(), WithoutOffsets(make())))
+    for word in ("astronaut", "horse", "red", "barn", "a#3"):
+        assert slow.word_positions(word) == fast.word_positions(word)

@@ -59,12 +59,12 @@ def _token_char_spans(seg: TextSegment, prompt: str) -> tuple[list[int], list[tu
         lead = len(prompt) - len(prompt.lstrip())
         prompt = prompt.strip().lower()
     text = before + prompt + after
-    enc = tokenizer(text, truncation=False, add_special_tokens=True)
-    ids = list(enc["input_ids"])
-    try:
-        offsets = tokenizer(text, truncation=False, return_offsets_mapping=True)["offset_mapping"]
-        spans = [None if a == b else (a, b) for a, b in offsets]
+    try:  # fast tokenizers give each token's characters
+        enc = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        spans = [None if a == b else (a, b) for a, b in enc["offset_mapping"]]
     except (NotImplementedError, TypeError, KeyError, ValueError):
+        ids = list(tokenizer(text, truncation=False, add_special_tokens=True)["input_ids"])
         spans = _walk_spans(tokenizer, text, ids)
     special = set(getattr(tokenizer, "all_special_ids", []))
     start, end = len(before), len(before) + len(prompt)  # the prompt inside `text`
