@@ -468,24 +468,40 @@ def test_words_are_found_where_the_pipeline_puts_them(build, call):
     assert pipe.tokenizer.decode(ids[positions[0] - 2 : positions[0]]).strip() != "dog"
 
 
-def test_sana_refuses_another_instruction_before_any_step():
-    """Another instruction (none, or the user's own) moves every word of the prompt: refused as the prompt is
-    encoded, the pipeline restored. A negative prompt that holds the prompt is encoded without instruction, and is
-    not taken for the prompt."""
+def sana_encoder_ids(pipe, run):
+    """The token ids in the attention's text sequence for the prompt, from what the text encoder was given."""
+    seen = []
+    spy = pipe.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        run()
+    finally:
+        spy.remove()
+    return attention_ids(pipe, seen[0], SANA_CALL["max_sequence_length"])[0]
+
+
+def test_sana_takes_any_instruction_but_an_empty_one():
+    """Every instruction leaves the prompt after the instruction's last token, as the default does: one of the
+    user's own is fine. An empty one (None, []) moves every word one token earlier: refused as the prompt is
+    encoded, before any step, and the pipeline is restored (also for a prompt longer than the text, whose mask
+    looks the same either way). A negative prompt that holds the prompt is encoded
+    without instruction and not taken for the prompt."""
     pipe = sana()
     kwargs = dict(num_inference_steps=1, output_type="latent", **SANA_CALL)
     before = dict(pipe.transformer.attn_processors)
-    for prompt, word, instruction in ((PROMPT, "dog", None),
-                                      (PROMPT, "dog", ["Describe the picture in detail. User prompt: "]),
-                                      ("d", "d", None)):  # a prompt of one token (one byte here) is looked for whole
+    own = ["Draw exactly what the user asks. User prompt: "]
+    with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT) as session:
+        ids = sana_encoder_ids(pipe, lambda: pipe(prompt=PROMPT, complex_human_instruction=own, **kwargs))
+        assert pipe.tokenizer.decode(ids[session.prompts[0].word_positions("dog")]).strip() == "dog"
+    longer = PROMPT + " sitting on the green grass by a river"  # longer than the text: both masks keep 40 tokens
+    for prompt, word in ((PROMPT, "dog"), ("d", "d"), (longer, "dog")):  # "d": one token (one byte here)
         steps = Passes()
         with pytest.raises(UsageError) as err:
             with attnctl.apply(pipe, Capture([word]), steps, prompt=prompt):
-                pipe(prompt=prompt, complex_human_instruction=instruction, **kwargs)
+                pipe(prompt=prompt, complex_human_instruction=None, **kwargs)
         assert str(err.value) == (
-            "SanaPipeline was called with a complex_human_instruction other than its default, which moves the "
-            "prompt's tokens; attnctl finds words under the default instruction: call the pipeline without "
-            "complex_human_instruction")
+            "SanaPipeline was called with an empty complex_human_instruction (None or []), which puts every word of "
+            "the prompt one token earlier than attnctl places it (after the instruction's last token, as with the "
+            "pipeline's default); call it with an instruction: its default, or your own")
         assert not steps.calls  # no step taken
         assert dict(pipe.transformer.attn_processors) == before
         assert not hasattr(pipe.text_encoder, "_diffusers_hook") and "forward" not in pipe.text_encoder.__dict__
@@ -494,6 +510,33 @@ def test_sana_refuses_another_instruction_before_any_step():
         for _ in range(2):  # every pipeline call is checked afresh
             pipe(prompt=PROMPT, negative_prompt=PROMPT + ", blurry", **kwargs)
     assert len(steps.calls) == 2
+
+
+def test_sana_prompt_embeds_made_without_an_instruction_are_refused():
+    """pipe.encode_prompt encodes without an instruction unless given one; a pipeline without a text encoder
+    cannot watch the encoding, so the first denoiser call counts the tokens the prompt rows' mask keeps."""
+    from attnctl.families.sana import default_instruction
+
+    base = sana()
+    pipe = type(base)(**{**base.components, "text_encoder": None})
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=1, output_type="latent", **SANA_CALL)
+    plain = base(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **call).images
+    kwargs = dict(prompt=None, negative_prompt=None, **call)
+
+    def embeds(instruction):
+        e, m, ne, nm = base.encode_prompt(PROMPT, max_sequence_length=SANA_CALL["max_sequence_length"],
+                                          complex_human_instruction=instruction)
+        return dict(prompt_embeds=e, prompt_attention_mask=m, negative_prompt_embeds=ne,
+                    negative_prompt_attention_mask=nm)
+
+    with pytest.raises(UsageError, match="a prompt text of 25 tokens where the prompt after an instruction has 26"):
+        with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+            pipe(generator=torch.Generator().manual_seed(0), **kwargs, **embeds(None))
+    with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT):
+        image = pipe(generator=torch.Generator().manual_seed(0), **kwargs,
+                     **embeds(default_instruction(base).split("\n"))).images
+    assert torch.equal(image, plain)
 
 
 def test_regulation_refuses_a_target_word_the_call_cuts():

@@ -401,6 +401,8 @@ class Session:
         timesteps = self.pipe.scheduler.timesteps
         new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
         self._timesteps = timesteps
+        if new_run and self.prompts:
+            self.family.check_text_layout(args, kwargs, self.step, self.prompts)
         for c in self.controllers:
             if new_run:
                 c.begin_run()

@@ -68,6 +68,10 @@ class Family:
         and raises a UsageError when the prompts' tokens are not where `text_segments` put them. None elsewhere."""
         return None
 
+    def check_text_layout(self, args, kwargs, step, prompts) -> None:
+        """At the first denoiser call of each pipeline call: a UsageError where the text the denoiser is given
+        cannot hold the prompts' tokens where `text_segments` put them (embeddings made another way)."""
+
     # step inputs, read from the denoiser's forward arguments
     def timestep(self, args, kwargs):
         raise NotImplementedError

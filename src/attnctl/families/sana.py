@@ -3,9 +3,11 @@ cross-attention (`attn2`, SanaAttnProcessor2_0) over Gemma-2 tokens with a paddi
 
 Its pipelines put a "complex human instruction" (a call argument with a long default) before the lowercased prompt,
 tokenize the whole, and keep the start token and the last `max_sequence_length - 1` tokens: the instruction's last
-token, then the prompt, padded on the right. Word positions are found that way, under the pipeline's default
-instruction; the token ids the text encoder is given are checked (`encoder_check`), so a call with another
-instruction, which moves every word, is refused instead of reading the wrong tokens."""
+token, then the prompt, padded on the right. Any instruction gives that layout but an empty one (None or []), which
+keeps the start token and the prompt: every word one position earlier. Words are placed after an instruction; an
+empty one is refused as the prompt is encoded (`encoder_check`), and embeddings made without one
+(`pipe.encode_prompt`'s default) at the first denoiser call, from the number of tokens their mask keeps
+(`check_text_layout`)."""
 
 from __future__ import annotations
 
@@ -52,10 +54,6 @@ def default_instruction(pipe) -> str:
     return "\n".join(lines) if lines else ""
 
 
-def _contains(row: list[int], run: list[int]) -> bool:
-    return any(row[i : i + len(run)] == run for i in range(len(row) - len(run) + 1))
-
-
 class SanaFamily(PixArtFamily):
     name = "sana"
     denoiser_class = "SanaTransformer2DModel"
@@ -72,22 +70,36 @@ class SanaFamily(PixArtFamily):
                             lowercase=True, padding_side="right")]
 
     def encoder_check(self, pipe, prompts):
-        """Refuses a prompt encoded after another instruction than the default: the first text-encoder call of a
-        pipeline call encodes the prompts; a row that is not the default instruction and the prompt, yet holds the
-        prompt's tokens, was given another instruction."""
-        tokenizer, instruction = pipe.tokenizer, default_instruction(pipe)
-        texts = [p.prompt.strip().lower() for p in prompts]
-        wanted = [tokenizer(instruction + t)["input_ids"] for t in texts]
-        # the prompt's own tokens but the first, which may merge with what precedes it (all of a one-token prompt)
-        alone = [ids[1:] or ids for ids in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)]
+        """Refuses a prompt encoded without an instruction: the encoder is then given the start token and the
+        prompt's own tokens."""
+        if getattr(pipe, "text_encoder", None) is None or not default_instruction(pipe):
+            return None  # prompt_embeds only (see check_text_layout), or a pipeline that has no instruction
+        bare = [pipe.tokenizer(p.prompt.strip().lower())["input_ids"] for p in prompts]
 
         def check(args, kwargs):
-            for row, want, own in zip(argument(args, kwargs, "input_ids", 0).tolist(), wanted, alone):
-                n = min(len(row), len(want))
-                if row[:n] != want[:n] and _contains(row, own):
+            for row, alone in zip(argument(args, kwargs, "input_ids", 0).tolist(), bare):
+                if len(alone) > 1 and row[: len(alone)] == alone[: len(row)]:  # the row may be cut
                     raise UsageError(
-                        f"{type(pipe).__name__} was called with a complex_human_instruction other than its default, "
-                        "which moves the prompt's tokens; attnctl finds words under the default instruction: call "
-                        "the pipeline without complex_human_instruction")
+                        f"{type(pipe).__name__} was called with an empty complex_human_instruction (None or []), "
+                        f"which {EARLIER}; call it with an instruction: its default, or your own")
 
         return pipe.text_encoder, check
+
+    def check_text_layout(self, args, kwargs, step, prompts) -> None:
+        """The prompt rows' text mask keeps as many tokens as the prompt after an instruction has (read once per
+        pipeline call)."""
+        mask = argument(args, kwargs, "encoder_attention_mask", 4)
+        if mask is None or mask.dim() != 2:
+            return
+        for row, count in enumerate(mask[step.cond_rows].sum(dim=1).tolist()):
+            want = min(prompts[min(step.prompt_of_row(row), len(prompts) - 1)].token_count, mask.shape[1])
+            if int(count) != want:
+                raise UsageError(
+                    f"the Sana pipeline was given a prompt text of {int(count)} tokens where the prompt after an "
+                    f"instruction has {want}: prompt_embeds of another prompt, or made without an instruction "
+                    f"(pipe.encode_prompt's default), which {EARLIER}; make them with one "
+                    "(pipe.encode_prompt(prompt, complex_human_instruction=[...])) or pass the prompt itself")
+
+
+EARLIER = ("puts every word of the prompt one token earlier than attnctl places it (after the instruction's last "
+           "token, as with the pipeline's default)")
