@@ -19,6 +19,8 @@ from .base import argument
 from .pixart import PixArtFamily
 
 MAX_GEMMA_TOKENS = 8192  # Gemma 2's context; a call's max_sequence_length (300 by default) cuts the sequence
+EARLIER = ("puts every word of the prompt one token earlier than attnctl places it (after the instruction's last "
+           "token, as with the pipeline's default)")
 
 
 class SanaCrossProcessor:
@@ -99,7 +101,3 @@ class SanaFamily(PixArtFamily):
                     f"instruction has {want}: prompt_embeds of another prompt, or made without an instruction "
                     f"(pipe.encode_prompt's default), which {EARLIER}; make them with one "
                     "(pipe.encode_prompt(prompt, complex_human_instruction=[...])) or pass the prompt itself")
-
-
-EARLIER = ("puts every word of the prompt one token earlier than attnctl places it (after the instruction's last "
-           "token, as with the pipeline's default)")
