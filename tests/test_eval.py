@@ -174,3 +174,14 @@ def test_none_is_the_baseline_of_the_methods_asked_for(tmp_path, cli):
                          "layout", "--no-attention", "--json", "--out", tmp_path)
     assert code == 0, err
     assert set(json.loads(out)) == {"none (shapes-mmdit)", "ast (shapes-mmdit)"}  # no UNet arm without regulation
+
+
+def test_time_ratios_without_a_plain_arm_are_none_not_nan():
+    from attnctl.eval import time_ratios
+
+    rows = [dict(method=m, model="builtin:shapes-unet", prompt=p, seed=0, seconds=s)
+            for m, p, s in (("none (shapes-unet)", "a", 1.0), ("none (shapes-unet)", "b", 3.0),
+                            ("regulation (shapes-unet)", "a", 3.0), ("regulation (shapes-unet)", "a", 3.0))]
+    assert time_ratios(rows) == {"none (shapes-unet)": {"seconds": 2.0, "ratio": 1.0},
+                                 "regulation (shapes-unet)": {"seconds": 3.0, "ratio": 1.5}}
+    assert time_ratios(rows[2:]) == {"regulation (shapes-unet)": {"seconds": 3.0, "ratio": None}}

@@ -288,7 +288,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def time_ratios(rows: list[dict]) -> dict[str, dict]:
-    """Per arm: mean seconds per image (over its distinct samples) and the ratio to the plain arm on its model."""
+    """Per arm: mean seconds per image (over its distinct samples) and the ratio to the plain arm on its model (None
+    when the run has no plain arm on that model)."""
     seconds: dict[str, dict] = {}
     for row in rows:
         if "seconds" in row:
@@ -297,7 +298,7 @@ def time_ratios(rows: list[dict]) -> dict[str, dict]:
     means = {label: (entry["model"], float(np.mean(list(entry["samples"].values())))) for label, entry in
              seconds.items()}
     plain = {model: mean for label, (model, mean) in means.items() if label.startswith("none ")}
-    return {label: {"seconds": mean, "ratio": mean / plain[model] if model in plain else float("nan")}
+    return {label: {"seconds": mean, "ratio": mean / plain[model] if model in plain else None}
             for label, (model, mean) in means.items()}
 
 
@@ -324,7 +325,8 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
     timing = time_ratios(rows)
     if timing:
         lines += ["", "| method (model) | seconds per image | time vs plain |", "|---|---|---|"]
-        lines += [f"| {label} | {t['seconds']:.3f} | {t['ratio']:.2f}× |" for label, t in timing.items()]
+        lines += [f"| {label} | {t['seconds']:.3f} | " + ("—" if t["ratio"] is None else f"{t['ratio']:.2f}×") + " |"
+                  for label, t in timing.items()]
         lines += ["", "Wall time per image, the arms run one after another in this process (a ratio is only as "
                   "steady as the machine was)."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
