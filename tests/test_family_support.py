@@ -438,12 +438,18 @@ def test_padding_tokens_are_masked_in_maps_and_never_edited(build, call):
                 assert (probs.double() - exact).abs().max() < 1e-5
 
 
-def attention_ids(pipe, encoder_ids, max_sequence_length):
-    """The token ids in the attention's text sequence, from what the text encoder was given: Sana's pipeline keeps
-    the start token and the last max_sequence_length - 1 (diffusers' `select_index`); PixArt's keeps them all."""
-    if type(pipe).__name__ == "SanaPipeline":
-        return encoder_ids[:, [0, *range(-max_sequence_length + 1, 0)]]
-    return encoder_ids
+def attention_ids(pipe, run, max_sequence_length):
+    """Runs `run` and gives the prompt's token ids in the attention's text sequence, from what the text encoder was
+    given first: Sana's pipeline keeps the start token and the last max_sequence_length - 1 (diffusers'
+    `select_index`); PixArt's keeps them all."""
+    seen = []
+    spy = pipe.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        run()
+    finally:
+        spy.remove()
+    ids = seen[0][0]
+    return ids[[0, *range(-max_sequence_length + 1, 0)]] if type(pipe).__name__ == "SanaPipeline" else ids
 
 
 @pytest.mark.parametrize("build, call", [(pixart, PIXART_CALL), (sana, SANA_CALL)], ids=["PixArt", "Sana"])
@@ -454,29 +460,12 @@ def test_words_are_found_where_the_pipeline_puts_them(build, call):
     given: the tokens at the session's positions of "dog" are dog's."""
     pipe = build()
     prompt = "  A Red Dog and a grey cat"
-    seen = []
-    spy = pipe.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0]),
-                                                      with_kwargs=True)
-    try:
-        with attnctl.apply(pipe, Capture(["dog"]), prompt=prompt) as session:
-            pipe(prompt=prompt, num_inference_steps=1, output_type="latent", **{**dict(height=64, width=64), **call})
-            positions = session.prompts[0].word_positions("dog")
-    finally:
-        spy.remove()
-    ids = attention_ids(pipe, seen[0], call["max_sequence_length"])[0]
+    kwargs = dict(num_inference_steps=1, output_type="latent", **{**dict(height=64, width=64), **call})
+    with attnctl.apply(pipe, Capture(["dog"]), prompt=prompt) as session:
+        ids = attention_ids(pipe, lambda: pipe(prompt=prompt, **kwargs), call["max_sequence_length"])
+        positions = session.prompts[0].word_positions("dog")
     assert pipe.tokenizer.decode(ids[positions]).strip() == "dog"
     assert pipe.tokenizer.decode(ids[positions[0] - 2 : positions[0]]).strip() != "dog"
-
-
-def sana_encoder_ids(pipe, run):
-    """The token ids in the attention's text sequence for the prompt, from what the text encoder was given."""
-    seen = []
-    spy = pipe.text_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    try:
-        run()
-    finally:
-        spy.remove()
-    return attention_ids(pipe, seen[0], SANA_CALL["max_sequence_length"])[0]
 
 
 def test_sana_takes_any_instruction_but_an_empty_one():
@@ -490,7 +479,8 @@ def test_sana_takes_any_instruction_but_an_empty_one():
     before = dict(pipe.transformer.attn_processors)
     own = ["Draw exactly what the user asks. User prompt: "]
     with attnctl.apply(pipe, Capture(["dog"]), prompt=PROMPT) as session:
-        ids = sana_encoder_ids(pipe, lambda: pipe(prompt=PROMPT, complex_human_instruction=own, **kwargs))
+        ids = attention_ids(pipe, lambda: pipe(prompt=PROMPT, complex_human_instruction=own, **kwargs),
+                            SANA_CALL["max_sequence_length"])
         assert pipe.tokenizer.decode(ids[session.prompts[0].word_positions("dog")]).strip() == "dog"
     longer = PROMPT + " sitting on the green grass by a river"  # longer than the text: both masks keep 40 tokens
     for prompt, word in ((PROMPT, "dog"), ("d", "d"), (longer, "dog")):  # "d": one token (one byte here)
