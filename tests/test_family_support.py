@@ -464,8 +464,13 @@ def test_words_are_found_where_the_pipeline_puts_them(build, call):
     with attnctl.apply(pipe, Capture(["dog"]), prompt=prompt) as session:
         ids = attention_ids(pipe, lambda: pipe(prompt=prompt, **kwargs), call["max_sequence_length"])
         positions = session.prompts[0].word_positions("dog")
+        special = session.prompts[0].start_of_text, session.prompts[0].end_of_text  # what Regulation restores
     assert pipe.tokenizer.decode(ids[positions]).strip() == "dog"
     assert pipe.tokenizer.decode(ids[positions[0] - 2 : positions[0]]).strip() != "dog"
+    eos = len(pipe.tokenizer(prompt.strip().lower())["input_ids"]) - 1
+    assert special == ((0, None) if build is sana else (None, eos))  # Gemma: a start token only; T5: an end token
+    assert pipe.tokenizer.convert_ids_to_tokens(int(ids[special[0] if build is sana else special[1]])) == (
+        pipe.tokenizer.bos_token if build is sana else pipe.tokenizer.eos_token)
 
 
 def test_sana_takes_any_instruction_but_an_empty_one():
