@@ -390,6 +390,20 @@ def test_guidance_passes_are_not_conditional(build, kwargs, rows):
     assert [c[1:3] for c in passes.calls] == [rows, rows]
 
 
+def test_identical_latents_of_a_pipeline_that_does_not_batch_guidance_are_all_conditional():
+    """FLUX names no `do_classifier_free_guidance`; reading the layout from repeated latents is for PixArt's
+    pipelines only, so two prompts drawn from the same noise (a common way to compare prompts) are both conditional."""
+    pipe = tiny_pipe("flux")
+    prompts = [PROMPT, "a grey cat and a red dog"]
+    kwargs = call_kwargs("flux", steps=1, output_type="latent")
+    noise, _ = pipe.prepare_latents(1, pipe.transformer.config.in_channels // 4, 64, 64, torch.float32, "cpu",
+                                    torch.Generator().manual_seed(0))
+    passes = Passes()
+    with attnctl.apply(pipe, Capture(["dog"]), passes, prompt=prompts):
+        pipe(prompt=prompts, latents=noise.repeat(2, 1, 1), **kwargs)
+    assert [c[1:3] for c in passes.calls] == [[2, (0, 2)]]
+
+
 def test_pag_on_a_site_is_refused_before_anything_changes():
     pipe = pag("sd3")
     before = dict(pipe.transformer.attn_processors)

@@ -418,8 +418,10 @@ class Session:
         self._step_calls = (timesteps, index, calls)
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
         pag = getattr(self.pipe, "do_perturbed_attention_guidance", False)
-        if cfg is None:  # PixArt's pipelines keep it in a local variable; their guidance passes repeat the latents
-            cfg = _repeated(self.family.latents(args, kwargs), 3 if pag else 2)
+        if cfg is None:  # each guidance pass holds every prompt's rows
+            passes, latents = (3 if pag else 2), self.family.latents(args, kwargs)
+            cfg = (self.family.guidance_from_latents and latents.shape[0] % (passes * max(1, len(self.prompts))) == 0
+                   and _repeated(latents, passes))
         if context_name == "uncond" or self.family.guidance_pass(args, kwargs):
             cond = slice(0, 0)
         elif self.family.separate_guidance_calls and cfg:
@@ -483,11 +485,11 @@ def _check_pag(pipe, name: str, module) -> None:
             "PAG")
 
 
-def _repeated(latents: torch.Tensor, copies: int) -> bool:
-    """Whether the batch is `copies` equal chunks (a pipeline that runs its guidance passes on the same latents)."""
-    if latents.shape[0] % copies:
+def _repeated(latents: torch.Tensor, passes: int) -> bool:
+    """Whether the batch is `passes` equal chunks (a pipeline that runs its guidance passes on the same latents)."""
+    if latents.shape[0] % passes:
         return False
-    chunks = latents.chunk(copies)
+    chunks = latents.chunk(passes)
     return all(torch.equal(chunks[0], c) for c in chunks[1:])
 
 

@@ -35,6 +35,9 @@ class Family:
     # classifier-free guidance as separate denoiser calls, the prompt's first (Chroma): later calls of a step are
     # unconditional
     separate_guidance_calls: bool = False
+    # pipelines that batch classifier-free guidance without a `do_classifier_free_guidance` attribute (PixArt's): the
+    # layout is read from the latents, which every guidance pass repeats
+    guidance_from_latents: bool = False
 
     def image_key_mask(self, mask, image: slice):
         """Where the model's attention mask is per query: the mask the image queries see, (batch, 1 or heads, 1,

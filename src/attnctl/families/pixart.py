@@ -16,6 +16,7 @@ class PixArtFamily(LatentImageFamily):
     name = "pixart"
     denoiser_class = "PixArtTransformer2DModel"
     known_processors = ("AttnProcessor2_0",)
+    guidance_from_latents = True
 
     def discover(self, transformer) -> list[AttentionSite]:
         names = [f"transformer_blocks.{i}.attn2" for i, block in enumerate(transformer.transformer_blocks)

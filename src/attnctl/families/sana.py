@@ -60,6 +60,7 @@ class SanaFamily(PixArtFamily):
     name = "sana"
     denoiser_class = "SanaTransformer2DModel"
     known_processors = ("SanaAttnProcessor2_0",)
+    guidance_from_latents = False  # Sana's pipelines say whether they guide; Sprint, which does not, never does
 
     def make_processor(self, site, session, original):
         return SanaCrossProcessor(site, session)
