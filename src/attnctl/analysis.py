@@ -34,6 +34,7 @@ from .errors import UsageError
 from .layout import Layout, load_layout
 from .roles import ATTRIBUTE, BACKGROUND, INSTANCE, ROLES
 from .roles import PARSERS as ROLE_PARSERS
+from .tokens import HeldWords
 
 
 class TargetCoverage(Controller):
@@ -65,9 +66,7 @@ class TargetCoverage(Controller):
     def attach(self, session) -> None:
         if not session.prompts:
             raise UsageError("TargetCoverage needs the prompt: pass prompt=... to attnctl.apply")
-        self.prompts = session.prompts
-        self.positions = [[p.word_positions(w) for w in self.words] for p in session.prompts]
-        self._held: dict[tuple[int, int], list[list[int]]] = {}
+        self._positions = HeldWords(session.prompts, [self.words] * len(session.prompts))
         self.sums: torch.Tensor | None = None
         self.count = 0
 
@@ -82,19 +81,11 @@ class TargetCoverage(Controller):
         n_text = probs.shape[-1]
         values = torch.stack([
             torch.stack([probs[r][:, positions].sum(-1) for positions in
-                         self._positions(min(call.step.prompt_of_row(r), len(self.positions) - 1), n_text)])
+                         self._positions(call.step.prompt_of_row(r), n_text)])
             for r in range(probs.shape[0])])  # (rows, words, image tokens)
         coverage = torch.quantile(values, self.quantile, dim=-1).double().cpu()
         self.sums = coverage if self.sums is None else self.sums + coverage
         self.count += 1
-
-    def _positions(self, prompt: int, n_text: int) -> list[list[int]]:
-        """Each word's positions in a text sequence of `n_text` tokens; a word cut by the sequence limit is an error
-        (`PromptTokens.held`)."""
-        if (prompt, n_text) not in self._held:
-            self._held[prompt, n_text] = [self.prompts[prompt].held(w, pos, n_text)
-                                          for w, pos in zip(self.words, self.positions[prompt])]
-        return self._held[prompt, n_text]
 
     def per_image(self) -> torch.Tensor:
         """(images, words): mean coverage over the recorded calls."""

@@ -418,10 +418,9 @@ class Session:
         self._step_calls = (timesteps, index, calls)
         cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
         pag = getattr(self.pipe, "do_perturbed_attention_guidance", False)
-        if cfg is None:  # each guidance pass holds every prompt's rows
-            passes, latents = (3 if pag else 2), self.family.latents(args, kwargs)
-            cfg = (self.family.guidance_from_latents and latents.shape[0] % (passes * max(1, len(self.prompts))) == 0
-                   and _repeated(latents, passes))
+        if cfg is None:
+            cfg = self.family.guidance_from_latents and _repeated(self.family.latents(args, kwargs), 3 if pag else 2,
+                                                                  len(self.prompts))
         if context_name == "uncond" or self.family.guidance_pass(args, kwargs):
             cond = slice(0, 0)
         elif self.family.separate_guidance_calls and cfg:
@@ -485,9 +484,10 @@ def _check_pag(pipe, name: str, module) -> None:
             "PAG")
 
 
-def _repeated(latents: torch.Tensor, passes: int) -> bool:
-    """Whether the batch is `passes` equal chunks (a pipeline that runs its guidance passes on the same latents)."""
-    if latents.shape[0] % passes:
+def _repeated(latents: torch.Tensor, passes: int, n_prompts: int) -> bool:
+    """Whether the batch is `passes` equal chunks, each holding every prompt's rows (a pipeline that runs its
+    guidance passes on the same latents)."""
+    if latents.shape[0] % (passes * max(1, n_prompts)):
         return False
     chunks = latents.chunk(passes)
     return all(torch.equal(chunks[0], c) for c in chunks[1:])

@@ -206,6 +206,26 @@ class PromptTokens:
         return positions
 
 
+class HeldWords:
+    """Words' token positions in each prompt (`words[i]`: prompt i's words), and those a text sequence of `n_text`
+    tokens holds (`PromptTokens.held`: a cut word is an error when `requested`, else a warning), found once per
+    (prompt, text length)."""
+
+    def __init__(self, prompts: list[PromptTokens], words: list[list[str]], requested: bool = True):
+        self.prompts, self.words, self.requested = prompts, words, requested
+        self.positions = [[p.word_positions(w) for w in ws] for p, ws in zip(prompts, words)]
+        self._held: dict[tuple[int, int], list[list[int]]] = {}
+
+    def __call__(self, prompt: int, n_text: int) -> list[list[int]]:
+        """Each word's positions that a text of `n_text` tokens holds, in prompt `prompt` (the last prompt for a
+        later index: rows beyond the prompts given repeat the last one)."""
+        prompt = min(prompt, len(self.prompts) - 1)
+        if (prompt, n_text) not in self._held:
+            self._held[prompt, n_text] = [self.prompts[prompt].held(w, pos, n_text, self.requested)
+                                          for w, pos in zip(self.words[prompt], self.positions[prompt])]
+        return self._held[prompt, n_text]
+
+
 def _parse_occurrence(spec: str) -> tuple[str, int]:
     word, sep, count = spec.partition("#")
     if not sep:

@@ -28,6 +28,13 @@ def remedy(processor: str) -> str:
             "(`denoiser.set_attn_processor(saved)` with `saved = dict(denoiser.attn_processors)` taken before)")
 
 
+def joint_block_sites(family: str, transformer, text_first: bool) -> list[AttentionSite]:
+    """One joint site per `transformer_blocks[i].attn` (SD3, Qwen-Image)."""
+    n = len(transformer.transformer_blocks)
+    return [AttentionSite(f"transformer_blocks.{i}.attn", family, "joint", i, n, "joint", 1, text_first)
+            for i in range(n)]
+
+
 class Family:
     name: str = ""
     denoiser_class: str = ""

@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 from ..sites import AttentionSite
 from ..tokens import TextSegment
-from .base import Family, argument
+from .base import Family, argument, joint_block_sites
 
 
 class QwenJointProcessor:
@@ -64,9 +64,7 @@ class QwenImageFamily(Family):
     known_processors = ("QwenDoubleStreamAttnProcessor2_0",)
 
     def discover(self, transformer) -> list[AttentionSite]:
-        n = len(transformer.transformer_blocks)
-        return [AttentionSite(f"transformer_blocks.{i}.attn", self.name, "joint", i, n, "joint", 1, True)
-                for i in range(n)]
+        return joint_block_sites(self.name, transformer, text_first=True)
 
     def make_processor(self, site, session, original):
         return QwenJointProcessor(site, session)

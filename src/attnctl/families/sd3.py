@@ -6,7 +6,7 @@ import torch
 
 from ..sites import AttentionSite
 from ..tokens import TextSegment
-from .base import LatentImageFamily, argument
+from .base import LatentImageFamily, argument, joint_block_sites
 
 
 def _heads(x, batch, heads, head_dim):
@@ -80,11 +80,7 @@ class SD3Family(LatentImageFamily):
     known_processors = ("JointAttnProcessor2_0",)
 
     def discover(self, transformer) -> list[AttentionSite]:
-        n = len(transformer.transformer_blocks)
-        return [
-            AttentionSite(f"transformer_blocks.{i}.attn", self.name, "joint", i, n, "joint", 1, False)
-            for i in range(n)
-        ]
+        return joint_block_sites(self.name, transformer, text_first=False)
 
     def make_processor(self, site, session, original):
         return SD3JointProcessor(site, session)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
+from ..tokens import HeldWords
 
 
 def parse_steps(text: str) -> list[int]:
@@ -86,10 +87,8 @@ class Capture(Controller):
     def attach(self, session):
         if not session.prompts:
             raise UsageError("Capture needs the prompt: pass prompt=... to attnctl.apply")
-        # per prompt: a (text positions × words) selection matrix, built lazily per text length
-        self.prompts = session.prompts
-        self.positions = [[p.word_positions(w) for w in self.words] for p in session.prompts]
-        self._selectors: dict[tuple[int, int], torch.Tensor] = {}
+        self._positions = HeldWords(session.prompts, [self.words] * len(session.prompts), self.requested)
+        self._selectors: dict[tuple, torch.Tensor] = {}
 
     def wants(self, site):
         f = self.site_filter
@@ -102,8 +101,8 @@ class Capture(Controller):
         if key not in self._selectors:
             sel = torch.zeros(len(prompts), n_text, len(self.words))
             for r, prompt in enumerate(prompts):
-                for j, positions in enumerate(self.positions[prompt]):
-                    sel[r, self.prompts[prompt].held(self.words[j], positions, n_text, self.requested), j] = 1.0
+                for j, positions in enumerate(self._positions(prompt, n_text)):
+                    sel[r, positions, j] = 1.0
             self._selectors[key] = sel.to(device)
         return self._selectors[key]
 

@@ -33,6 +33,7 @@ import torch
 from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
+from ..tokens import HeldWords
 from . import regulation_math
 from .targets import TARGETS_HELP, normalise_targets, targets_per_prompt
 
@@ -177,10 +178,7 @@ class Regulation(Controller):
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
-        self._prompts = session.prompts
-        self._positions = [[(w, prompt.word_positions(w)) for w in words]
-                           for prompt, words in zip(session.prompts, per_prompt)]
-        self._held: dict[tuple[int, int], list[int]] = {}  # (prompt, text length) -> the target positions it holds
+        self._positions = HeldWords(session.prompts, per_prompt)
         self._special = [tuple(p for p in (prompt.start_of_text, prompt.end_of_text) if p is not None)
                          for prompt in session.prompts]
         self._generator = torch.Generator().manual_seed(self.config.seed)
@@ -281,7 +279,7 @@ class Regulation(Controller):
         cond = step.cond_rows
         by_prompt: dict[int, list[int]] = {}
         for r in range(cond.stop - cond.start):
-            by_prompt.setdefault(min(step.prompt_of_row(r), len(self._positions) - 1), []).append(cond.start + r)
+            by_prompt.setdefault(min(step.prompt_of_row(r), len(self._special) - 1), []).append(cond.start + r)
         groups = []
         for prompt, rows in by_prompt.items():
             targets = self._targets(prompt, n_text)
@@ -290,12 +288,9 @@ class Regulation(Controller):
         return groups
 
     def _targets(self, prompt: int, n_text: int) -> list[int]:
-        """The target positions a text sequence of `n_text` tokens holds; a target word the call's
+        """The target positions a text sequence of `n_text` tokens holds, each once; a target word the call's
         max_sequence_length cut is an error (`PromptTokens.held`)."""
-        if (prompt, n_text) not in self._held:
-            held = [self._prompts[prompt].held(w, pos, n_text) for w, pos in self._positions[prompt]]
-            self._held[prompt, n_text] = list(dict.fromkeys(p for pos in held for p in pos))
-        return self._held[prompt, n_text]
+        return list(dict.fromkeys(p for positions in self._positions(prompt, n_text) for p in positions))
 
     def _basis_for(self, h: int, w: int, device):
         key = (h, w, str(device))
