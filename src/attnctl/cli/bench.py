@@ -24,10 +24,10 @@ def run(args) -> None:
     from .common import check_device
 
     device = check_device(args.device)
-    if args.what == "gpu" and device.type != "cuda" and not args.quick:
-        raise UsageError("bench gpu builds full-size models (FLUX.1-dev's 12B transformer among them): run it with "
-                         "--device cuda, or add --quick for the same rows on the tiny models")
     if args.what == "gpu":
+        if device.type != "cuda" and not args.quick:
+            raise UsageError("bench gpu builds full-size models (FLUX.1-dev's 12B transformer among them): run it "
+                             "with --device cuda, or add --quick for the same rows on the tiny models")
         from ..bench import gpu
 
         results = gpu.run(quick=args.quick, device=args.device,

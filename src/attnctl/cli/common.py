@@ -65,7 +65,6 @@ def check_sampling(args) -> None:
     flag that is wrong."""
     import math
 
-
     bounded("--seed", args.seed, 0, 2**64 - 1, " (a 64-bit generator seed)")
     bounded("--steps", args.steps, 1, MAX_STEPS, " (schedulers have 1000 training timesteps)")
     for flag, value in (("--height", args.height), ("--width", args.width)):
