@@ -100,7 +100,6 @@ class PromptTokens:
     def __post_init__(self):
         self._spans: list[tuple[int, tuple[int, int]]] = []  # (sequence position, char span)
         self.token_strings: list[str] = []
-        self.token_count = 0
         self._counts: list[int] = []  # per segment: the prompt's tokens, special ones included, before any cut
         self._closed: list[bool] = []  # per segment: its tokenizer ends the text with an end token, kept when cut
         self.end_of_text: int | None = None  # sequence position of the first segment's first end token
@@ -129,13 +128,17 @@ class PromptTokens:
                     self._spans.append((start + pos, span))
             if seg is self.segments[0]:
                 self.token_strings = [_clean_piece(p) for p in seg.tokenizer.convert_ids_to_tokens(kept)]
-                self.token_count = len(kept)  # positions the text holds before its padding, special tokens included
                 ends = [i for i, t in enumerate(kept) if t == eos]
                 if len(ids) > seg.length and closed:
                     ends = [seg.length - 1]
                 self.end_of_text = start + ends[0] if ends else None
                 bos = getattr(seg.tokenizer, "bos_token_id", None)
                 self.start_of_text = start if kept and bos is not None and kept[0] == bos else None
+
+    @property
+    def token_count(self) -> int:
+        """Positions the first segment's text holds before its padding, special tokens included."""
+        return min(self._counts[0], self.segments[0].length)
 
     def words(self) -> list[tuple[str, int, int]]:
         """(word, start, end) for every word of the prompt."""
