@@ -1,5 +1,12 @@
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +62,46 @@ def cli(capsys):
         return code, out, err
 
     return run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_app(*args, timeout: float = 120):
+    """`attnctl app ARGS` started as users start it: the console script installed beside this Python, in its own
+    process, on a free loopback port. Yields the page's URL once it answers; the server is stopped afterwards. A server
+    that exits or never answers fails the test with its output."""
+    script = Path(sys.executable).with_name("attnctl")
+    port = free_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"attnctl-app-{port}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(script), "app", "--port", str(port), *map(str, args)], stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"attnctl app exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"attnctl app did not answer on {url} in {timeout:g} s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.unlink(missing_ok=True)

@@ -114,6 +114,26 @@ def test_cancel_stops_at_the_next_step_and_leaves_the_pipeline_as_it_was(tmp_pat
 # --- the page, through gradio_client ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app():
+    """The page as users get it: `attnctl app` started through its console script (a real server on a free port),
+    with a gradio_client on it; the page's input names come from building the same page here."""
+    from gradio_client import Client
+
+    from attnctl.app import Page
+
+    from conftest import served_app
+
+    page = Page()
+    page.blocks()
+    with served_app() as url:
+        client = Client(url, verbose=False)
+        yield page, client
+        client.close()
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def app_in_process():
+    """The page launched inside the test process, for the test that watches its generate function."""
     from gradio_client import Client
 
     from attnctl.app import CSS, Page
@@ -242,7 +262,8 @@ def test_a_regulation_request_preselects_nouns_and_maps_its_targets(app):
     assert plain and controlled and maps
 
 
-def test_one_generation_runs_at_a_time(app):
+def test_one_generation_runs_at_a_time(app_in_process):
+    app = app_in_process
     page, client = app
     spans, original = [], page.generate
 
@@ -262,3 +283,33 @@ def test_one_generation_runs_at_a_time(app):
         del page.generate
     (a0, a1), (b0, b1) = sorted(spans)
     assert a1 <= b0, "the second generation started before the first ended"
+
+
+def test_method_none_generates_the_plain_image_and_its_maps(app):
+    _, client = app
+    plain, controlled, maps, message, command, _ = client.predict(
+        *page_args(app, method="none", prompt=PROMPT, targets="circle, square", steps=2), api_name="/generate")
+    assert "done" in message, message
+    assert plain and controlled is None and maps
+    assert command == f"attnctl generate --method none --prompt '{PROMPT}' --targets 'circle, square' --steps 2 " \
+                      "--maps --out out/app"
+    shown, *_ = client.predict(*page_args(app, method="none", prompt=PROMPT), api_name="/check")
+    assert "ready" in shown, shown
+
+
+def test_cancel_stops_the_run_and_the_next_request_starts_at_once(app):
+    from gradio_client.utils import Status
+
+    _, client = app
+    long_run = client.submit(*page_args(app, sketch=editor_with(EXAMPLES / "sketch.png"), **{**SKETCH, "steps": 1000}),
+                             api_name="/generate")
+    deadline = time.monotonic() + 60
+    while long_run.status().code != Status.PROGRESS:  # denoising has begun
+        assert time.monotonic() < deadline, long_run.status()
+        time.sleep(0.1)
+    client.predict(api_name="/cancel")
+    start = time.monotonic()
+    *_, message, _, _ = client.predict(*page_args(app, method="regulation", prompt=PROMPT, steps=2),
+                                       api_name="/generate")
+    assert "done" in message, message  # the pipeline was free: the cancelled run stopped and restored it
+    assert time.monotonic() - start < 30  # not after the 1000 steps the cancelled run asked for

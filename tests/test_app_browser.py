@@ -40,14 +40,11 @@ def browser():
 
 @pytest.fixture
 def app_url():
-    from attnctl.app import CSS, Page
+    """`attnctl app` as users start it (its console script, a free port)."""
+    from conftest import served_app
 
-    page = Page()
-    demo = page.blocks().queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, css=CSS, server_name="127.0.0.1")
-    yield url
-    demo.close()
-    page.close()
+    with served_app() as url:
+        yield url
 
 
 def test_sketch_upload_to_both_images_in_chromium(browser, app_url, tmp_path):

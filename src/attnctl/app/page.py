@@ -5,6 +5,7 @@ and every image comes from the package's own code (`app.sketch`, `app.jobs`, the
 from __future__ import annotations
 
 import html
+import inspect
 import logging
 import shutil
 import tempfile
@@ -52,7 +53,7 @@ class Page:
         the canvas already flattened, if it was."""
         method = v["method"]
         options = []
-        for flag, f in jobs.method_fields(method):
+        for flag, f in jobs.method_fields(method) if method != "none" else ():
             options += jobs.option_arguments(flag, f, v[f"{method} {flag}"])
         numbers = {name: _whole(name, v[name] or 0) or None for name in ("steps", "height", "width")}  # 0: default
         request = jobs.Request(method=method, prompt=v["prompt"] or "", targets=v["targets"] or "",
@@ -254,8 +255,11 @@ class Page:
                     chosen = ""
                 return chosen, chosen
 
-            def generate(*args, progress=gr.Progress(), request: gr.Request = None):  # noqa: B008 (Gradio's way)
-                return self.generate(page_values(args), progress, request.session_hash if request else "")
+            def generate(*args):
+                *given, progress, request = args
+                return self.generate(page_values(given), progress, request.session_hash if request else "")
+
+            _declare_progress_and_request(generate, len(inputs))
 
             def cancel(request: gr.Request = None):
                 self.cancel(request.session_hash if request else "")
@@ -280,6 +284,18 @@ class Page:
             stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")
             save.click(download, inputs, [files, message, command], queue=False, api_name="download")
         return demo
+
+
+def _declare_progress_and_request(handler, n_inputs: int) -> None:
+    """Give `handler(*inputs, progress, request)` the signature Gradio reads to pass a `gr.Progress` and the
+    `gr.Request`: it looks for them among positional parameters only, and a handler of `*args` has none (so every
+    run was keyed to one session and cancel never reached it)."""
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    handler.__signature__ = inspect.Signature(
+        [inspect.Parameter(f"input_{i}", positional) for i in range(n_inputs)]
+        + [inspect.Parameter("progress", positional, default=gr.Progress()),
+           inspect.Parameter("request", positional, default=None, annotation=gr.Request)])
+    handler.__annotations__ = {"request": gr.Request}
 
 
 def _whole(name: str, value) -> int:
