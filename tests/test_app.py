@@ -17,6 +17,7 @@ from PIL import Image
 
 from attnctl.app import jobs, sketch
 from attnctl.errors import UsageError
+from attnctl.methods.registry import METHODS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RED, BLUE = (230, 25, 75), (0, 130, 200)
@@ -72,7 +73,7 @@ def test_a_colour_without_its_phrase_and_an_empty_layout_are_refused():
 def test_options_become_flags_only_where_they_differ_from_the_default():
     from attnctl.config import default_of, default_text
 
-    fields = {flag: f for m in jobs.METHOD_CHOICES[1:] for flag, f in jobs.method_fields(m)}
+    fields = {flag: f for m in METHODS for flag, f in jobs.method_fields(m)}
     assert "--targets" not in fields  # shown once, outside the panels
     gamma = fields["--ast-gamma"]
     assert jobs.option_arguments("--ast-gamma", gamma, 3.0) == jobs.option_arguments("--ast-gamma", gamma, None) == []

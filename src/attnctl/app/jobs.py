@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli.common import LAYOUT_METHODS, METHODS
 from ..config import cli_fields, default_of, default_text, flag_of
 from ..layout import Layout
+from ..methods.registry import METHODS, PLAIN, builtin_model, layout_methods
 
-METHOD_CHOICES = ("none", *METHODS)
 SHARED_FLAGS = ("--targets",)  # shown once on the page, outside the methods' panels
 
 
@@ -71,7 +70,7 @@ class Request:
         words = ["generate", "--method", self.method]
         if self.model.strip():
             words += ["--model", self.model.strip()]
-        if self.method in LAYOUT_METHODS:
+        if self.method in layout_methods():
             words += ["--layout", layout_file]
         else:
             words += ["--prompt", self.prompt]
@@ -117,16 +116,16 @@ class Pipelines:
         self._loaded: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, args, joint: bool = False):
+    def __call__(self, args, default_model: str):
         from ..cli.common import check_sampling, load, resolve_model
 
-        key = (resolve_model(args, joint), args.device, args.dtype)
+        key = (resolve_model(args, default_model), args.device, args.dtype)
         with self._lock:
             if key in self._loaded:
                 check_sampling(args)
                 self._loaded.move_to_end(key)
                 return self._loaded[key]
-            pipe = load(args, joint)
+            pipe = load(args, default_model)
             self._loaded[key] = pipe
             while len(self._loaded) > self.keep:
                 self._loaded.popitem(last=False)
@@ -154,7 +153,7 @@ def run(request: Request, folder: Path, pipelines: Pipelines, on_progress=None,
     words = request.arguments(str(folder / "layout.json"), str(folder / "out"))
     args = build_parser(raise_errors=True).parse_args(words)
     args.command_line = "attnctl " + shlex.join(words)
-    runs = 1 if request.method == "none" else 2
+    runs = 1 if request.method == PLAIN else 2
 
     def on_step(label, step, steps):
         if cancel is not None and cancel.is_set():
@@ -175,10 +174,7 @@ def check_words(request: Request, pipelines: Pipelines) -> None:
     from ..config import comma_list
     from ..control import apply
     from ..methods.targets import target_positions
-    from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
-
-    default = DEFAULT_JOINT_MODEL if request.method in LAYOUT_METHODS else DEFAULT_MODEL
-    pipe = pipelines.loaded(request.model.strip() or default, request.device, request.dtype)
+    pipe = pipelines.loaded(request.model.strip() or builtin_model(request.method), request.device, request.dtype)
     prompt = request.layout.prompt if request.layout is not None else request.prompt
     if pipe is None or not prompt.strip():
         return

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..cli.common import LAYOUT_METHODS
 from ..errors import UsageError
+from ..methods.registry import METHODS, PLAIN, choices, layout_methods, listing, target_methods
 from . import jobs, sketch
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ class Page:
     session."""
 
     def __init__(self, model: str | None = None, method: str = "ast", device: str = "cpu", dtype: str = "float32"):
-        if method not in jobs.METHOD_CHOICES:
-            raise UsageError(f"method {method!r} is not one of {', '.join(jobs.METHOD_CHOICES)}")
+        if method not in choices():
+            raise UsageError(f"method {method!r} is not one of {', '.join(choices())}")
         self.model, self.method, self.device, self.dtype = model or "", method, device, dtype
         self.pipelines = jobs.Pipelines()
         self.root = Path(tempfile.mkdtemp(prefix="attnctl-app-"))
@@ -53,13 +53,13 @@ class Page:
         the canvas already flattened, if it was."""
         method = v["method"]
         options = []
-        for flag, f in jobs.method_fields(method) if method != "none" else ():
+        for flag, f in jobs.method_fields(method) if method != PLAIN else ():
             options += jobs.option_arguments(flag, f, v[f"{method} {flag}"])
         numbers = {name: _whole(name, v[name] or 0) or None for name in ("steps", "height", "width")}  # 0: default
         request = jobs.Request(method=method, prompt=v["prompt"] or "", targets=v["targets"] or "",
                                model=v["model"] or "", options=options, device=self.device, dtype=self.dtype,
                                seed=_whole("seed", v["seed"] or 0), guidance=_guidance(v["guidance"]), **numbers)
-        if method in LAYOUT_METHODS:
+        if method in layout_methods():
             request.sketch = flat if flat is not None else sketch.flat_sketch(_composite(v["sketch"]))
             request.layout = sketch.page_layout(v["prompt"], v["background"], request.sketch, v["phrases"],
                                                 v["boxes"])
@@ -71,7 +71,7 @@ class Page:
     def _check_flags(self, request: jobs.Request) -> None:
         """The command line parses and the method's options are within their bounds (no model needed)."""
         from ..cli import build_parser
-        from ..cli.common import METHODS, check_sampling
+        from ..cli.common import check_sampling
         from ..config import build, given_arguments
 
         args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
@@ -99,8 +99,8 @@ class Page:
         except UsageError as err:
             return [_message(str(err)), "", *slots]
         note = ""
-        if request.method not in LAYOUT_METHODS and (found or (v["boxes"] or "").strip()):
-            note = _message("the layout is used by ast and layout-modulation; this method reads the prompt and "
+        if request.method not in layout_methods() and (found or (v["boxes"] or "").strip()):
+            note = _message(f"the layout is used by {listing(layout_methods())}; this method reads the prompt and "
                             "its target words", "note")
         return [note or _message("ready", "ok"), request.command(), *slots]
 
@@ -111,7 +111,7 @@ class Page:
         except UsageError as err:
             return None, _message(str(err)), ""
         if request.layout is None:
-            return None, _message("only ast and layout-modulation take a layout; this method's command is below",
+            return None, _message(f"only {listing(layout_methods())} take a layout; this method's command is below",
                                   "note"), request.command()
         paths = jobs.write_layout(request.layout, request.sketch, self._folder())
         return [str(p) for p in paths], _message("layout written: save both files in one folder and run the "
@@ -139,7 +139,7 @@ class Page:
             return (*empty, _message(f"internal error: {type(err).__name__}: {err}"), request.command(), None)
         f = result.files
         shown = [f.get("plain_layout") or f.get("plain"), f.get("image_layout") or f.get("image")]
-        if request.method == "none":
+        if request.method == PLAIN:
             shown = [f["image"], None]
         downloads = [str(f[name]) for name in ("layout.json", "sketch.png") if name in f]
         return (*[str(p) if p else None for p in shown], str(f["maps"]) if "maps" in f else None,
@@ -173,7 +173,7 @@ class Page:
             values: dict[str, gr.components.Component] = {}
             with gr.Row():
                 with gr.Column(scale=5):
-                    values["method"] = gr.Radio(list(jobs.METHOD_CHOICES), value=self.method, label="method",
+                    values["method"] = gr.Radio(list(choices()), value=self.method, label="method",
                                                 elem_id="method")
                     values["model"] = gr.Textbox(self.model, label="model", elem_id="model",
                                                  placeholder="blank: the built-in model that fits the method "
@@ -184,8 +184,8 @@ class Page:
                                                       info="the background's phrase, part of the prompt (may be "
                                                       "blank)")
                     values["targets"] = gr.Textbox(label="targets", elem_id="targets",
-                                                   info="regulation and attend-excite's words (the maps' words for "
-                                                   "none), comma-separated; preselected from the prompt's nouns")
+                                                   info=f"{listing(target_methods())}'s words (the maps' words for "
+                                                   f"{PLAIN}), comma-separated; preselected from the prompt's nouns")
                     values["sketch"] = gr.ImageEditor(
                         label="sketch: paint each object in its own colour (white is the background), or upload a "
                         "sketch PNG", type="numpy", image_mode="RGBA", format="png", sources=("upload",),
@@ -210,7 +210,7 @@ class Page:
                         values["guidance"] = gr.Textbox(label="guidance", elem_id="guidance",
                                                         info="blank: the pipeline's")
                     panels = {}
-                    for method in jobs.METHOD_CHOICES[1:]:
+                    for method in METHODS:
                         with gr.Accordion(f"{method} options (published defaults)", open=False,
                                           visible=method == self.method, elem_id=f"options-{method}") as panel:
                             panels[method] = panel
@@ -247,7 +247,7 @@ class Page:
                 return self.check(page_values(args))
 
             def pick_targets(prompt, method, targets, last):
-                if method not in ("none", "regulation", "attend-excite") or (targets and targets != last):
+                if method in layout_methods() or (targets and targets != last):
                     return targets, last
                 try:
                     chosen = ", ".join(choose_targets(prompt)) if prompt.strip() else ""

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import argument_type
 from ..errors import UsageError
 from ..methods.capture import parse_steps
+from ..methods.registry import builtin_model
 from .common import (
     add_method_options,
     add_model_options,
@@ -15,6 +16,7 @@ from .common import (
     load,
     method_config,
     print_written,
+    resolve_model,
 )
 
 
@@ -43,12 +45,12 @@ def run(args) -> None:
 
     layout = Layout.load(args.layout)  # a bad layout fails before the model loads
     flags = given_method_flags(args, "ast")
-    config = method_config("ast", args, args.model or "builtin:shapes-mmdit")
+    config = method_config("ast", args, resolve_model(args, builtin_model("ast")))
     if not args.with_ast and set(flags) - {"--ast-role-parser"}:
         raise UsageError(f"{', '.join(flags)} change AST, which runs only with --with-ast")
     hierarchy = Hierarchy(layout, steps=args.analyze_steps, role_parser=config.role_parser)
     controllers = ([AST(layout, config)] if args.with_ast else []) + [hierarchy]
-    pipe = load(args, joint=True)
+    pipe = load(args, builtin_model("ast"))
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with apply(pipe, *controllers, prompt=layout.prompt):
         images = pipe(layout.prompt, generator=generator, **call_kwargs(args, pipe)).images

@@ -4,29 +4,12 @@ and the methods' options (generated from their configs, with a model's recommend
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import add_arguments, build, describe, flag_of, given_arguments
 from ..errors import UsageError
-from ..methods.ast import AST, ASTConfig
-from ..methods.attend_excite import AttendAndExcite, AttendExciteConfig
-from ..methods.layout_modulation import LayoutModulation, LayoutModulationConfig
-from ..methods.regulation import Regulation, RegulationConfig
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """A method's controller and its config (whose fields are the method's flags)."""
-
-    controller: type
-    config: type
-
-
-METHODS = {"regulation": MethodOptions(Regulation, RegulationConfig), "ast": MethodOptions(AST, ASTConfig),
-           "attend-excite": MethodOptions(AttendAndExcite, AttendExciteConfig),
-           "layout-modulation": MethodOptions(LayoutModulation, LayoutModulationConfig)}
-LAYOUT_METHODS = ("ast", "layout-modulation")  # given a layout; on the built-in MMDiT model by default
+from ..methods.registry import METHODS
+from ..models import DEFAULT_MODEL
 
 
 def add_model_options(parser, default_model: str) -> None:
@@ -140,19 +123,18 @@ def call_kwargs(args, pipe) -> dict:
     return kwargs
 
 
-def resolve_model(args, joint: bool = False) -> str:
-    """--model, or the built-in UNet model (the MMDiT one when `joint` attention is needed)."""
-    from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
-
-    args.model = args.model or (DEFAULT_JOINT_MODEL if joint else DEFAULT_MODEL)
+def resolve_model(args, default: str) -> str:
+    """--model, or `default` (the built-in model of the method that runs: `registry.builtin_model`)."""
+    args.model = args.model or default
     return args.model
 
 
-def load(args, joint: bool = False):
+def load(args, default: str = DEFAULT_MODEL):
+    """The pipeline of --model (or `default`), after the sampling options are checked."""
     from ..models import load_pipeline, parse_dtype
 
     check_sampling(args)
-    return load_pipeline(resolve_model(args, joint), device=args.device, dtype=parse_dtype(args.dtype))
+    return load_pipeline(resolve_model(args, default), device=args.device, dtype=parse_dtype(args.dtype))
 
 
 def generate(pipe, prompt, args, controllers=(), on_step=None):

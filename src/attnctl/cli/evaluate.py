@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from ..config import argument_type, build, given_arguments
 from ..errors import UsageError
-from .common import MAX_STEPS, METHODS, add_method_options, bounded, check_device
+from ..methods.registry import METHODS, PLAIN, choices, listing, methods_on
+from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
+from .common import MAX_STEPS, add_method_options, bounded, check_device
 
-METHOD_NAMES = ("none", "regulation", "attend-excite", "ast", "layout-modulation")
-UNET_METHODS = ("regulation", "attend-excite")
-MMDIT_METHODS = ("ast", "layout-modulation")
+
+def dosed_methods() -> tuple[str, ...]:
+    """The methods with a `strength` option, which --dose sweeps."""
+    return tuple(name for name, m in METHODS.items() if "strength" in {f.name for f in fields(m.config)})
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="compare methods on held-out shapes-world prompts, scored exactly")
     p.add_argument("--suite", choices=["shapes"], default="shapes")
+    # each method runs on the built-in model it is declared for, or the one --unet-model / --mmdit-model names
+    unet_methods, mmdit_methods = methods_on(DEFAULT_MODEL), methods_on(DEFAULT_JOINT_MODEL)
     p.add_argument("--methods", default="none,regulation,ast",
-                   help="comma-separated: none, regulation and attend-excite (on the UNet model), ast and "
-                        "layout-modulation (on the MMDiT model); "
-                        "'none' is the plain model each method runs on (the UNet model when alone)")
+                   help=f"comma-separated: {listing(unet_methods)} (on the UNet model), {listing(mmdit_methods)} (on "
+                        f"the MMDiT model); '{PLAIN}' is the plain model each method runs on (the UNet model when "
+                        "alone)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 10; 1 with --quick)")
@@ -34,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a small subset (3 prompts per category, 1 seed, 10 steps unless given), under a minute")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--dose", choices=("regulation", "ast"), default=None,
+    p.add_argument("--dose", choices=dosed_methods(), default=None,
                    help="instead of the comparison: sweep this method's strength (0 = the plain model) on the "
                         "held-out categories; writes dose.md, dose.csv and dose.png")
     p.add_argument("--strengths", type=argument_type(_strengths), default=[0.0, 0.5, 1.0, 2.0, 4.0],
@@ -113,7 +119,7 @@ def run(args) -> None:
     options = _method_options(args)
     command = args.command_line
     if args.dose:
-        model = args.unet_model if args.dose == "regulation" else args.mmdit_model
+        model = args.unet_model if args.dose in methods_on(DEFAULT_MODEL) else args.mmdit_model
         rows = run_suite(dose_arms(args.dose, model, args.strengths, options[args.dose]), cases, list(range(seeds)),
                          steps, guidance, device=args.device, measure=not args.no_attention)
         if not PartialState().is_main_process:
@@ -127,15 +133,16 @@ def run(args) -> None:
         print(json.dumps(summary, indent=2) if args.json else (args.out / "dose.md").read_text())
         return
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHOD_NAMES]
+    unknown = [m for m in names if m not in choices()]
     if unknown or not names:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
-                         f"{', '.join(METHOD_NAMES)}")
-    mmdit = [m for m in names if m in MMDIT_METHODS]
-    unet = any(m in UNET_METHODS for m in names) or not mmdit
-    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in ("none", *UNET_METHODS) and unet]
+                         f"{', '.join(choices())}")
+    mmdit = [m for m in names if m in methods_on(DEFAULT_JOINT_MODEL)]
+    unet = any(m in methods_on(DEFAULT_MODEL) for m in names) or not mmdit
+    arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in (PLAIN, *methods_on(DEFAULT_MODEL))
+            and unet]
     if mmdit:
-        arms += ([Arm("none", args.mmdit_model)] if "none" in names else []) + [
+        arms += ([Arm(PLAIN, args.mmdit_model)] if PLAIN in names else []) + [
             Arm(m, args.mmdit_model, options[m]) for m in mmdit]
     rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=args.device,
                      measure=not args.no_attention)

@@ -3,16 +3,14 @@ seed) beside it (compare.png) and the maps of the method's words with and withou
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 from ..config import given_arguments
 from ..errors import UsageError
 from ..methods.capture import Capture
+from ..methods.registry import METHODS, PLAIN, builtin_model, choices, layout_methods, listing
 from .common import (
-    LAYOUT_METHODS,
-    METHODS,
     add_method_options,
     add_model_options,
     generate,
@@ -33,10 +31,12 @@ def register(sub) -> None:
 
     p = sub.add_parser("generate", help="generate images with an attention-control method")
     add_model_options(p, DEFAULT_MODEL)
-    p.add_argument("--method", choices=["none", *METHODS], default="regulation")
-    p.add_argument("--prompt", default=None, help="the prompt (AST and layout-modulation take it from the layout)")
+    p.add_argument("--method", choices=choices(), default="regulation",
+                   help=f"the method ({PLAIN}: the plain pipeline; the README's methods table says what each does)")
+    p.add_argument("--prompt", default=None,
+                   help=f"the prompt ({listing(layout_methods())} take it from the layout)")
     p.add_argument("--layout", default=None,
-                   help="AST and layout-modulation: layout JSON with prompt, background and regions (see "
+                   help=f"{listing(layout_methods())}: layout JSON with prompt, background and regions (see "
                         "attnctl.layout)")
     p.add_argument("--maps", action="store_true",
                    help="also write the token maps of the targets with and without the method (same seed)")
@@ -60,7 +60,7 @@ def _controller(args):
     from ..methods.regulation import RegulationConfig
     from ..methods.targets import choose_targets
 
-    if args.method in LAYOUT_METHODS:
+    if args.method in layout_methods():
         from ..layout import Layout
 
         if args.prompt:
@@ -73,21 +73,20 @@ def _controller(args):
         if tuned is not None and args.steps is not None and tuned > args.steps:
             raise UsageError(f"--ast-tuned-steps {tuned} is more than the {args.steps} denoising steps (--steps); "
                              f"pass at most {args.steps} (all steps tuned) or more --steps")
-        config = method_config(args.method, args, resolve_model(args, joint=True))
-        method = METHODS[args.method].controller(layout, config)
+        config = method_config(args.method, args, resolve_model(args, builtin_model(args.method)))
+        method = METHODS[args.method].build(config, layout=layout)
         return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions], False  # head words
     if args.layout:
-        raise UsageError(f"--layout applies to --method {' and '.join(LAYOUT_METHODS)} only, not --method "
+        raise UsageError(f"--layout applies to --method {listing(layout_methods())} only, not --method "
                          f"{args.method}")
     if not args.prompt:
         raise UsageError(f"--prompt is required with --method {args.method}")
-    if args.method == "none":
+    if args.method == PLAIN:
         return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or []), True
-    config = method_config(args.method, args, resolve_model(args))
+    config = method_config(args.method, args, resolve_model(args, builtin_model(args.method)))
     named = config.targets is not None
-    if not named:
-        config = dataclasses.replace(config, targets=choose_targets(args.prompt, args.method))
-    return METHODS[args.method].controller(config=config), args.prompt, list(config.targets), named
+    targets = config.targets if named else choose_targets(args.prompt, args.method)
+    return METHODS[args.method].build(config, targets=targets), args.prompt, list(targets), named
 
 
 def main(args) -> None:
@@ -96,11 +95,11 @@ def main(args) -> None:
 
 def run(args, load_pipeline=load, on_step=None) -> list[Path]:
     """Generate as the command line says and write the files; returns their paths (the app calls this too).
-    `load_pipeline(args, joint)` gives the pipeline (the app passes its cache); `on_step(label, step, steps)` follows
-    each run's denoising steps (label: the method's name, then "plain" for the comparison)."""
+    `load_pipeline(args, default_model)` gives the pipeline (the app passes its cache); `on_step(label, step, steps)`
+    follows each run's denoising steps (label: the method's name, then "plain" for the comparison)."""
     _refuse_other_methods(args)
     method, prompt, words, named = _controller(args)
-    pipe = load_pipeline(args, joint=args.method in LAYOUT_METHODS)  # after the method's inputs: cheap errors first
+    pipe = load_pipeline(args, builtin_model(args.method))  # after the method's inputs: cheap errors first
     capture = Capture(words, requested=named) if args.maps and words else None
 
     def run_images(label, controllers):
@@ -124,7 +123,7 @@ def run(args, load_pipeline=load, on_step=None) -> list[Path]:
         written += write_maps(captures, words, args.out, "maps", prompt)
     elif args.maps:
         log.info("no target words to map; pass --targets")
-    if args.method in LAYOUT_METHODS:
+    if args.method in layout_methods():
         written += _write_overlays(images, method.layout, args.out, "image")
         if plain is not None:
             written += _write_overlays(plain, method.layout, args.out, "plain")

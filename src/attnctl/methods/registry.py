@@ -1,0 +1,109 @@
+"""The methods attnctl runs, each declared once: its name, controller and config, what it is given (target words or
+a layout), which attention it reads and the built-in model it runs on by default. The command line's choices and
+flags, eval's arms, the page's method buttons and option panels, the README's methods table and the package's
+exports all come from `METHODS`. A new method is its own module plus one line in `METHODS`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
+from .ast import AST, ASTConfig
+from .attend_excite import AttendAndExcite, AttendExciteConfig
+from .layout_modulation import LayoutModulation, LayoutModulationConfig
+from .regulation import Regulation, RegulationConfig
+
+PLAIN = "none"  # the plain pipeline: no method, the arm every method is paired with
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method. `given` is "targets" (the controller is built as `controller(config=...)`, the config holding
+    the target words) or "layout" (`controller(layout, config)`); `reads` the attention kinds it acts on ("cross":
+    text cross-attention, "joint": MMDiT joint attention); `builtin_model` the built-in model it runs on when no
+    model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone."""
+
+    name: str
+    controller: type
+    config: type
+    given: str
+    reads: tuple[str, ...]
+    builtin_model: str
+    summary: str
+    batch_options: dict = field(default_factory=dict)
+
+    @property
+    def takes_layout(self) -> bool:
+        return self.given == "layout"
+
+    def build(self, config, *, targets=None, layout=None):
+        """The controller for `config` (a `self.config`), given the target words or the layout it takes."""
+        if self.takes_layout:
+            return self.controller(layout, config)
+        if targets is not None:
+            config = dataclasses.replace(config, targets=list(targets))
+        return self.controller(config=config)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("regulation", Regulation, RegulationConfig, "targets", ("cross",), DEFAULT_MODEL,
+           "Attention Regulation (ECCV 2024): cross-attention optimised so every target word is attended, evenly",
+           batch_options={"selection": "image"}),
+    Method("ast", AST, ASTConfig, "layout", ("joint",), DEFAULT_JOINT_MODEL,
+           "AST (2025): step- and layer-wise tuning of MMDiT joint attention from an instance sketch"),
+    Method("attend-excite", AttendAndExcite, AttendExciteConfig, "targets", ("cross",), DEFAULT_MODEL,
+           "Attend-and-Excite (SIGGRAPH 2023): the latents moved so every target word's attention peaks"),
+    Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
+           DEFAULT_JOINT_MODEL,
+           "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "
+           "phrase"),
+)}
+
+
+def choices() -> tuple[str, ...]:
+    """What a front end offers: the plain pipeline, then every method."""
+    return (PLAIN, *METHODS)
+
+
+def layout_methods() -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if m.takes_layout)
+
+
+def target_methods() -> tuple[str, ...]:
+    return tuple(name for name, m in METHODS.items() if not m.takes_layout)
+
+
+def methods_on(model: str) -> tuple[str, ...]:
+    """The methods that run on the built-in `model` by default."""
+    return tuple(name for name, m in METHODS.items() if m.builtin_model == model)
+
+
+def method(name: str) -> Method:
+    """The method called `name`; a UsageError listing the methods for any other name."""
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; the methods are {', '.join(METHODS)} ({PLAIN}: the plain "
+                         "pipeline)")
+    return METHODS[name]
+
+
+def builtin_model(name: str) -> str:
+    """The built-in model `name` runs on by default (the plain pipeline: the UNet one)."""
+    return DEFAULT_MODEL if name == PLAIN else method(name).builtin_model
+
+
+def listing(names) -> str:
+    """`a, b and c`: method names as a message names them."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def methods_table() -> str:
+    """The README's table of methods, rendered from `METHODS`."""
+    kinds = {"cross": "text cross-attention", "joint": "joint attention"}
+    rows = ["| method | given | reads | built-in model | what it does |", "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        rows.append(f"| `{m.name}` | {'a layout' if m.takes_layout else 'target words'} | "
+                    f"{', '.join(kinds[k] for k in m.reads)} | `{m.builtin_model}` | {m.summary} |")
+    return "\n".join(rows)
