@@ -4,8 +4,9 @@ listed in BENCHMARKS.md ("Regulation's layers on the GPU-trained shapes-unet"); 
 
 import csv
 import sys
-from math import comb
 from pathlib import Path
+
+from attnctl.eval import mcnemar
 
 ARMS = ("none", "coarse", "mid8", "fine16", "all")
 
@@ -13,12 +14,6 @@ ARMS = ("none", "coarse", "mid8", "fine16", "all")
 def load(folder: Path) -> dict:
     with open(folder / "results.csv") as f:
         return {(r["category"], r["prompt"], r["seed"]): r for r in csv.DictReader(f)}
-
-
-def mcnemar(gained: int, lost: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant pairs."""
-    n = gained + lost
-    return min(1.0, 2 * sum(comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n) if n else 1.0
 
 
 def main():

@@ -28,7 +28,8 @@ def test_suite_is_held_out_and_covers_every_category():
         objs = case.objects
         assert len(set(objs)) == len(objs)
         if len(objs) == 2:
-            assert data.is_heldout_pair(objs[0], objs[1]) == ("seen_pairs" not in case.categories)
+            seen = {"seen_pairs", "seen_placed_pairs"} & set(case.categories)
+            assert data.is_heldout_pair(objs[0], objs[1]) == (not seen)
         if len(objs) == 3:
             assert data.is_heldout_triple(objs)
         for phrase in case.phrases:
@@ -62,8 +63,9 @@ def test_wilson_interval():
 
 
 def test_summary_counts():
-    rows = [{"method": "none (shapes-unet)", "model": "builtin:shapes-unet", "category": "layout", "success": s,
-             "q90_min": q} for s, q in ((1, 0.2), (0, 0.4), (1, float("nan")), (1, 0.6))]
+    rows = [{"method": "none (shapes-unet)", "model": "builtin:shapes-unet", "category": "layout", "prompt": "p",
+             "seed": i, "success": s, "q90_min": q} for i, (s, q) in enumerate(((1, 0.2), (0, 0.4), (1, float("nan")),
+                                                                                (1, 0.6)))]
     summary = summarize(rows)
     assert summary["none (shapes-unet)"]["layout"]["successes"] == 3
     assert summary["none (shapes-unet)"]["layout"]["n"] == 4
@@ -185,3 +187,55 @@ def test_time_ratios_without_a_plain_arm_are_none_not_nan():
     assert time_ratios(rows) == {"none (shapes-unet)": {"seconds": 2.0, "ratio": 1.0},
                                  "regulation (shapes-unet)": {"seconds": 3.0, "ratio": 1.5}}
     assert time_ratios(rows[2:]) == {"regulation (shapes-unet)": {"seconds": 3.0, "ratio": None}}
+
+
+def test_mcnemar_is_the_exact_two_sided_binomial_test_of_the_discordant_pairs():
+    from fractions import Fraction
+    from math import comb
+
+    from attnctl.eval import mcnemar
+
+    def direct(fixed, broken):  # twice the smaller tail of Binomial(fixed + broken, 1/2), exactly, capped at 1
+        n = fixed + broken
+        tail = sum(Fraction(comb(n, k), 2**n) for k in range(min(fixed, broken) + 1))
+        return float(min(Fraction(1), 2 * tail))
+
+    assert mcnemar(0, 5) == 0.0625 and mcnemar(1, 9) == 2 * 11 / 1024 and mcnemar(0, 0) == 1.0
+    assert mcnemar(3, 3) == 1.0 and mcnemar(7, 2) == mcnemar(2, 7)
+    for fixed, broken in ((0, 1), (4, 17), (30, 12), (100, 70), (250, 0)):
+        assert abs(mcnemar(fixed, broken) - direct(fixed, broken)) <= 1e-15 * max(1.0, direct(fixed, broken))
+
+
+def test_each_method_is_paired_with_the_plain_model_on_the_same_samples():
+    from attnctl.eval import paired_with_plain, summarize
+
+    def row(method, model, prompt, seed, success, category="layout"):
+        return {"method": method, "model": model, "category": category, "prompt": prompt, "seed": seed,
+                "success": success, "placed": success}
+
+    plain = [(0, 0), (0, 1), (1, 1), (1, 0)]  # (plain, method) per sample: fixed, kept, broken
+    rows = [row("none (shapes-mmdit)", "m", f"p{i}", 0, a) for i, (a, _) in enumerate(plain)]
+    rows += [row("ast (shapes-mmdit)", "m", f"p{i}", 0, b) for i, (_, b) in enumerate(plain)]
+    rows += [row("ast (shapes-mmdit)", "m", "p9", 0, 1)]  # no plain sample: not paired
+    rows += [row("regulation (shapes-unet)", "u", "p0", 0, 1)]  # no plain arm on its model: left out
+    pairs = paired_with_plain(rows)
+    assert pairs == {("ast (shapes-mmdit)", "layout"): {"n": 4, "rate": 0.5, "plain_rate": 0.5, "fixed": 1,
+                                                         "broken": 1, "mcnemar_p": 1.0}}
+    summary = summarize(rows)
+    assert summary["ast (shapes-mmdit)"]["layout"]["paired"] == pairs[("ast (shapes-mmdit)", "layout")]
+    assert summary["none (shapes-mmdit)"]["layout"]["placed"]["successes"] == 2
+
+
+def test_a_subset_of_categories_draws_the_same_images_as_the_full_run():
+    from attnctl.eval import Arm, run_suite
+
+    cases = build_suite(1)
+    both = [c for c in cases if {"layout", "seen_pairs"} & set(c.categories)]
+    alone = [c for c in both if c.categories == ("seen_pairs",)]
+    assert both[0] is not alone[0]  # the seen pair is not the first case of the full run
+    arm = [Arm("none", "builtin:shapes-unet")]
+    keep = ("prompt", "seed", "present", "bound", "mean_iou", "count")
+    full = [{k: r[k] for k in keep} for r in run_suite(arm, both, [0, 1], steps=3, progress=False, measure=False)
+            if r["category"] == "seen_pairs"]
+    part = [{k: r[k] for k in keep} for r in run_suite(arm, alone, [0, 1], steps=3, progress=False, measure=False)]
+    assert full == part

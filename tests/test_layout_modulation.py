@@ -110,3 +110,26 @@ def test_bad_options_are_refused():
         LayoutModulationConfig(steps_fraction=1.5)
     with pytest.raises(attnctl.UsageError, match="weight"):
         LayoutModulation(LAYOUT, weight=-1)
+
+
+@pytest.mark.parametrize("text_first, n_context", [(True, 0), (False, 0), (True, 5)])
+def test_the_hard_mask_is_the_softmax_without_other_regions_phrases(text_first, n_context):
+    """Written out directly in float64: an image token of region r sees its own phrase, the background's only if it
+    is background, every token in no phrase and every non-text key; nothing of another region's phrase."""
+    import dataclasses
+
+    q, k, v, text, image, tables = random_case(7, 16, text_first, n_context, seed=3)
+    tables = dataclasses.replace(tables, hard_mask=True)
+    S = (q @ k.transpose(-1, -2)) * 0.3
+    img, txt = tables.img_label[:, :, None], tables.txt_label[:, None, :]
+    hidden = (txt >= 0) & (txt != img)  # (B, I, T): a phrase that is not this token's region's
+    assert hidden.any() and (~hidden).any()
+    block = S[:, :, image, text].clone()
+    block[hidden[:, None].expand_as(block)] = float("-inf")
+    S[:, :, image, text] = block
+    expected = (torch.softmax(S, dim=-1) @ v)[:, :, image]
+    out64, probs = modulated_image_rows(q[:, :, image], k, v, text, 0.3, tables)
+    assert (out64 - expected).abs().max() < 1e-12
+    assert (probs[hidden[:, None].expand_as(probs)] == 0).all()
+    out32, _ = modulated_image_rows(q[:, :, image].float(), k.float(), v.float(), text, 0.3, tables)
+    assert (out32.double() - expected).abs().max() < 1e-5

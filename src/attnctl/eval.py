@@ -10,8 +10,16 @@ Categories (every prompt but the seen pairs and single objects uses combinations
                   three bound;
 - layout:         "a red circle to the left of a blue square" — success: both bound, each mostly inside its region
                   (the half of the image the relation names; AST is given those regions as its layout).
-Methods: none (the plain model), regulation, attend-excite (UNet model), ast, layout-modulation (MMDiT model; both
-layout methods get each case's boxes as their layout). Each arm's wall time per
+- placed_pairs, placed_triples: a held-out pair or triple ("a red circle and a blue square") with a random layout of
+                  boxes whose left-to-right order is not the word order — success: placed, every object present and
+                  mostly inside its own box;
+- seen_placed_pairs: the same with seen pairs (not run by default): the split on which a layout method's options
+                  are chosen, so that the held-out layouts stay held out.
+In the layout categories every arm is judged against the same boxes (the plain model too), and each method arm is
+paired with the plain arm on the same samples (fixed, broken, exact McNemar p). A sample's starting noise comes from
+the case's identity and the seed (`sample_seed`), so a run of some categories draws the images of the full run.
+Methods: every method of the registry, each on the built-in model it is declared for (layout methods get each case's
+boxes as their layout). Each arm's wall time per
 image is recorded, and its ratio to the plain arm on the same model (the arms run one after another in one process).
 Each (prompt, seed) is one sample; rates come with 95% Wilson intervals. Regulation selects its best iterate per
 image (`selection="image"`), which is what the reference does at its only batch size, 1, while letting us batch seeds.
@@ -30,15 +38,19 @@ import itertools
 import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
-CATEGORIES = ("single_objects", "seen_pairs", "two_objects", "colour_binding", "three_objects", "layout")
-DEFAULT_CATEGORIES = CATEGORIES[1:]
-HELDOUT_CATEGORIES = CATEGORIES[2:]
+HELDOUT_CATEGORIES = ("two_objects", "colour_binding", "three_objects", "layout", "placed_pairs", "placed_triples")
+CATEGORIES = ("single_objects", "seen_pairs", *HELDOUT_CATEGORIES, "seen_placed_pairs")
+DEFAULT_CATEGORIES = ("seen_pairs", *HELDOUT_CATEGORIES)
+# judged by where the objects are (every arm's images against the same boxes)
+LAYOUT_CATEGORIES = ("layout", "placed_pairs", "placed_triples", "seen_placed_pairs")
+RANDOM_BOX_SIDE = (0.4, 0.5)  # a random layout's box sides, as fractions of the image (objects are drawn 0.2-0.38)
 ATTENTION = ("q90_min", "q90_mean", "balance", "share_instance", "share_attribute")
 HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
           "bottom": (0.0, 0.5, 1.0, 1.0)}
@@ -83,6 +95,12 @@ def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
     rng.shuffle(triples)
     for t in triples[:prompts_per_category]:
         cases.append(Case(("three_objects",), " and ".join(f"a {c} {s}" for c, s in t), list(t), list(THIRDS)))
+    for category, objects in (("placed_pairs", held[:prompts_per_category]),
+                              ("placed_triples", triples[:prompts_per_category]),
+                              ("seen_placed_pairs", seen[:prompts_per_category])):
+        for objs in objects:
+            prompt = " and ".join(f"a {c} {s}" for c, s in objs)
+            cases.append(Case((category,), prompt, list(objs), random_layout(len(objs), random.Random(prompt))))
     cases += [Case(("seen_pairs",), pair_prompt(a, b), [a, b], [HALVES["left"], HALVES["right"]])
               for a, b in seen[:prompts_per_category]]
     singles = list(data.ALL_OBJECTS)
@@ -92,6 +110,22 @@ def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
     for case in cases:
         case.phrases = [f"a {c} {s}" for c, s in case.objects]
     return cases
+
+
+def random_layout(n: int, rng: random.Random) -> list[tuple[float, float, float, float]]:
+    """`n` boxes at random places, apart from each other, in an order that is not the left-to-right order of their
+    centres: a model's habit of drawing the first-named object on the left cannot pass for placement."""
+    while True:
+        boxes = []
+        for _ in range(n):
+            w, h = rng.uniform(*RANDOM_BOX_SIDE), rng.uniform(*RANDOM_BOX_SIDE)
+            x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+            boxes.append((round(x, 3), round(y, 3), round(x + w, 3), round(y + h, 3)))
+        apart = all(a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+                    for a, b in itertools.combinations(boxes, 2))
+        centres = [b[0] + b[2] for b in boxes]
+        if apart and centres != sorted(centres):
+            return boxes
 
 
 def score_case(case: Case, image) -> dict[str, bool | float]:
@@ -105,10 +139,24 @@ def score_case(case: Case, image) -> dict[str, bool | float]:
     inside = all(bool(o.inside) for o in objs)
     relation = case.relation is None or relation_holds(objs[0], objs[1], case.relation)
     success = {"single_objects": bound, "seen_pairs": bound, "two_objects": present, "colour_binding": bound,
-               "three_objects": bound, "layout": bound and inside and relation}
+               "three_objects": bound, "layout": bound and inside and relation, "placed_pairs": present and inside,
+               "placed_triples": present and inside, "seen_placed_pairs": present and inside}
     return {"success": {c: success[c] for c in case.categories}, "present": present, "bound": bound,
             "inside": inside, "relation": relation, "mean_iou": float(np.mean([o.iou or 0.0 for o in objs])),
             "count": scored.count}
+
+
+def sample_seed(case: Case, seed: int) -> int:
+    """The generator seed of one sample, from the case's identity (its prompt and boxes) and the seed number: a run of
+    some categories draws the same images for a case as the full run does."""
+    return zlib.crc32(f"{case.prompt}|{case.boxes}".encode()) * 1000 + seed
+
+
+def mcnemar(fixed: int, broken: int) -> float:
+    """The exact two-sided McNemar p-value of paired samples, from the discordant pairs: `fixed` (the plain model
+    failed, the method succeeded) and `broken` (the reverse)."""
+    n = fixed + broken
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2**n) if n else 1.0
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
@@ -138,28 +186,17 @@ class Arm:
 
 def controllers_for(arm: Arm, case: Case) -> list:
     """The method's controller for one case, with the model's recommended options and the arm's own."""
+    from .config import build
+    from .methods.registry import PLAIN, method
     from .models import recommended_options
 
-    if arm.method == "none":
+    if arm.method == PLAIN:
         return []
-    options = {**recommended_options(arm.model, arm.method), **arm.options}
-    if arm.method == "regulation":
-        from .methods.regulation import Regulation
-
-        return [Regulation(targets=[s for _, s in case.objects], **{"selection": "image", **options})]
-    if arm.method == "attend-excite":
-        from .methods.attend_excite import AttendAndExcite
-
-        return [AttendAndExcite(targets=[s for _, s in case.objects], **options)]
-    if arm.method == "ast":
-        from .methods.ast import AST
-
-        return [AST(case_layout(case), **options)]
-    if arm.method == "layout-modulation":
-        from .methods.layout_modulation import LayoutModulation
-
-        return [LayoutModulation(case_layout(case), **options)]
-    raise ValueError(arm.method)
+    m = method(arm.method)
+    config = build(m.config, None, **{**m.batch_options, **recommended_options(arm.model, arm.method), **arm.options})
+    if m.takes_layout:
+        return [m.build(config, layout=case_layout(case))]
+    return [m.build(config, targets=[s for _, s in case.objects])]
 
 
 def case_layout(case: Case):
@@ -236,7 +273,7 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
         with state.split_between_processes(list(range(len(cases)))) as mine:
             for i in tqdm(mine, desc=arm.label, disable=not progress or not state.is_main_process):
                 case = cases[i]
-                generators = [torch.Generator().manual_seed(1000 * s + i) for s in seeds]
+                generators = [torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds]
                 observers = observers_for(arm, case, pipe) if measure else []
                 with apply(pipe, *controllers_for(arm, case), *observers, prompt=case.prompt) as session:
                     start = time.perf_counter()
@@ -251,7 +288,8 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
                         rows.append({"method": arm.label, "model": arm.model, "category": category,
                                      "prompt": case.prompt, "seed": seed, "success": int(ok),
                                      "present": int(s["present"]), "bound": int(s["bound"]),
-                                     "inside": int(s["inside"]), "relation": int(s["relation"]),
+                                     "inside": int(s["inside"]), "placed": int(s["present"] and s["inside"]),
+                                     "relation": int(s["relation"]),
                                      "mean_iou": round(s["mean_iou"], 4), "count": s["count"],
                                      "seconds": round(seconds, 4), "steps": arm_steps, "guidance": arm_guidance,
                                      **{k: round(v, 5) for k, v in measured.items()}})
@@ -267,8 +305,9 @@ def _gather(rows: list[dict], state) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per arm and category: the success rate with its 95% Wilson interval, and the mean of each attention
-    measurement with a 95% normal interval."""
+    """Per arm and category: the success rate with its 95% Wilson interval, the placed rate (every object present
+    and inside its own box) where the category has a layout, the mean of each attention measurement with a 95%
+    normal interval, and `paired`: the samples paired with the plain arm on the same model (`paired_with_plain`)."""
     groups: dict = {}
     for row in rows:
         groups.setdefault(row["method"], {}).setdefault(row["category"], []).append(row)
@@ -278,13 +317,48 @@ def summarize(rows: list[dict]) -> dict:
             s, n = sum(r["success"] for r in members), len(members)
             rate, lo, hi = wilson(s, n)
             entry = {"rate": rate, "ci95": [lo, hi], "n": n, "successes": s}
+            if category in LAYOUT_CATEGORIES and all("placed" in r for r in members):
+                placed = sum(r["placed"] for r in members)
+                entry["placed"] = {"rate": placed / n, "ci95": list(wilson(placed, n)[1:]), "successes": placed}
             for key in ATTENTION:
                 values = [r[key] for r in members if key in r and not math.isnan(r[key])]
                 if values:
                     mean, half = float(np.mean(values)), 1.96 * float(np.std(values)) / math.sqrt(len(values))
                     entry[key] = {"mean": mean, "ci95": [mean - half, mean + half]}
             out.setdefault(label, {})[category] = entry
+    for (label, category), pairs in paired_with_plain(rows).items():
+        out[label][category]["paired"] = pairs
     return out
+
+
+def _is_plain(label: str) -> bool:
+    return label.startswith("none (")
+
+
+def paired_with_plain(rows: list[dict], column: str = "success") -> dict[tuple[str, str], dict]:
+    """Per (method arm, category): its samples matched with the plain arm's on the same model by prompt and seed
+    (the same starting noise): n, both rates, `fixed` (plain failed, the method succeeded), `broken` (the reverse)
+    and the exact McNemar p. Arms with no plain arm on their model are left out."""
+    plain: dict = {}
+    for row in rows:
+        if _is_plain(row["method"]):
+            plain[(row["model"], row["category"], row["prompt"], row["seed"])] = row[column]
+    tallies: dict = {}
+    for row in rows:
+        key = (row["model"], row["category"], row["prompt"], row["seed"])
+        if _is_plain(row["method"]) or key not in plain:
+            continue
+        t = tallies.setdefault((row["method"], row["category"]), {"n": 0, "method": 0, "plain": 0, "fixed": 0,
+                                                                   "broken": 0})
+        got, base = row[column], plain[key]
+        t["n"] += 1
+        t["method"] += got
+        t["plain"] += base
+        t["fixed"] += int(got > base)
+        t["broken"] += int(got < base)
+    return {key: {"n": t["n"], "rate": t["method"] / t["n"], "plain_rate": t["plain"] / t["n"], "fixed": t["fixed"],
+                  "broken": t["broken"], "mcnemar_p": mcnemar(t["fixed"], t["broken"])}
+            for key, t in tallies.items()}
 
 
 def time_ratios(rows: list[dict]) -> dict[str, dict]:
@@ -297,7 +371,7 @@ def time_ratios(rows: list[dict]) -> dict[str, dict]:
                 (row["prompt"], row["seed"])] = row["seconds"]
     means = {label: (entry["model"], float(np.mean(list(entry["samples"].values())))) for label, entry in
              seconds.items()}
-    plain = {model: mean for label, (model, mean) in means.items() if label.startswith("none ")}
+    plain = {model: mean for label, (model, mean) in means.items() if _is_plain(label)}
     return {label: {"seconds": mean, "ratio": mean / plain[model] if model in plain else None}
             for label, (model, mean) in means.items()}
 
@@ -321,7 +395,7 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
     lines += ["", "Success rate [95% Wilson interval] (samples = prompts x seeds). See attnctl/eval.py for what "
               "counts as success in each category. Sampling: "
               + "; ".join(f"{label} {how}" for label, how in sampling.items()) + ".", ""]
-    lines += attention_table(summary)
+    lines += paired_table(summary) + attention_table(summary)
     timing = time_ratios(rows)
     if timing:
         lines += ["", "| method (model) | seconds per image | time vs plain |", "|---|---|---|"]
@@ -335,6 +409,28 @@ def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> N
     models = ", ".join(dict.fromkeys(Path(row["model"].split(":")[-1]).name for row in rows))
     samples = len({(row["method"], row["prompt"], row["seed"]) for row in rows})
     eval_figure(summary, categories, out / "results.png", title=f"Shapes world: {samples} images on {models}")
+
+
+def paired_table(summary: dict) -> list[str]:
+    """Markdown rows: each method against the plain model on the same samples (fixed, broken, exact McNemar p), and
+    the placed rate of every arm where a category has a layout; none when there is nothing to show."""
+    lines = []
+    paired = [(label, c, r["paired"]) for label, cats in summary.items() for c, r in cats.items() if "paired" in r]
+    if paired:
+        lines += ["| method (model) | category | method | plain | fixed | broken | exact McNemar p |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {label} | {c} | {p['rate']:.3f} | {p['plain_rate']:.3f} | {p['fixed']} | {p['broken']} | "
+                  f"{p['mcnemar_p']:.3g} |" for label, c, p in paired]
+        lines += ["", "Paired with the plain model on the same prompts and seeds (the same starting noise): fixed = "
+                  "samples the plain model failed and the method got right, broken = the reverse.", ""]
+    placed = [(label, c, r["placed"]) for label, cats in summary.items() for c, r in cats.items() if "placed" in r]
+    if placed:
+        lines += ["| method (model) | category | placed |", "|---|---|---|"]
+        lines += [f"| {label} | {c} | {p['rate']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] |"
+                  for label, c, p in placed]
+        lines += ["", "Placed: every object present and the larger part of each inside its own box (the plain "
+                  "model's images judged against the same boxes).", ""]
+    return lines
 
 
 def attention_table(summary: dict) -> list[str]:

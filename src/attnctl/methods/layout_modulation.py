@@ -45,6 +45,8 @@ class LayoutModulationConfig:
     size_weighted: bool = option(True, "scale each pixel's modulation by 1 − its region's share of the image")
     strength: float = option(1.0, "scale of the modulation (an attnctl extension for dose-response studies: 1 is the "
                              "method, 0 modulates nothing)", low=0)
+    hard_mask: bool = option(False, "a hard regional mask instead of the bias, in the same steps: an image token "
+                             "attends to no other region's phrase (regional prompting; an attnctl extension)")
 
     cli_prefix = "lm-"  # its flags: --lm-weight, ...
 
@@ -60,12 +62,15 @@ class ModulationTables:
     img_label: torch.Tensor  # long (B, I)
     txt_label: torch.Tensor  # long (B, T)
     scale: torch.Tensor  # float (B, I)
+    hard_mask: bool = False  # pushed keys masked out (−∞) instead of the bias
 
 
 def biased_scores(scores: torch.Tensor, tables: ModulationTables) -> torch.Tensor:
     """S' of the image→text block from S = scores (B, H, I, T), in the dtype of `scores`."""
     pulled = (tables.img_label[:, :, None] == tables.txt_label[:, None, :]) & (tables.txt_label[:, None, :] >= 0)
     pushed = (tables.txt_label[:, None, :] >= 0) & ~pulled
+    if tables.hard_mask:
+        return scores.masked_fill(pushed[:, None], float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
     bottom = scores.amin(dim=-1, keepdim=True)
     lam = tables.scale.to(scores.dtype)[:, None, :, None]
@@ -186,4 +191,4 @@ class LayoutModulation(Controller):
         if self._tables[key] is None:
             return None
         img, txt, size = (t.to(call.q.device) for t in self._tables[key])
-        return ModulationTables(img, txt, size * self._lam)
+        return ModulationTables(img, txt, size * self._lam, self.config.hard_mask)
