@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .relations import HALVES, boxes_from_prompt, strips
+
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
 HELDOUT_CATEGORIES = ("two_objects", "colour_binding", "three_objects", "layout", "placed_pairs", "placed_triples")
 CATEGORIES = ("single_objects", "seen_pairs", *HELDOUT_CATEGORIES, "seen_placed_pairs")
@@ -52,11 +54,7 @@ DEFAULT_CATEGORIES = ("seen_pairs", *HELDOUT_CATEGORIES)
 LAYOUT_CATEGORIES = ("layout", "placed_pairs", "placed_triples", "seen_placed_pairs")
 RANDOM_BOX_SIDE = (0.4, 0.5)  # a random layout's box sides, as fractions of the image (objects are drawn 0.2-0.38)
 ATTENTION = ("q90_min", "q90_mean", "balance", "share_instance", "share_attribute")
-HALVES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.5),
-          "bottom": (0.0, 0.5, 1.0, 1.0)}
-THIRDS = [(0.0, 0.0, 1 / 3, 1.0), (1 / 3, 0.0, 2 / 3, 1.0), (2 / 3, 0.0, 1.0, 1.0)]
-RELATION_SIDES = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),
-                  "above": ("top", "bottom"), "below": ("bottom", "top")}
+RELATIONS = ("to the left of", "to the right of", "above", "below")  # the layout category's, in turn
 
 
 @dataclass
@@ -84,17 +82,16 @@ def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
     pair_prompt = lambda a, b: f"a {a[0]} {a[1]} and a {b[0]} {b[1]}"  # noqa: E731
     cases = [Case(("two_objects", "colour_binding"), pair_prompt(a, b), [a, b], [HALVES["left"], HALVES["right"]])
              for a, b in held[:prompts_per_category]]
-    relations = list(RELATION_SIDES)
-    for k, (a, b) in enumerate(held[:prompts_per_category]):
-        rel = relations[k % len(relations)]
-        sides = RELATION_SIDES[rel]
-        cases.append(Case(("layout",), f"a {a[0]} {a[1]} {rel} a {b[0]} {b[1]}", [a, b],
-                          [HALVES[sides[0]], HALVES[sides[1]]], relation=rel))
+    for k, (a, b) in enumerate(held[:prompts_per_category]):  # the layout the prompt states (`--auto-layout`'s)
+        rel = RELATIONS[k % len(RELATIONS)]
+        prompt = f"a {a[0]} {a[1]} {rel} a {b[0]} {b[1]}"
+        cases.append(Case(("layout",), prompt, [a, b], [box for _, box in boxes_from_prompt(prompt)], relation=rel))
     triples = [t for t in itertools.permutations(data.ALL_OBJECTS, 3)
                if len({o[0] for o in t}) == 3 and len({o[1] for o in t}) == 3 and data.is_heldout_triple(t)]
     rng.shuffle(triples)
     for t in triples[:prompts_per_category]:
-        cases.append(Case(("three_objects",), " and ".join(f"a {c} {s}" for c, s in t), list(t), list(THIRDS)))
+        cases.append(Case(("three_objects",), " and ".join(f"a {c} {s}" for c, s in t), list(t),
+                          strips(3, "left to right")))
     for category, objects in (("placed_pairs", held[:prompts_per_category]),
                               ("placed_triples", triples[:prompts_per_category]),
                               ("seen_placed_pairs", seen[:prompts_per_category])):

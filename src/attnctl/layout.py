@@ -157,6 +157,17 @@ class Layout:
             _warn_unclaimed_colours(sketch, regions, data["sketch"])
         return cls(prompt=prompt, regions=regions, background=background, sketch_path=data.get("sketch"))
 
+    @classmethod
+    def from_prompt(cls, prompt: str, background: str = "") -> Layout:
+        """The layout the prompt's words state ("a red circle to the left of a blue square", "a, b and c from left
+        to right"): one box per object, as `attnctl.relations` reads them; a UsageError naming the patterns
+        understood for a prompt that states none."""
+        from .relations import boxes_from_prompt
+
+        regions = [{"phrase": phrase, "box": list(box)} for phrase, box in boxes_from_prompt(prompt)]
+        return cls.from_dict({"prompt": prompt, "background": background, "regions": regions},
+                             where="the prompt's layout")
+
     # --- rasterising ------------------------------------------------------------------------------------------
     def labels(self, grid: tuple[int, int]) -> torch.Tensor:
         """Region label of every cell of an h×w grid, long (h, w): 0 = background, i = region i (1-based)."""

@@ -34,10 +34,15 @@ def register(sub) -> None:
     p.add_argument("--method", choices=choices(), default="regulation",
                    help=f"the method ({PLAIN}: the plain pipeline; the README's methods table says what each does)")
     p.add_argument("--prompt", default=None,
-                   help=f"the prompt ({listing(layout_methods())} take it from the layout)")
-    p.add_argument("--layout", default=None,
-                   help=f"{listing(layout_methods())}: layout JSON with prompt, background and regions (see "
-                        "attnctl.layout)")
+                   help=f"the prompt ({listing(layout_methods())} take it from the layout, or with --auto-layout "
+                        "read the layout from it)")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--layout", default=None,
+                        help=f"{listing(layout_methods())}: layout JSON with prompt, background and regions (see "
+                             "attnctl.layout)")
+    layout.add_argument("--auto-layout", action="store_true",
+                        help=f"{listing(layout_methods())}: the layout the --prompt states (\"A to the left of B\", "
+                             "\"A, B and C from left to right\"; attnctl.relations lists the patterns)")
     p.add_argument("--maps", action="store_true",
                    help="also write the token maps of the targets with and without the method (same seed)")
     p.add_argument("--out", required=True, type=Path)
@@ -63,12 +68,19 @@ def _controller(args):
     if args.method in layout_methods():
         from ..layout import Layout
 
-        if args.prompt:
-            raise UsageError(f"--prompt does not apply to --method {args.method}: the prompt is the layout's")
-        if not args.layout:
+        if args.auto_layout:
+            if not args.prompt:
+                raise UsageError("--auto-layout reads the layout from --prompt: pass --prompt \"a red circle to the "
+                                 "left of a blue square\"")
+            layout = Layout.from_prompt(args.prompt)
+        elif args.prompt:
+            raise UsageError(f"--prompt does not apply to --method {args.method} with --layout: the prompt is the "
+                             "layout's (or pass --auto-layout to read the layout from the prompt)")
+        elif not args.layout:
             raise UsageError(f"--method {args.method} needs a layout: pass --layout L.json (prompt, background and "
-                             "regions; see examples/)")
-        layout = Layout.load(args.layout)
+                             "regions; see examples/) or --auto-layout with a --prompt that states where things are")
+        else:
+            layout = Layout.load(args.layout)
         tuned = given_arguments(METHODS["ast"].config, args).get("tuned_steps")
         if tuned is not None and args.steps is not None and tuned > args.steps:
             raise UsageError(f"--ast-tuned-steps {tuned} is more than the {args.steps} denoising steps (--steps); "
@@ -76,9 +88,9 @@ def _controller(args):
         config = method_config(args.method, args, resolve_model(args, builtin_model(args.method)))
         method = METHODS[args.method].build(config, layout=layout)
         return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions], False  # head words
-    if args.layout:
-        raise UsageError(f"--layout applies to --method {listing(layout_methods())} only, not --method "
-                         f"{args.method}")
+    if args.layout or args.auto_layout:
+        flag = "--layout" if args.layout else "--auto-layout"
+        raise UsageError(f"{flag} applies to --method {listing(layout_methods())} only, not --method {args.method}")
     if not args.prompt:
         raise UsageError(f"--prompt is required with --method {args.method}")
     if args.method == PLAIN:
