@@ -314,3 +314,25 @@ def test_cancel_stops_the_run_and_the_next_request_starts_at_once(app):
                                        api_name="/generate")
     assert "done" in message, message  # the pipeline was free: the cancelled run stopped and restored it
     assert time.monotonic() - start < 30  # not after the 1000 steps the cancelled run asked for
+
+
+def test_a_run_keeps_its_result_and_the_live_check_works_while_it_runs(app):
+    """During a generation: nine layout downloads (each a new request folder) do not delete the run's folder, and
+    the live check reads the words without attaching to the pipeline the run holds."""
+    from gradio_client.utils import Status
+
+    _, client = app
+    values = page_args(app, sketch=editor_with(EXAMPLES / "sketch.png"), **{**SKETCH, "steps": 100})
+    job = client.submit(*values, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while job.status().code != Status.PROGRESS:
+        assert time.monotonic() < deadline, job.status()
+        time.sleep(0.1)
+    for _ in range(9):
+        client.predict(*values, api_name="/download")
+    shown, *_ = client.predict(*values, api_name="/check")
+    assert "ready" in shown, shown
+    assert not job.done(), "the run ended before the downloads: give it more steps"
+    plain, controlled, maps, message, *_ = job.result()
+    assert "done" in message, message
+    assert all(Path(p).exists() for p in (plain, controlled, maps))

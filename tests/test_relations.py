@@ -38,7 +38,8 @@ def test_each_pattern_gives_its_boxes_with_the_phrases_verbatim(prompt, expected
 
 
 REFUSED = ["a red circle and a blue square", "a cat and a dog to the left of a bird", "",
-           "a, b, c and d from left to right", "a cat from left to right", "a cat next to a dog", "to the left of a dog"]
+           "a, b, c and d from left to right", "a cat from left to right", "a cat next to a dog",
+           "to the left of a dog"]
 
 
 @pytest.mark.parametrize("prompt", REFUSED)

@@ -9,7 +9,7 @@ method registry (`attnctl.methods.registry.METHODS`).
 """
 
 from .analysis import Hierarchy
-from .control import AttentionCall, Controller, Session, StepState, apply
+from .control import AttentionCall, Controller, Session, StepState, apply, prompt_tokens, sites_of
 from .errors import UsageError
 from .layout import Layout
 from .methods.capture import Capture, CaptureConfig
@@ -20,6 +20,6 @@ from .sites import AttentionSite
 _METHOD_EXPORTS = {cls.__name__: cls for m in METHODS.values() for cls in (m.controller, m.config)}
 globals().update(_METHOD_EXPORTS)
 
-__all__ = ["apply", "Capture", "CaptureConfig", *_METHOD_EXPORTS, "Hierarchy", "Layout", "Controller",
-           "AttentionCall", "AttentionSite", "Session", "StepState", "UsageError", "load_pipeline"]
+__all__ = ["apply", "sites_of", "prompt_tokens", "Capture", "CaptureConfig", *_METHOD_EXPORTS, "Hierarchy", "Layout",
+           "Controller", "AttentionCall", "AttentionSite", "Session", "StepState", "UsageError", "load_pipeline"]
 __version__ = "0.1.0"

@@ -526,6 +526,23 @@ def _step_index(scheduler, timestep) -> int:
     return int((ts - t).abs().argmin())
 
 
+def sites_of(pipe) -> list[AttentionSite]:
+    """The attention sites attnctl finds in `pipe`'s denoiser, without attaching anything (a UsageError for a
+    pipeline it does not support)."""
+    return Session(pipe, []).sites
+
+
+def prompt_tokens(pipe, prompt: str | list[str]) -> list[PromptTokens]:
+    """Each prompt (a string or a list of them) as `pipe` will feed it to its denoiser: tokens, positions and
+    words, for turning words into token positions. Nothing is attached, so this also works while `pipe` runs."""
+    return _prompt_tokens(Session(pipe, []), prompt)
+
+
+def _prompt_tokens(session: Session, prompt) -> list[PromptTokens]:
+    segments = session.family.text_segments(session.pipe)
+    return [PromptTokens(p, segments) for p in ([prompt] if isinstance(prompt, str) else list(prompt))]
+
+
 @contextlib.contextmanager
 def apply(pipe, *controllers: Controller, prompt: str | list[str] | None = None):
     """Attach `controllers` to `pipe` for the duration of the block; the pipeline is restored on exit.
@@ -537,9 +554,7 @@ def apply(pipe, *controllers: Controller, prompt: str | list[str] | None = None)
         prompt = next((c.prompt for c in controllers if getattr(c, "prompt", None)), None)
     session = Session(pipe, list(controllers))
     if prompt is not None:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        segments = session.family.text_segments(pipe)
-        session.prompts = [PromptTokens(p, segments) for p in prompts]
+        session.prompts = _prompt_tokens(session, prompt)
     try:
         session.attach()
         yield session

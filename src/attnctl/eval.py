@@ -207,11 +207,11 @@ def observers_for(arm: Arm, case: Case, pipe) -> list:
     """What measures attention on this model: target coverage at Regulation's layers (UNet models), the hierarchy
     analysis (joint attention)."""
     from .analysis import Hierarchy, TargetCoverage
-    from .control import Session
+    from .control import sites_of
     from .methods.regulation import RegulationConfig, edited_sites
     from .models import recommended_options
 
-    sites = Session(pipe, []).sites
+    sites = sites_of(pipe)
     if any(s.kind == "cross" for s in sites):
         options = {**recommended_options(arm.model, "regulation"),
                    **(arm.options if arm.method == "regulation" else {})}

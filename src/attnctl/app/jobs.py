@@ -172,14 +172,13 @@ def check_words(request: Request, pipelines: Pipelines) -> None:
     """Where the model is loaded already, the prompt's words as the run will read them: each layout phrase and
     target must be in the prompt's tokens (the same UsageErrors as the run, listing the tokens)."""
     from ..config import comma_list
-    from ..control import apply
+    from ..control import prompt_tokens
     from ..methods.targets import target_positions
     pipe = pipelines.loaded(request.model.strip() or builtin_model(request.method), request.device, request.dtype)
     prompt = request.layout.prompt if request.layout is not None else request.prompt
     if pipe is None or not prompt.strip():
         return
-    with apply(pipe, prompt=prompt) as session:
-        tokens = session.prompts[0]
+    tokens = prompt_tokens(pipe, prompt)[0]  # attaches nothing: a run may hold the pipeline
     if request.layout is not None:
         request.layout.bind(tokens)
     elif request.targets.strip():

@@ -45,6 +45,7 @@ class Page:
         self.root = Path(tempfile.mkdtemp(prefix="attnctl-app-"))
         self._count = 0
         self._cancels: dict[str, threading.Event] = {}
+        self._in_flight: set[Path] = set()
         self._lock = threading.Lock()
 
     # --- from the page's values to a request ------------------------------------------------------------
@@ -127,8 +128,9 @@ class Page:
         cancel = self._cancels.setdefault(session, threading.Event())
         cancel.clear()
         progress(0, desc="loading the model")
+        folder = self._folder(in_flight=True)
         try:
-            result = jobs.run(request, self._folder(), self.pipelines, cancel=cancel,
+            result = jobs.run(request, folder, self.pipelines, cancel=cancel,
                               on_progress=lambda fraction, text: progress(fraction, desc=text))
         except UsageError as err:
             return (*empty, _message(str(err)), request.command(), None)
@@ -137,6 +139,8 @@ class Page:
         except Exception as err:  # a bug: say so on the page, keep the server up, log the traceback
             log.exception("generation failed")
             return (*empty, _message(f"internal error: {type(err).__name__}: {err}"), request.command(), None)
+        finally:
+            self._in_flight.discard(folder)
         f = result.files
         shown = [f.get("plain_layout") or f.get("plain"), f.get("image_layout") or f.get("image")]
         if request.method == PLAIN:
@@ -149,13 +153,18 @@ class Page:
         if session in self._cancels:
             self._cancels[session].set()
 
-    def _folder(self) -> Path:
+    def _folder(self, in_flight: bool = False) -> Path:
+        """A new request folder; the oldest beyond KEPT_RESULTS are deleted, except those of runs still going
+        (`in_flight` marks this one so until `generate` is done with it)."""
         with self._lock:
             self._count += 1
             folder = self.root / f"{self._count:06d}"
             for old in sorted(self.root.iterdir())[:-KEPT_RESULTS]:
-                shutil.rmtree(old, ignore_errors=True)
-        folder.mkdir()
+                if old not in self._in_flight:
+                    shutil.rmtree(old, ignore_errors=True)
+            folder.mkdir()
+            if in_flight:
+                self._in_flight.add(folder)
         return folder
 
     def close(self) -> None:
