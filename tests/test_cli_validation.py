@@ -145,3 +145,22 @@ def test_other_bad_command_lines(args, message, cli, tmp_path):
     code, out, err = cli(*args)
     assert code == 2 and message in err, err
     assert "Traceback" not in out + err and not (tmp_path / "out").exists()
+
+
+TRAIN = ["shapes", "train", "--family", "unet", "--out", "o"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "a cat", "--device", "meta", "--out", "o"], "--device meta holds no weights or images"),
+    ([*TRAIN, "--device", "meta"], "--device meta holds no weights or images"),
+    ([*TRAIN, "--device", "cuda"], "--device cuda: this torch build or machine has no CUDA"),
+    ([*TRAIN, "--vae-minutes", "-1"], "--vae-minutes must be between 0.01 and"),
+    ([*TRAIN, "--vae-minutes", "nan"], "--vae-minutes must be between 0.01 and"),
+    ([*TRAIN, "--seed", "-5"], "--seed must be between 0 and"),
+])
+def test_devices_and_training_flags_are_checked_the_same_way_on_every_command(argv, message, cli, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()  # refused before anything is written

@@ -526,6 +526,20 @@ def _step_index(scheduler, timestep) -> int:
     return int((ts - t).abs().argmin())
 
 
+def _check_controllers(controllers) -> None:
+    """Each a Controller instance, and each once (a class, a method's name or a repeat is a UsageError)."""
+    for c in controllers:
+        if isinstance(c, type) and issubclass(c, Controller):
+            raise UsageError(f"apply takes controller instances, not the class {c.__name__}: instantiate it, e.g. "
+                             f"attnctl.{c.__name__}(...)")
+        if not isinstance(c, Controller):
+            raise UsageError(f"apply takes controllers such as attnctl.Capture(...) or attnctl.Regulation(...), not "
+                             f"{c!r}")
+    if len({id(c) for c in controllers}) < len(controllers):
+        raise UsageError("the same controller was passed to apply twice; pass it once (it would run twice per "
+                         "attention call)")
+
+
 def sites_of(pipe) -> list[AttentionSite]:
     """The attention sites attnctl finds in `pipe`'s denoiser, without attaching anything (a UsageError for a
     pipeline it does not support)."""
@@ -550,8 +564,13 @@ def apply(pipe, *controllers: Controller, prompt: str | list[str] | None = None)
     `prompt` is the prompt (or list of prompts) that `pipe` will be called with: controllers need it to find the token
     positions of the words they target. Controllers that carry their own prompt (a layout) may omit it.
     """
+    _check_controllers(controllers)
     if prompt is None:
         prompt = next((c.prompt for c in controllers if getattr(c, "prompt", None)), None)
+    elif not (isinstance(prompt, str) or isinstance(prompt, (list, tuple)) and prompt
+              and all(isinstance(p, str) for p in prompt)):
+        raise UsageError(f"prompt must be the prompt the pipeline will be called with: a string or a list of "
+                         f"strings, not {prompt!r}")
     session = Session(pipe, list(controllers))
     if prompt is not None:
         session.prompts = _prompt_tokens(session, prompt)

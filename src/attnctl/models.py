@@ -68,6 +68,26 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     return pipe
 
 
+def checked_device(device, what: str = "device") -> torch.device:
+    """`device` (a name such as "cuda:0", or a torch.device) as a torch device this machine has; a UsageError naming
+    `what` (a flag, on the command line) and the fix otherwise. `meta` holds no data and is refused."""
+    try:
+        if isinstance(device, bool):
+            raise TypeError
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{what} {device!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
+    if device.type == "meta":
+        raise UsageError(f"{what} meta holds no weights or images; use cpu, cuda or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{what} {device}: this torch build or machine has no CUDA device; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"{what} {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{what} {device}: MPS is not available here; use cpu")
+    return device
+
+
 def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int]:
     """load_pipeline's arguments, checked before anything loads: the spec (a string or a folder's path), the device,
     the dtype (a floating-point torch dtype or one of `DTYPES`' names) and the seed of random: weights."""
@@ -76,12 +96,7 @@ def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int
     if not isinstance(spec, str) or not spec.strip():
         raise UsageError(f"a model spec is a non-empty string (builtin:..., random:..., a hub id or a folder), not "
                          f"{spec!r}")
-    try:
-        if isinstance(device, bool):
-            raise TypeError
-        torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    checked_device(device)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

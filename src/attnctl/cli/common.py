@@ -64,20 +64,10 @@ def check_sampling(args) -> None:
 
 
 def check_device(name: str):
-    """The torch device `--device` names, if this machine has it."""
-    import torch
+    """The torch device `--device` names, if this machine has it (`models.checked_device`)."""
+    from ..models import checked_device
 
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this torch build or machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available here; use --device cpu")
-    return device
+    return checked_device(name, "--device")
 
 
 def add_method_options(parser, name: str) -> None:

@@ -22,7 +22,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-minutes", type=float, default=None, help="VAE share of the budget (default 12%%)")
     p.add_argument("--vae", default=None,
                    help="reuse a trained VAE (its folder, a pipeline folder or builtin:NAME) instead of training one")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--vae-threads", type=int, default=None, help="torch CPU threads while the VAE trains")
     p.add_argument("--batch", type=int, default=64)
@@ -48,12 +48,15 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..shapes.train import run_training
-    from .common import bounded
+    from .common import bounded, check_device
 
     for flag, value, low, high in (("--steps", args.steps, 1, 10**7), ("--stop-at", args.stop_at, 1, 10**7),
                                    ("--batch", args.batch, 1, 4096), ("--scenes", args.scenes, 1, 10**7),
                                    ("--threads", args.threads, 1, 1024), ("--vae-threads", args.vae_threads, 1, 1024),
                                    ("--minutes", args.minutes, 0.01, 10**6), ("--lr", args.lr, 1e-9, 1.0),
-                                   ("--checkpoint-minutes", args.checkpoint_minutes, 0.01, 10**6)):
+                                   ("--checkpoint-minutes", args.checkpoint_minutes, 0.01, 10**6),
+                                   ("--seed", args.seed, 0, 2**32 - 1),
+                                   ("--vae-minutes", args.vae_minutes, 0.01, 10**6)):
         bounded(flag, value, low, high)
+    check_device(args.device)
     run_training(args)
