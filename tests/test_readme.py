@@ -17,6 +17,7 @@ QUICK = {
     "analyze": ["--steps", "1"],
     "bench": [],
     "eval": ["--quick", "--prompts", "1", "--steps", "1", "--no-attention"],
+    "tune": ["--prompts", "1", "--seeds", "1", "--steps", "1"],
     "shapes": ["--steps", "1", "--batch", "2", "--scenes", "8", "--minutes", "0.3"],
     "app": [],  # started as users start it, on a free port instead of the README's (below)
 }

@@ -10,9 +10,9 @@ import sys
 import warnings
 
 from ..errors import UsageError
-from . import analyze, app, bench, evaluate, generate, maps, shapes, sites
+from . import analyze, app, bench, evaluate, generate, maps, shapes, sites, tune
 
-SUBCOMMANDS = (sites, maps, generate, analyze, bench, evaluate, shapes, app)
+SUBCOMMANDS = (sites, maps, generate, analyze, bench, evaluate, tune, shapes, app)
 
 
 class _RaisingParser(argparse.ArgumentParser):

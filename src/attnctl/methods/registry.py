@@ -23,7 +23,8 @@ class Method:
     """One method. `given` is "targets" (the controller is built as `controller(config=...)`, the config holding
     the target words) or "layout" (`controller(layout, config)`); `reads` the attention kinds it acts on ("cross":
     text cross-attention, "joint": MMDiT joint attention); `builtin_model` the built-in model it runs on when no
-    model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone."""
+    model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone; `tune_grid`
+    the options `attnctl tune` searches by default (field name -> values)."""
 
     name: str
     controller: type
@@ -33,10 +34,23 @@ class Method:
     builtin_model: str
     summary: str
     batch_options: dict = field(default_factory=dict)
+    tune_grid: dict = field(default_factory=dict)
 
     @property
     def takes_layout(self) -> bool:
         return self.given == "layout"
+
+    @property
+    def seen_category(self) -> str:
+        """The eval category of seen prompts on which `attnctl tune` chooses this method's options."""
+        return "seen_placed_pairs" if self.takes_layout else "seen_pairs"
+
+    @property
+    def heldout_categories(self) -> tuple[str, ...]:
+        """The held-out eval categories of what this method promises."""
+        if self.takes_layout:
+            return ("placed_pairs", "placed_triples", "layout")
+        return ("two_objects", "colour_binding", "three_objects")
 
     def build(self, config, *, targets=None, layout=None):
         """The controller for `config` (a `self.config`), given the target words or the layout it takes."""
