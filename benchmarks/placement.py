@@ -14,7 +14,42 @@ import argparse
 import csv
 from pathlib import Path
 
+import torch
+
 from attnctl.eval import Arm, build_suite, paired_with_plain, run_suite
+from attnctl.methods.layout_modulation import LayoutModulation, LayoutModulationConfig
+from attnctl.methods.registry import METHODS, Method
+from attnctl.models import DEFAULT_JOINT_MODEL
+
+
+class RegionalMask(LayoutModulation):
+    """An experiment, not a method (dense N×N scores): in the masked steps an image token of region r attends only to
+    the image tokens of region r (background to background), to r's phrase and to text in no phrase: the image is
+    denoised as separate regions, each told only its own phrase."""
+
+    def wants(self, site):
+        return site.kind == "joint"
+
+    def __call__(self, call):
+        if not self._active:
+            return
+        rows = call.step.cond_rows
+        tables = self._tables_for(call, rows)
+        if tables is None:
+            return
+        q, k, v = (t[rows].float() for t in (call.q, call.k, call.v))
+        img, txt = tables.img_label, tables.txt_label
+        allowed = torch.ones(q.shape[0], q.shape[2], k.shape[2], dtype=torch.bool)
+        allowed[:, call.image, call.text] = ~((txt[:, None, :] >= 0) & (txt[:, None, :] != img[:, :, None]))
+        allowed[:, call.image, call.image] = img[:, :, None] == img[:, None, :]
+        scores = (q @ k.transpose(-1, -2)) * call.scale
+        out = call.output().clone()
+        out[rows] = (torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), -1) @ v).to(out.dtype)
+        call.set_output(out)
+
+
+METHODS["regional-mask"] = Method("regional-mask", RegionalMask, LayoutModulationConfig, "layout", ("joint",),
+                                  DEFAULT_JOINT_MODEL, "experiment: regions denoised apart")
 
 MODELS = {"mmdit": "builtin:shapes-mmdit", "unet": "builtin:shapes-unet"}
 # label: (method, options)
@@ -28,6 +63,8 @@ ARMS = {
     "mask-20": ("layout-modulation", {"hard_mask": True, "power": 0.0, "steps_fraction": 0.2}),
     "mask-40": ("layout-modulation", {"hard_mask": True, "power": 0.0, "steps_fraction": 0.4}),
     "mask-100": ("layout-modulation", {"hard_mask": True, "power": 0.0, "steps_fraction": 1.0}),
+    "regions-20": ("regional-mask", {"power": 0.0, "steps_fraction": 0.2}),
+    "regions-40": ("regional-mask", {"power": 0.0, "steps_fraction": 0.4}),
 }
 COLUMNS = ("placed", "present", "bound")
 

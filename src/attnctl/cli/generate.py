@@ -74,8 +74,8 @@ def _controller(args):
                                  "left of a blue square\"")
             layout = Layout.from_prompt(args.prompt)
         elif args.prompt:
-            raise UsageError(f"--prompt does not apply to --method {args.method} with --layout: the prompt is the "
-                             "layout's (or pass --auto-layout to read the layout from the prompt)")
+            raise UsageError(f"--prompt does not apply to --method {args.method} by itself: the prompt is the "
+                             "layout's (--layout L.json), or pass --auto-layout to read the layout from the prompt")
         elif not args.layout:
             raise UsageError(f"--method {args.method} needs a layout: pass --layout L.json (prompt, background and "
                              "regions; see examples/) or --auto-layout with a --prompt that states where things are")

@@ -102,4 +102,4 @@ def run(args) -> None:
         print((args.out / "heldout" / "results.md").read_text())
     (args.out / "tune.md").write_text("\n".join(lines) + "\n")
     if args.write:
-        print(f"attnctl: wrote the choice to {write_recommendation(model, m, best.options)}")
+        write_recommendation(model, m, best.options)  # logged

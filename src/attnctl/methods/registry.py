@@ -64,15 +64,19 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("regulation", Regulation, RegulationConfig, "targets", ("cross",), DEFAULT_MODEL,
            "Attention Regulation (ECCV 2024): cross-attention optimised so every target word is attended, evenly",
-           batch_options={"selection": "image"}),
+           batch_options={"selection": "image"}, tune_grid={"strength": [0.5, 1.0, 2.0]}),
     Method("ast", AST, ASTConfig, "layout", ("joint",), DEFAULT_JOINT_MODEL,
-           "AST (2025): step- and layer-wise tuning of MMDiT joint attention from an instance sketch"),
+           "AST (2025): step- and layer-wise tuning of MMDiT joint attention from an instance sketch",
+           tune_grid={"strength": [0.25, 0.5, 1.0]}),
     Method("attend-excite", AttendAndExcite, AttendExciteConfig, "targets", ("cross",), DEFAULT_MODEL,
-           "Attend-and-Excite (SIGGRAPH 2023): the latents moved so every target word's attention peaks"),
+           "Attend-and-Excite (SIGGRAPH 2023): the latents moved so every target word's attention peaks",
+           tune_grid={"scale_factor": [10.0, 20.0, 40.0]}),
     Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
            DEFAULT_JOINT_MODEL,
            "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "
-           "phrase"),
+           "phrase",
+           # the published decay, and short, strong and constant (what moved objects in the probes of issue 28)
+           tune_grid={"weight": [1.0, 25.0], "power": [5.0, 0.0], "steps_fraction": [0.2, 0.4]}),
 )}
 
 
