@@ -164,3 +164,16 @@ def test_devices_and_training_flags_are_checked_the_same_way_on_every_command(ar
     code, _, err = cli(*argv)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--methods", "none,none"], "names a method twice"),
+    (["eval", "--dose", "regulation", "--strengths", "0,0,1"], "repeats a strength"),
+    (["eval", "--out", "taken"], "--out taken is a file"),
+])
+def test_eval_refuses_duplicates_and_a_file_as_out_before_any_work(argv, message, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("mine")
+    code, _, err = cli(*argv, "--quick")
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert (tmp_path / "taken").read_text() == "mine" and not (tmp_path / "out").exists()

@@ -83,6 +83,8 @@ def _strengths(text: str) -> list[float]:
         raise UsageError(f"--strengths {text!r}: write numbers such as 0,0.5,1,2") from None
     if not values or any(not v >= 0 for v in values):
         raise UsageError(f"--strengths {text!r}: give one or more strengths >= 0")
+    if len(set(values)) < len(values):
+        raise UsageError(f"--strengths {text!r} repeats a strength; give each once")
     return values
 
 
@@ -109,6 +111,8 @@ def run(args) -> None:
         bounded(flag, value, 1, high)
     bounded("--guidance", args.guidance, 0, 100)
     check_device(args.device)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder (it is created if missing)")
     prompts = args.prompts or (3 if args.quick else 20)
     seeds = args.seeds or (1 if args.quick else 10)
     steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else None  # None: the model's own
@@ -137,6 +141,9 @@ def run(args) -> None:
     if unknown or not names:
         raise UsageError(f"unknown method(s) {', '.join(unknown) or repr(args.methods)}; choose from "
                          f"{', '.join(choices())}")
+    if len(set(names)) < len(names):
+        raise UsageError(f"--methods {args.methods!r} names a method twice; give each once (its arms would be "
+                         "merged under one label)")
     mmdit = [m for m in names if m in methods_on(DEFAULT_JOINT_MODEL)]
     unet = any(m in methods_on(DEFAULT_MODEL) for m in names) or not mmdit
     arms = [Arm(m, args.unet_model, options.get(m, {})) for m in names if m in (PLAIN, *methods_on(DEFAULT_MODEL))
