@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from attnctl.eval import Arm, build_suite, paired_with_plain, run_suite
-from attnctl.methods.layout_modulation import LayoutModulation, LayoutModulationConfig
+from attnctl.eval import Arm, build_suite, paired_with_plain, run_suite, write_rows
+from attnctl.methods.layout_modulation import LayoutModulation, LayoutModulationConfig, pulled_and_pushed
 from attnctl.methods.registry import METHODS, Method
 from attnctl.models import DEFAULT_JOINT_MODEL
 
@@ -31,16 +31,14 @@ class RegionalMask(LayoutModulation):
         return site.kind == "joint"
 
     def __call__(self, call):
-        if not self._active:
-            return
-        rows = call.step.cond_rows
-        tables = self._tables_for(call, rows)
+        tables = self._active_tables(call)
         if tables is None:
             return
+        rows = call.step.cond_rows
         q, k, v = (t[rows].float() for t in (call.q, call.k, call.v))
-        img, txt = tables.img_label, tables.txt_label
+        img = tables.img_label
         allowed = torch.ones(q.shape[0], q.shape[2], k.shape[2], dtype=torch.bool)
-        allowed[:, call.image, call.text] = ~((txt[:, None, :] >= 0) & (txt[:, None, :] != img[:, :, None]))
+        allowed[:, call.image, call.text] = ~pulled_and_pushed(tables)[1]
         allowed[:, call.image, call.image] = img[:, :, None] == img[:, None, :]
         scores = (q @ k.transpose(-1, -2)) * call.scale
         out = call.output().clone()
@@ -94,11 +92,7 @@ def main() -> None:
             if method == "ast" and args.model == "unet":
                 continue
             arm = Arm(method, model, options, label=f"{'none' if method == 'none' else label} ({args.model})")
-            arm_rows = run_suite([arm], cases, list(range(args.seeds)))
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(arm_rows[0]))
-                writer.writeheader()
-                writer.writerows(arm_rows)
+            write_rows(run_suite([arm], cases, list(range(args.seeds))), path)
         with open(path) as f:
             rows += [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
     lines = [f"Placement on {model}, {args.category}: {len(cases)} prompts x {args.seeds} seeds, paired with plain.",

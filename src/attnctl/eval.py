@@ -373,12 +373,17 @@ def time_ratios(rows: list[dict]) -> dict[str, dict]:
             for label, (model, mean) in means.items()}
 
 
-def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as f:
+def write_rows(rows: list[dict], path: Path) -> None:
+    """The samples' rows as CSV, one column per key of the first row."""
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, out / "results.csv")
     categories = [c for c in CATEGORIES if any(c in cats for cats in summary.values())]
     lines = [f"Shapes-world evaluation. Command: `{command}`", "",
              "| method (model) | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]

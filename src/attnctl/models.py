@@ -107,11 +107,15 @@ def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int
     return spec, dtype, int(seed)
 
 
+def model_dir(spec: str) -> Path:
+    """The folder a built-in model spec or a local folder's spec names (it may not exist)."""
+    return BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
+
+
 def _model_settings(spec: str) -> dict:
     """The `attnctl.json` of a built-in model or local folder: pipeline-call defaults, and under "methods" the
     method options recommended for this model; {} when there is none."""
-    folder = BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
-    path = folder / "attnctl.json"
+    path = model_dir(spec) / "attnctl.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 

@@ -1,7 +1,8 @@
 """Choosing a method's options for a model on its seen split (`attnctl tune`): each candidate of a small grid over the
 method's declared config fields runs on the seen prompts, paired with the plain model on the same samples; the best
 candidate becomes the model's recommendation (its folder's `attnctl.json`, which every front end reads). Held-out
-prompts are never looked at in the choice; `report_heldout` measures the choice on them afterwards, separately.
+prompts are never looked at in the choice (`attnctl tune --heldout` measures the choice on them afterwards,
+separately).
 
 Only a shapes-world model has a seen split (its folder holds `shapes_training.json`, written by `attnctl shapes
 train`): the exact scorer judges the samples."""
@@ -38,9 +39,9 @@ class Candidate:
 
 def model_folder(model: str) -> Path:
     """The folder of a shapes-world model (built-in or trained), whose samples the exact scorer can judge."""
-    from .models import BUILTIN_DIR
+    from .models import model_dir
 
-    folder = BUILTIN_DIR / model[len("builtin:"):] if model.startswith("builtin:") else Path(model).expanduser()
+    folder = model_dir(model)
     if not (folder / "shapes_training.json").is_file():
         raise UsageError(f"tune chooses options on a shapes-world model's seen split, and {model!r} is not one (no "
                          "shapes_training.json): use builtin:shapes-unet, builtin:shapes-mmdit or a folder written "

@@ -89,8 +89,6 @@ def _strengths(text: str) -> list[float]:
 
 
 def run(args) -> None:
-    import csv
-
     from accelerate import PartialState
 
     from ..eval import (
@@ -104,6 +102,7 @@ def run(args) -> None:
         summarize,
         write_dose,
         write_results,
+        write_rows,
     )
 
     for flag, value, high in (("--prompts", args.prompts, 20), ("--seeds", args.seeds, 1000),
@@ -130,10 +129,7 @@ def run(args) -> None:
             return
         summary = summarize(rows)
         write_dose(summary, args.strengths, args.dose, args.out, command)
-        with open(args.out / "dose.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(rows, args.out / "dose.csv")
         print(json.dumps(summary, indent=2) if args.json else (args.out / "dose.md").read_text())
         return
     names = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -67,8 +66,8 @@ def _boolean(text: str) -> bool:
 
 
 def run(args) -> None:
-    from ..eval import Arm, build_suite, run_suite, summarize, write_results
-    from ..tune import model_folder, table, tune, write_recommendation
+    from ..eval import Arm, build_suite, run_suite, summarize, write_results, write_rows
+    from ..tune import table, tune, write_recommendation
 
     m = method(args.method)
     model = args.model or m.builtin_model
@@ -76,7 +75,6 @@ def run(args) -> None:
     bounded("--seeds", args.seeds, 1, 1000)
     bounded("--steps", args.steps, 1, MAX_STEPS)
     check_device(args.device)
-    model_folder(model)
     grid = _grid(m, args.set)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} must be a folder, not a file")
@@ -85,10 +83,7 @@ def run(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"Tuning {m.name} on {model}, seen split {m.seen_category} ({args.prompts} prompts x {args.seeds} seeds), "
              f"paired with the plain model. Command: `{args.command_line}`", "", *table(candidates, m.seen_category)]
-    with open(args.out / "tune.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, args.out / "tune.csv")
     (args.out / "tune.json").write_text(json.dumps({"method": m.name, "model": model, "grid": grid,
                                                     "chosen": best.options}, indent=2) + "\n")
     print("\n".join(lines))

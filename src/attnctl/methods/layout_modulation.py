@@ -65,10 +65,17 @@ class ModulationTables:
     hard_mask: bool = False  # pushed keys masked out (−∞) instead of the bias
 
 
+def pulled_and_pushed(tables: ModulationTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, I, T) masks of the image→text block: `pulled` where the text token is in the phrase of the image token's
+    region, `pushed` where it is in another phrase."""
+    in_phrase = tables.txt_label[:, None, :] >= 0
+    pulled = (tables.img_label[:, :, None] == tables.txt_label[:, None, :]) & in_phrase
+    return pulled, in_phrase & ~pulled
+
+
 def biased_scores(scores: torch.Tensor, tables: ModulationTables) -> torch.Tensor:
     """S' of the image→text block from S = scores (B, H, I, T), in the dtype of `scores`."""
-    pulled = (tables.img_label[:, :, None] == tables.txt_label[:, None, :]) & (tables.txt_label[:, None, :] >= 0)
-    pushed = (tables.txt_label[:, None, :] >= 0) & ~pulled
+    pulled, pushed = pulled_and_pushed(tables)
     if tables.hard_mask:
         return scores.masked_fill(pushed[:, None], float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
@@ -150,12 +157,10 @@ class LayoutModulation(Controller):
                         and self._lam > 0)
 
     def __call__(self, call: AttentionCall) -> None:
-        if not self._active:
-            return
-        rows = call.step.cond_rows
-        tables = self._tables_for(call, rows)
+        tables = self._active_tables(call)
         if tables is None:
             return
+        rows = call.step.cond_rows
         probs = call.text_probs().clone() if call.site.name in self._probs_sites else None
         out = call.output().clone()
         q_img = call.q[rows][:, :, call.image]
@@ -164,6 +169,10 @@ class LayoutModulation(Controller):
         if probs is not None:
             probs[rows] = modulated
         call.set_output(out, text_probs=probs)
+
+    def _active_tables(self, call: AttentionCall) -> ModulationTables | None:
+        """The tables of this call's conditional rows where this step is modulated, else None."""
+        return self._tables_for(call, call.step.cond_rows) if self._active else None
 
     def _tables_for(self, call: AttentionCall, rows: slice) -> ModulationTables | None:
         """The tables of this call, or None on a grid too coarse for every region to get a cell (left alone)."""
