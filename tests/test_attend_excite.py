@@ -161,4 +161,4 @@ def test_without_16x16_sites_the_nearest_grid_is_read():
     ae = AttendAndExcite(["cat"], max_iter_to_alter=1, thresholds={})
     with attnctl.apply(pipe, ae, prompt=PROMPT) as session:
         session(PROMPT, num_inference_steps=1, height=64, width=64, output_type="latent")
-    assert ae._grid == (8, 8) and ae._n_sites == 3
+    assert ae._grid == (8, 8) and len(ae._sites) == 3

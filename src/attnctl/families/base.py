@@ -86,9 +86,11 @@ class Family:
     def timestep(self, args, kwargs):
         raise NotImplementedError
 
+    latents_name = "hidden_states"  # the denoiser's latent input (a UNet's "sample"), its first argument
+
     def latents(self, args, kwargs):
         """The denoiser call's latent input: the transformers' `hidden_states` (a UNet's `sample`)."""
-        return argument(args, kwargs, "hidden_states", 0)
+        return argument(args, kwargs, self.latents_name, 0)
 
     def batch_size(self, args, kwargs) -> int:
         return self.latents(args, kwargs).shape[0]

@@ -141,6 +141,7 @@ class UNetFamily(Family):
     name = "unet"
     denoiser_class = "UNet2DConditionModel"
     known_processors = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0")
+    latents_name = "sample"
 
     def discover(self, unet) -> list[AttentionSite]:
         names = sorted(
@@ -171,9 +172,6 @@ class UNetFamily(Family):
 
     def timestep(self, args, kwargs):
         return argument(args, kwargs, "timestep", 1)
-
-    def latents(self, args, kwargs):
-        return argument(args, kwargs, "sample", 0)
 
     def token_grid(self, denoiser, args, kwargs):
         return tuple(argument(args, kwargs, "sample", 0).shape[-2:])
