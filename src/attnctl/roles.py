@@ -19,6 +19,8 @@ Two ways to find the attribute span, chosen by `parser`:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .errors import UsageError
 from .text import english_pipeline, words
 
@@ -109,3 +111,65 @@ def _spacy_spans(nlp, phrase: str) -> list[tuple[int, int]]:
     if not modifiers:
         return []
     return [(min(t.idx for t in modifiers), max(t.idx + len(t.text) for t in modifiers))]
+
+
+Word = tuple[str, int, int]  # (word, start, end) in the prompt
+
+
+@dataclass(frozen=True)
+class BindingGroup:
+    """A noun and the modifier words that describe it ("a *red shiny* circle"): what a binding method ties together."""
+
+    modifiers: tuple[Word, ...]
+    noun: Word
+
+
+def binding_groups(prompt: str, parser: str = "auto") -> list[BindingGroup]:
+    """Every noun of `prompt` that has modifiers, with them, in prompt order. spaCy's parse where it is installed
+    (a noun's adjective / compound / noun-modifier children, and the conjuncts of those: "a red and blue ball"), the
+    rules otherwise (each chunk between chunk-ending words and punctuation: the words between its leading determiners and its last
+    word, which is the noun)."""
+    if parser not in PARSERS:
+        raise UsageError(f"unknown role parser {parser!r}; use auto, spacy or rules")
+    nlp = english_pipeline() if parser in ("auto", "spacy") else None
+    if parser == "spacy" and nlp is None:
+        raise UsageError("the spaCy role parser was asked for but spaCy or its English model is not installed: "
+                         "`pip install 'attnctl[nlp]' && python -m spacy download en_core_web_sm`, or use "
+                         "parser='rules', or name the groups explicitly")
+    return _spacy_groups(nlp, prompt) if nlp is not None else _rule_groups(prompt)
+
+
+def _rule_groups(prompt: str) -> list[BindingGroup]:
+    groups, chunk = [], []
+    for word in [*words(prompt), None]:
+        punctuated = word is not None and chunk and prompt[chunk[-1][2]:word[1]].strip()  # "a, b", "a; b"
+        if word is None or punctuated or word[0].lower() in _CHUNK_END:
+            start = 0
+            while start < len(chunk) and chunk[start][0].lower() in _LEADING:
+                start += 1
+            if len(chunk) - start >= 2:
+                groups.append(BindingGroup(tuple(chunk[start:-1]), chunk[-1]))
+            chunk = [word] if punctuated and word[0].lower() not in _CHUNK_END else []
+        else:
+            chunk.append(word)
+    return groups
+
+
+_MODIFIER_DEPS = ("amod", "compound", "nmod", "npadvmod", "advmod", "acomp")
+
+
+def _spacy_groups(nlp, prompt: str) -> list[BindingGroup]:
+    groups = []
+    for token in nlp(prompt):
+        if token.pos_ not in ("NOUN", "PROPN") or token.dep_ in _MODIFIER_DEPS:
+            continue
+        found, stack = [], [c for c in token.children if c.dep_ in _MODIFIER_DEPS]
+        while stack:
+            node = stack.pop()
+            found.append(node)
+            stack.extend(c for c in node.children if c.dep_ in _MODIFIER_DEPS or c.dep_ == "conj")
+        if found:
+            found.sort(key=lambda t: t.idx)
+            groups.append(BindingGroup(tuple((t.text, t.idx, t.idx + len(t.text)) for t in found),
+                                       (token.text, token.idx, token.idx + len(token.text))))
+    return groups

@@ -12,6 +12,7 @@ from ..errors import UsageError
 from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from .ast import AST, ASTConfig
 from .attend_excite import AttendAndExcite, AttendExciteConfig
+from .binding import Binding, BindingConfig
 from .layout_modulation import LayoutModulation, LayoutModulationConfig
 from .regulation import Regulation, RegulationConfig
 
@@ -71,6 +72,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("attend-excite", AttendAndExcite, AttendExciteConfig, "targets", ("cross",), DEFAULT_MODEL,
            "Attend-and-Excite (SIGGRAPH 2023): the latents moved so every target word's attention peaks",
            tune_grid={"scale_factor": [10.0, 20.0, 40.0]}),
+    Method("binding", Binding, BindingConfig, "targets", ("cross", "joint"), DEFAULT_MODEL,
+           "attribute binding (SynGen, NeurIPS 2023, with Attend-and-Excite's presence term): the latents moved so "
+           "each modifier's attention lies on its noun's and off the other objects",
+           tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}),
     Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
            DEFAULT_JOINT_MODEL,
            "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "

@@ -1,0 +1,64 @@
+"""The arithmetic of SynGen's loss (Rassin et al., NeurIPS 2023, arXiv 2306.08877), as its public code computes it.
+
+Each token's attention map is read as a distribution over pixels (the map divided by its sum) and two maps are
+compared by the symmetric KL divergence, ½(KL(p‖q) + KL(q‖p)). A word is the list of its token positions; the
+distance between two words is the largest over their positions' pairs. For every group (modifiers m₁…m_k of a noun
+n) and every modifier m of it:
+- positive: D(m, n);
+- negative: −½ (mean over outside positions u of D(m, u) + mean over u of D(n, u)), where the outside positions are
+  the prompt's tokens that are not in the group (the other groups, the articles and conjunctions alike);
+and the loss is the sum of both over every (group, modifier). So each modifier's map is pulled onto its noun's and both
+are pushed off everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupPositions:
+    """One group as token positions: each modifier word's positions, the noun's, and the prompt's tokens outside
+    the group."""
+
+    modifiers: tuple[tuple[int, ...], ...]
+    noun: tuple[int, ...]
+    outside: tuple[int, ...]
+
+
+def pixel_distributions(maps: torch.Tensor) -> torch.Tensor:
+    """maps (H, W, L) -> (H·W, L): each token's map divided by its sum over pixels."""
+    flat = maps.flatten(0, 1)
+    return flat / flat.sum(dim=0, keepdim=True)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """½(KL(p‖q) + KL(q‖p)) between distributions along the first dimension; p, q (pixels, ...)."""
+    return 0.5 * ((p - q) * (p.log() - q.log())).sum(dim=0)
+
+
+def word_distance(dists: torch.Tensor, a: tuple[int, ...], b: tuple[int, ...]) -> torch.Tensor:
+    """The largest symmetric KL between a position of `a` and one of `b`."""
+    pa, pb = dists[:, list(a)], dists[:, list(b)]
+    return symmetric_kl(pa[:, :, None], pb[:, None, :]).max()
+
+
+def outside_distance(dists: torch.Tensor, word: tuple[int, ...], outside: tuple[int, ...]) -> torch.Tensor:
+    """The mean over the outside positions of the word's largest distance to each (0 with none outside)."""
+    if not outside:
+        return dists.new_zeros(())
+    pw, po = dists[:, list(word)], dists[:, list(outside)]
+    return symmetric_kl(pw[:, :, None], po[:, None, :]).max(dim=0).values.mean()
+
+
+def syngen_loss(maps: torch.Tensor, groups: list[GroupPositions]) -> torch.Tensor:
+    """SynGen's loss of one image: `maps` (H, W, L) its attention on the L text tokens."""
+    dists = pixel_distributions(maps)
+    loss = maps.new_zeros(())
+    for g in groups:
+        noun_out = outside_distance(dists, g.noun, g.outside)
+        for m in g.modifiers:
+            loss = loss + word_distance(dists, m, g.noun) - 0.5 * (outside_distance(dists, m, g.outside) + noun_out)
+    return loss
