@@ -9,8 +9,7 @@ import pytest
 
 from attnctl.config import cli_fields, default_of, flag_of
 from attnctl.methods.ast import ASTConfig
-from attnctl.methods.attend_excite import AttendExciteConfig
-from attnctl.methods.layout_modulation import LayoutModulationConfig
+from attnctl.methods.registry import METHODS
 from attnctl.methods.regulation import RegulationConfig
 
 LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "two_animals.json"
@@ -21,6 +20,8 @@ BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:
                           "a cat and a dog"],
         "layout-modulation": ["generate", "--method", "layout-modulation", "--model", "random:sd3-tiny", "--layout",
                               str(LAYOUT)],
+        "binding": ["generate", "--method", "binding", "--model", "random:sd15-tiny", "--prompt",
+                    "a red cat and a blue dog"],
         "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
 
 SAMPLING = [
@@ -73,16 +74,14 @@ def _bad_values(field):
     return bad
 
 
-CASES = [(method, flag_of(config, f.name), value, message)
-         for method, config in (("regulation", RegulationConfig), ("ast", ASTConfig),
-                                ("attend-excite", AttendExciteConfig), ("layout-modulation", LayoutModulationConfig))
-         for f in cli_fields(config) for value, message in _bad_values(f)]
+CASES = [(name, flag_of(m.config, f.name), value, message)
+         for name, m in METHODS.items() for f in cli_fields(m.config) for value, message in _bad_values(f)]
 
 
 def test_the_table_covers_every_numeric_option():
     numeric = {f.name for c in (RegulationConfig, ASTConfig) for f in dataclasses.fields(c) if _bad_values(f)}
     assert {"iterations", "step_size", "sigma", "decay", "strength", "seed", "w_i2t", "tuned_steps", "a_txt"} <= numeric
-    assert len(CASES) >= 60
+    assert len(CASES) >= 60 and set(BASE) == {*METHODS, "none"}
 
 
 @pytest.mark.parametrize("method, flag, value, message", CASES)
@@ -130,6 +129,10 @@ OTHER = [
     (["generate", "--method", "layout-modulation", "--model", "random:sd3-tiny"],
      "--method layout-modulation needs a layout"),
     (BASE["attend-excite"] + ["--layout", str(LAYOUT)], "--layout applies to --method ast and layout-modulation"),
+    (BASE["binding"][:-1] + ["a cat and a dog"], "found no noun with a modifier in 'a cat and a dog'"),
+    (BASE["binding"] + ["--targets", "cat,mouse"], "no modifier found for 'mouse'"),
+    (BASE["binding"] + ["--bind-groups", "green cat"], "binding group 'green cat' is not a part of the prompt"),
+    (BASE["binding"] + ["--bind-groups", "cat"], "two words or more"),
     (["shapes", "train", "--family", "unet", "--threads", "-1"], "--threads must be between 1"),
     (["shapes", "train", "--family", "unet", "--steps", "0"], "--steps must be between 1"),
     (["shapes", "train", "--family", "mmdit", "--batch", "0"], "--batch must be between 1"),

@@ -126,9 +126,9 @@ class BindingGroup:
 
 def binding_groups(prompt: str, parser: str = "auto") -> list[BindingGroup]:
     """Every noun of `prompt` that has modifiers, with them, in prompt order. spaCy's parse where it is installed
-    (a noun's adjective / compound / noun-modifier children, and the conjuncts of those: "a red and blue ball"), the
-    rules otherwise (each chunk between chunk-ending words and punctuation: the words between its leading determiners and its last
-    word, which is the noun)."""
+    (a noun's adjective / compound / noun-modifier children, and the conjuncts of those: "a red and blue ball"),
+    the rules otherwise (in each chunk between chunk-ending words and punctuation, the words between its leading
+    determiners and its last word, which is the noun)."""
     if parser not in PARSERS:
         raise UsageError(f"unknown role parser {parser!r}; use auto, spacy or rules")
     nlp = english_pipeline() if parser in ("auto", "spacy") else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import UsageError
-from ..methods.registry import METHODS, PLAIN, choices, layout_methods, listing, target_methods
+from ..methods.registry import METHODS, PLAIN, choices, default_targets, layout_methods, listing, target_methods
 from . import jobs, sketch
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,6 @@ class Page:
 
     # --- the page ----------------------------------------------------------------------------------------
     def blocks(self) -> gr.Blocks:
-        from ..methods.targets import choose_targets
-
         with gr.Blocks(title="attnctl") as demo:
             gr.Markdown("## attnctl: sketch where things go, then generate with attention control\n"
                         "Paint each object in its own colour (white is the background) or upload a sketch PNG, "
@@ -259,7 +257,7 @@ class Page:
                 if method in layout_methods() or (targets and targets != last):
                     return targets, last
                 try:
-                    chosen = ", ".join(choose_targets(prompt)) if prompt.strip() else ""
+                    chosen = ", ".join(default_targets(method, prompt)) if prompt.strip() else ""
                 except UsageError:
                     chosen = ""
                 return chosen, chosen

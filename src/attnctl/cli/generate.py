@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import given_arguments
 from ..errors import UsageError
 from ..methods.capture import Capture
-from ..methods.registry import METHODS, PLAIN, builtin_model, choices, layout_methods, listing
+from ..methods.registry import METHODS, PLAIN, builtin_model, choices, default_targets, layout_methods, listing
 from .common import (
     add_method_options,
     add_model_options,
@@ -63,7 +63,6 @@ def _controller(args):
     """The method's controller, its prompt, the words to map and whether they were named (not chosen automatically);
     checked before the model loads."""
     from ..methods.regulation import RegulationConfig
-    from ..methods.targets import choose_targets
 
     if args.method in layout_methods():
         from ..layout import Layout
@@ -97,7 +96,9 @@ def _controller(args):
         return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or []), True
     config = method_config(args.method, args, resolve_model(args, builtin_model(args.method)))
     named = config.targets is not None
-    targets = config.targets if named else choose_targets(args.prompt, args.method)
+    if not named and getattr(config, "groups", None):  # the binding method's groups name the words themselves
+        return METHODS[args.method].build(config), args.prompt, [w for g in config.groups for w in g.split()], True
+    targets = config.targets if named else default_targets(args.method, args.prompt)
     return METHODS[args.method].build(config, targets=targets), args.prompt, list(targets), named
 
 

@@ -78,6 +78,15 @@ class BindingConfig:
                                  "groups, not both")
 
 
+def bound_nouns(prompt: str) -> list[str]:
+    """The nouns of `prompt` that have modifiers (the binding method's targets when none are named)."""
+    nouns = [g.noun[0] for g in binding_groups(prompt)]
+    if not nouns:
+        raise UsageError(f"the binding method found no noun with a modifier in {prompt!r} (such as 'a red circle'); "
+                         "name the groups with groups=['red circle', ...] (--bind-groups)")
+    return nouns
+
+
 class Binding(LatentGuidance):
     """The binding method as a controller: `Binding(targets=None, config=None, **options)` with the fields of
     `BindingConfig`. Run the pipeline through the session (`session(prompt, ...)`). `groups` holds each prompt's
@@ -123,19 +132,20 @@ class Binding(LatentGuidance):
             return found
         groups = binding_groups(prompt, self.config.parser)
         if self.config.targets is None:
-            if not groups:
-                raise UsageError(f"the binding method found no noun with a modifier in {prompt!r} (such as 'a red "
-                                 "circle'); name them with groups=['red circle', ...] (--bind-groups)")
+            bound_nouns(prompt)  # refuses a prompt without any
             return [(list(g.modifiers), g.noun) for g in groups]
-        by_noun = {g.noun[0].lower(): g for g in groups}
-        missing = [t for t in self.config.targets if t.lower() not in by_noun]
-        if missing:
-            found = ", ".join(f"{' '.join(w for w, _, _ in g.modifiers)} -> {g.noun[0]}" for g in groups) or "none"
-            raise UsageError(f"the binding method: no modifier found for {', '.join(map(repr, missing))} in "
-                             f"{prompt!r} (groups found: {found}); write the modifier before its noun ('a red "
-                             "circle'), name the groups with groups=[...] (--bind-groups), or leave those nouns out "
-                             "of the targets")
-        return [(list(by_noun[t.lower()].modifiers), by_noun[t.lower()].noun) for t in self.config.targets]
+        chosen, left = [], list(groups)
+        for target in self.config.targets:  # in order: "a red circle and a blue circle" binds both circles
+            match = next((g for g in left if g.noun[0].lower() == target.lower()), None)
+            if match is None:
+                found = ", ".join(f"{' '.join(w for w, _, _ in g.modifiers)} -> {g.noun[0]}" for g in groups)
+                raise UsageError(f"the binding method: no modifier found for {target!r} in {prompt!r} (groups "
+                                 f"found: {found or 'none'}); write the modifier before its noun ('a red circle'), "
+                                 "name the groups with groups=[...] (--bind-groups), or leave that noun out of the "
+                                 "targets")
+            left.remove(match)
+            chosen.append((list(match.modifiers), match.noun))
+        return chosen
 
     @staticmethod
     def _positions(prompt, word) -> tuple[int, ...]:

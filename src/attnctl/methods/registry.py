@@ -6,13 +6,14 @@ exports all come from `METHODS`. A new method is its own module plus one line in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from .ast import AST, ASTConfig
 from .attend_excite import AttendAndExcite, AttendExciteConfig
-from .binding import Binding, BindingConfig
+from .binding import Binding, BindingConfig, bound_nouns
 from .layout_modulation import LayoutModulation, LayoutModulationConfig
 from .regulation import Regulation, RegulationConfig
 
@@ -25,7 +26,8 @@ class Method:
     the target words) or "layout" (`controller(layout, config)`); `reads` the attention kinds it acts on ("cross":
     text cross-attention, "joint": MMDiT joint attention); `builtin_model` the built-in model it runs on when no
     model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone; `tune_grid`
-    the options `attnctl tune` searches by default (field name -> values)."""
+    the options `attnctl tune` searches by default (field name -> values); `choose_targets(prompt)` the target words
+of a targets method when none are named (default: the prompt's nouns)."""
 
     name: str
     controller: type
@@ -36,6 +38,7 @@ class Method:
     summary: str
     batch_options: dict = field(default_factory=dict)
     tune_grid: dict = field(default_factory=dict)
+    choose_targets: Callable[[str], list[str]] | None = None
 
     @property
     def takes_layout(self) -> bool:
@@ -52,6 +55,12 @@ class Method:
         if self.takes_layout:
             return ("placed_pairs", "placed_triples", "layout")
         return ("two_objects", "colour_binding", "three_objects")
+
+    def default_targets(self, prompt: str) -> list[str]:
+        """The target words of `prompt` when none are named."""
+        from .targets import choose_targets
+
+        return self.choose_targets(prompt) if self.choose_targets else choose_targets(prompt, self.name)
 
     def build(self, config, *, targets=None, layout=None):
         """The controller for `config` (a `self.config`), given the target words or the layout it takes."""
@@ -75,7 +84,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("binding", Binding, BindingConfig, "targets", ("cross", "joint"), DEFAULT_MODEL,
            "attribute binding (SynGen, NeurIPS 2023, with Attend-and-Excite's presence term): the latents moved so "
            "each modifier's attention lies on its noun's and off the other objects",
-           tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}),
+           tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}, choose_targets=bound_nouns),
     Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
            DEFAULT_JOINT_MODEL,
            "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "
@@ -114,6 +123,13 @@ def method(name: str) -> Method:
 def builtin_model(name: str) -> str:
     """The built-in model `name` runs on by default (the plain pipeline: the UNet one)."""
     return DEFAULT_MODEL if name == PLAIN else method(name).builtin_model
+
+
+def default_targets(name: str, prompt: str) -> list[str]:
+    """The words method `name` acts on (the plain pipeline: the words its maps show) when none are named."""
+    from .targets import choose_targets
+
+    return choose_targets(prompt, name) if name == PLAIN else method(name).default_targets(prompt)
 
 
 def listing(names) -> str:
