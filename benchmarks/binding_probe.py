@@ -1,15 +1,16 @@
-"""Where does binding fail? (issue 29, step 1: seen pairs only.) The plain model's images of seen pairs, scored, with
-what its attention did in the first steps, read as the binding method reads it (the same maps; the latents are not
-moved):
+"""Where does binding fail? (issue 29, step 1: seen data only.) The plain model's images of seen pairs (or triples),
+scored, with what its attention did in the first steps, read as the binding method reads it (the same maps; the
+latents are not moved):
 
-    python benchmarks/binding_probe.py [--model unet|mmdit] [--prompts 32] [--seeds 8] [--out out/binding-probe]
+    python benchmarks/binding_probe.py [--model unet|mmdit] [--category seen_pairs|seen_triples] [--prompts 32]
+                                       [--seeds 8] [--out out/binding-probe]
 
 Per image and early step: SynGen's loss, and the *margin* of each colour word: the symmetric KL between its map and
 the other object's noun map minus that to its own noun's (positive: the colour's attention lies nearer its own
-noun); the image's margin is the smaller of its two. Among the images with both shapes present, how well each
-quantity separates the mis-bound images from the bound ones is the AUC (probability that a mis-bound image has the
-worse value), with a 95% bootstrap interval over prompts. Rows go to OUT/MODEL/rows.csv (resumed per prompt), the
-table to OUT/MODEL/results.md."""
+noun); the image's margin is the smallest over its colour words and the other nouns. Among the images with every
+shape present, how well each quantity separates the mis-bound images from the bound ones is the AUC (the probability
+that a mis-bound image has the worse value), with a 95% bootstrap interval over prompts. Rows go to
+OUT/MODEL[-CATEGORY]/rows.csv (resumed per prompt), the table to results.md beside them."""
 
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="unet")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--category", choices=("seen_pairs", "seen_triples"), default="seen_pairs")
     parser.add_argument("--out", type=Path, default=Path("out/binding-probe"))
     args = parser.parse_args()
-    model, out = MODELS[args.model], args.out / args.model
+    model = MODELS[args.model]
+    out = args.out / args.model if args.category == "seen_pairs" else args.out / f"{args.model}-{args.category}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "rows.csv"
     rows = list(csv.DictReader(path.open())) if path.exists() else []
@@ -84,7 +87,7 @@ def main() -> None:
     pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     sampling = sampling_defaults(model)
-    cases = [c for c in build_suite(args.prompts) if "seen_pairs" in c.categories]
+    cases = [c for c in build_suite(args.prompts) if args.category in c.categories]
     seeds = list(range(args.seeds))
     for n, case in enumerate(cases):
         if case.prompt in done:
@@ -115,8 +118,8 @@ def main() -> None:
             if k != "prompt":
                 r[k] = float(r[k])
     present = [r for r in rows if r["present"]]
-    lines = [f"# Binding probe on {model} (seen pairs, plain images)", "",
-             f"{len(rows)} images, {len(present)} with both shapes, {int(sum(r['bound'] for r in present))} bound.",
+    lines = [f"# Binding probe on {model} ({args.category}, plain images)", "",
+             f"{len(rows)} images, {len(present)} with every shape, {int(sum(r['bound'] for r in present))} bound.",
              "", "| quantity | step | AUC (mis-bound has the worse value) | 95% interval |", "|---|---|---|---|"]
     for step in range(STEPS_READ):
         for key, sign, name in ((f"margin{step}", 1.0, "colour margin (own noun vs other)"),

@@ -133,6 +133,8 @@ OTHER = [
     (BASE["binding"] + ["--targets", "cat,mouse"], "no modifier found for 'mouse'"),
     (BASE["binding"] + ["--bind-groups", "green cat"], "binding group 'green cat' is not a part of the prompt"),
     (BASE["binding"] + ["--bind-groups", "cat"], "two words or more"),
+    (BASE["binding"] + ["--seed-grid", "-1"], "--seed-grid must be between 0 and 64"),
+    (BASE["none"] + ["--seed-grid", "2"], "--seed-grid compares a method with the plain pipeline"),
     (["shapes", "train", "--family", "unet", "--threads", "-1"], "--threads must be between 1"),
     (["shapes", "train", "--family", "unet", "--steps", "0"], "--steps must be between 1"),
     (["shapes", "train", "--family", "mmdit", "--batch", "0"], "--batch must be between 1"),

@@ -135,3 +135,18 @@ def test_irregular_and_elongated_blobs_are_no_shape():
     assert s.count == 2
     assert not any(o.present for o in s.objects)
     assert all(o.colour_present for o in s.objects)
+
+
+def test_a_prompt_is_judged_in_words():
+    img = data.render(data.Scene((data.ShapeObject("red", "square", (4, 20, 26, 42)),
+                                  data.ShapeObject("blue", "circle", (36, 20, 58, 42))))).image
+    assert scorer.objects_of_prompt("a red square and a blue circle") == [("red", "square"), ("blue", "circle")]
+    assert scorer.objects_of_prompt("a red square with a blue circle") is None
+    assert scorer.objects_of_prompt("a crimson square") is None
+    assert scorer.judged(img, [("red", "square"), ("blue", "circle")]) == "all bound"
+    assert scorer.judged(img, [("blue", "square"), ("red", "circle")]) == "mis-bound: blue square, red circle"
+    assert scorer.judged(img, [("red", "square"), ("green", "triangle")]) == "missing: green triangle"
+    left, right = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+    assert scorer.judged(img, [("red", "square"), ("blue", "circle")], [left, right]) == "all placed"
+    assert scorer.judged(img, [("red", "square"), ("blue", "circle")], [right, left]) == \
+        "outside its box: red square, blue circle"

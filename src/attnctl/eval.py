@@ -14,7 +14,9 @@ Categories (every prompt but the seen pairs and single objects uses combinations
                   boxes whose left-to-right order is not the word order — success: placed, every object present and
                   mostly inside its own box;
 - seen_placed_pairs: the same with seen pairs (not run by default): the split on which a layout method's options
-                  are chosen, so that the held-out layouts stay held out.
+                  are chosen, so that the held-out layouts stay held out;
+- seen_triples:   three objects shown together in training (not run by default) — success: all three bound; where a
+                  binding method's options are chosen (the seen pairs are bound too often to tell options apart).
 In the layout categories every arm is judged against the same boxes (the plain model too), and each method arm is
 paired with the plain arm on the same samples (fixed, broken, exact McNemar p). A sample's starting noise comes from
 the case's identity and the seed (`sample_seed`), so a run of some categories draws the images of the full run.
@@ -48,7 +50,7 @@ from .relations import HALVES, boxes_from_prompt, strips
 
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
 HELDOUT_CATEGORIES = ("two_objects", "colour_binding", "three_objects", "layout", "placed_pairs", "placed_triples")
-CATEGORIES = ("single_objects", "seen_pairs", *HELDOUT_CATEGORIES, "seen_placed_pairs")
+CATEGORIES = ("single_objects", "seen_pairs", *HELDOUT_CATEGORIES, "seen_placed_pairs", "seen_triples")
 DEFAULT_CATEGORIES = ("seen_pairs", *HELDOUT_CATEGORIES)
 # judged by where the objects are (every arm's images against the same boxes)
 LAYOUT_CATEGORIES = ("layout", "placed_pairs", "placed_triples", "seen_placed_pairs")
@@ -88,10 +90,14 @@ def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
         cases.append(Case(("layout",), prompt, [a, b], [box for _, box in boxes_from_prompt(prompt)], relation=rel))
     triples = [t for t in itertools.permutations(data.ALL_OBJECTS, 3)
                if len({o[0] for o in t}) == 3 and len({o[1] for o in t}) == 3 and data.is_heldout_triple(t)]
+    seen_triples = [t for t in itertools.permutations(data.ALL_OBJECTS, 3)
+                    if len({o[0] for o in t}) == 3 and len({o[1] for o in t}) == 3 and not data.is_heldout_triple(t)]
     rng.shuffle(triples)
-    for t in triples[:prompts_per_category]:
-        cases.append(Case(("three_objects",), " and ".join(f"a {c} {s}" for c, s in t), list(t),
-                          strips(3, "left to right")))
+    random.Random(f"seen triples {rng_seed}").shuffle(seen_triples)  # its own draw: the other categories' stay
+    for category, objects in (("three_objects", triples), ("seen_triples", seen_triples)):
+        for t in objects[:prompts_per_category]:
+            cases.append(Case((category,), " and ".join(f"a {c} {s}" for c, s in t), list(t),
+                              strips(3, "left to right")))
     for category, objects in (("placed_pairs", held[:prompts_per_category]),
                               ("placed_triples", triples[:prompts_per_category]),
                               ("seen_placed_pairs", seen[:prompts_per_category])):
@@ -137,7 +143,7 @@ def score_case(case: Case, image) -> dict[str, bool | float]:
     relation = case.relation is None or relation_holds(objs[0], objs[1], case.relation)
     success = {"single_objects": bound, "seen_pairs": bound, "two_objects": present, "colour_binding": bound,
                "three_objects": bound, "layout": bound and inside and relation, "placed_pairs": present and inside,
-               "placed_triples": present and inside, "seen_placed_pairs": present and inside}
+               "placed_triples": present and inside, "seen_placed_pairs": present and inside, "seen_triples": bound}
     return {"success": {c: success[c] for c in case.categories}, "present": present, "bound": bound,
             "inside": inside, "relation": relation, "mean_iou": float(np.mean([o.iou or 0.0 for o in objs])),
             "count": scored.count}

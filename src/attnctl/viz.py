@@ -190,6 +190,27 @@ def comparison_figure(images: dict, path, title: str = "") -> None:
     _save(fig, path)
 
 
+def seed_grid_figure(rows: dict[str, list], captions: dict[str, list[str]], seeds: list[int], path,
+                     title: str = "") -> None:
+    """One row of images per label (plain, the method), one column per seed, each image's caption (its judged
+    outcome) under it."""
+    fig, axes = plt.subplots(len(rows), len(seeds), figsize=(1.9 * len(seeds), 2.3 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            ax = axes[r][c]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(f"seed {seeds[c]}" if r == 0 else "", fontsize=8)
+            caption = captions.get(label, [""] * len(images))[c]
+            ax.set_xlabel(caption.replace(": ", ":\n", 1), fontsize=7,
+                          color="darkgreen" if caption in ("all bound", "all placed") else "darkred")
+        axes[r][0].set_ylabel(label, fontsize=9)
+        _bare(axes[r])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def _bare(axes) -> None:
     """No ticks: the axes show pictures, not coordinates."""
     for ax in axes:

@@ -127,15 +127,20 @@ def load(args, default: str = DEFAULT_MODEL):
     return load_pipeline(resolve_model(args, default), device=args.device, dtype=parse_dtype(args.dtype))
 
 
-def generate(pipe, prompt, args, controllers=(), on_step=None):
-    """The images of `prompt` with `controllers` attached. `on_step(step, steps)`, if given, is called after each
-    denoising step (1-based); an exception it raises stops the run (the pipeline is restored)."""
+def generate(pipe, prompt, args, controllers=(), on_step=None, seeds=None):
+    """The images of `prompt` with `controllers` attached: `--num-images` from `--seed`, or one per seed of `seeds`.
+    `on_step(step, steps)`, if given, is called after each denoising step (1-based); an exception it raises stops
+    the run (the pipeline is restored)."""
     import torch
 
     from ..control import apply
 
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     kwargs = call_kwargs(args, pipe)
+    if seeds is None:
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    else:  # one generator per image: image k is what --seed seeds[k] draws alone
+        generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        kwargs["num_images_per_prompt"] = len(seeds)
     if on_step is not None:
         def step_end(pipe, step, timestep, tensors):
             on_step(step + 1, pipe.num_timesteps)

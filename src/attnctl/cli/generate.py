@@ -11,8 +11,10 @@ from ..errors import UsageError
 from ..methods.capture import Capture
 from ..methods.registry import METHODS, PLAIN, builtin_model, choices, default_targets, layout_methods, listing
 from .common import (
+    MAX_IMAGES,
     add_method_options,
     add_model_options,
+    bounded,
     generate,
     given_method_flags,
     load,
@@ -45,6 +47,10 @@ def register(sub) -> None:
                              "\"A, B and C from left to right\"; attnctl.relations lists the patterns)")
     p.add_argument("--maps", action="store_true",
                    help="also write the token maps of the targets with and without the method (same seed)")
+    p.add_argument("--seed-grid", type=int, default=0, metavar="N",
+                   help="also run the plain pipeline and the method on seeds SEED .. SEED+N-1 and write them side by "
+                        "side (seeds.png, seeds.csv), each image judged by the shapes world's exact scorer where the "
+                        "model and prompt are the shapes world's")
     p.add_argument("--out", required=True, type=Path)
     for name in METHODS:
         add_method_options(p, name)
@@ -111,13 +117,16 @@ def run(args, load_pipeline=load, on_step=None) -> list[Path]:
     `load_pipeline(args, default_model)` gives the pipeline (the app passes its cache); `on_step(label, step, steps)`
     follows each run's denoising steps (label: the method's name, then "plain" for the comparison)."""
     _refuse_other_methods(args)
+    bounded("--seed-grid", args.seed_grid, 0, MAX_IMAGES, " seeds")
+    if args.seed_grid and args.method == PLAIN:
+        raise UsageError("--seed-grid compares a method with the plain pipeline: name a --method")
     method, prompt, words, named = _controller(args)
     pipe = load_pipeline(args, builtin_model(args.method))  # after the method's inputs: cheap errors first
     capture = Capture(words, requested=named) if args.maps and words else None
 
-    def run_images(label, controllers):
+    def run_images(label, controllers, seeds=None):
         step = (lambda i, n: on_step(label, i, n)) if on_step else None
-        return generate(pipe, prompt, args, controllers, on_step=step)
+        return generate(pipe, prompt, args, controllers, on_step=step, seeds=seeds)
 
     images = run_images(args.method, ([method] if method else []) + ([capture] if capture else []))
     written = save_images(images, args.out)
@@ -140,7 +149,38 @@ def run(args, load_pipeline=load, on_step=None) -> list[Path]:
         written += _write_overlays(images, method.layout, args.out, "image")
         if plain is not None:
             written += _write_overlays(plain, method.layout, args.out, "plain")
+    if args.seed_grid:
+        written += _seed_grid(pipe, prompt, args, method, run_images)
     return written
+
+
+def _seed_grid(pipe, prompt, args, method, run_images) -> list[Path]:
+    """The plain pipeline and the method on the first `--seed-grid` seeds, judged where the shapes world's scorer
+    can judge them (a built-in model, a prompt of "a COLOUR SHAPE" phrases): seeds.png and seeds.csv."""
+    import csv
+
+    from ..shapes.scorer import judged, objects_of_prompt
+    from ..viz import seed_grid_figure
+
+    seeds = [args.seed + k for k in range(args.seed_grid)]
+    rows = {"plain": run_images("plain", [], seeds=seeds),
+            args.method: run_images(args.method, [_controller(args)[0]], seeds=seeds)}  # a fresh controller
+    shapes_world = resolve_model(args, builtin_model(args.method)).startswith("builtin:")
+    objects = objects_of_prompt(prompt) if shapes_world else None
+    boxes = [r.box for r in method.layout.regions] if args.method in layout_methods() else None
+    captions = {label: [judged(image, objects, boxes) if objects else "" for image in images]
+                for label, images in rows.items()}
+    if objects:
+        good = "all placed" if boxes else "all bound"
+        log.info("%s on seeds %d-%d: plain %d/%d, %s %d/%d", good, seeds[0], seeds[-1],
+                 captions["plain"].count(good), len(seeds), args.method, captions[args.method].count(good), len(seeds))
+    paths = [args.out / "seeds.png", args.out / "seeds.csv"]
+    seed_grid_figure(rows, captions, seeds, paths[0], prompt)
+    with paths[1].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "plain", args.method])
+        writer.writerows([seed, captions["plain"][k], captions[args.method][k]] for k, seed in enumerate(seeds))
+    return paths
 
 
 def _write_overlays(images, layout, out: Path, stem: str) -> list[Path]:

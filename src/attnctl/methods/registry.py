@@ -39,6 +39,7 @@ of a targets method when none are named (default: the prompt's nouns)."""
     batch_options: dict = field(default_factory=dict)
     tune_grid: dict = field(default_factory=dict)
     choose_targets: Callable[[str], list[str]] | None = None
+    seen: str | None = None  # the seen category its options are chosen on, where not the default
 
     @property
     def takes_layout(self) -> bool:
@@ -47,7 +48,7 @@ of a targets method when none are named (default: the prompt's nouns)."""
     @property
     def seen_category(self) -> str:
         """The eval category of seen prompts on which `attnctl tune` chooses this method's options."""
-        return "seen_placed_pairs" if self.takes_layout else "seen_pairs"
+        return self.seen or ("seen_placed_pairs" if self.takes_layout else "seen_pairs")
 
     @property
     def heldout_categories(self) -> tuple[str, ...]:
@@ -84,7 +85,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("binding", Binding, BindingConfig, "targets", ("cross", "joint"), DEFAULT_MODEL,
            "attribute binding (SynGen, NeurIPS 2023, with Attend-and-Excite's presence term): the latents moved so "
            "each modifier's attention lies on its noun's and off the other objects",
-           tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}, choose_targets=bound_nouns),
+           tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}, choose_targets=bound_nouns,
+           seen="seen_triples"),
     Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
            DEFAULT_JOINT_MODEL,
            "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "

@@ -279,3 +279,35 @@ def relation_holds(a: ObjectScore, b: ObjectScore, relation: str) -> bool:
     if relation == "below":
         return dy < 0 and abs(dy) >= abs(dx)
     raise ValueError(f"unknown relation {relation!r}")
+
+
+def objects_of_prompt(prompt: str) -> list[tuple[str, str]] | None:
+    """The (colour, shape) objects a shapes-world prompt names ("a red circle and a blue square"), in order; None
+    unless every phrase between "and"s is "a COLOUR SHAPE" (a prompt the exact scorer can judge)."""
+    from .data import COLOURS, SHAPES
+
+    objects = []
+    for phrase in prompt.lower().strip().split(" and "):
+        words = phrase.split()
+        if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
+            return None
+        objects.append((words[1], words[2]))
+    return objects or None
+
+
+def judged(image, objects: list[tuple[str, str]], boxes=None) -> str:
+    """One image's outcome in words: "missing: ...", "mis-bound: ..." (a shape present in another colour), with
+    `boxes` (one per object, fractions of the image) "outside its box: ...", else "all bound" ("all placed" with
+    boxes)."""
+    scored = score_image(image, [(c, s, box) for (c, s), box in zip(objects, boxes or [(0.0, 0.0, 1.0, 1.0)] *
+                                                                     len(objects))])
+    missing = [f"{o.colour} {o.shape}" for o in scored.objects if not o.present]
+    if missing:
+        return "missing: " + ", ".join(missing)
+    wrong = [f"{o.colour} {o.shape}" for o in scored.objects if not o.bound]
+    if wrong:
+        return "mis-bound: " + ", ".join(wrong)
+    if boxes is None:
+        return "all bound"
+    outside = [f"{o.colour} {o.shape}" for o in scored.objects if not o.inside]
+    return "outside its box: " + ", ".join(outside) if outside else "all placed"
