@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import numbers
 import os
 from pathlib import Path
@@ -112,11 +113,66 @@ def model_dir(spec: str) -> Path:
     return BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
 
 
+MAX_STEPS = 1000  # a scheduler has 1000 training timesteps: more steps only repeat them
+MAX_SIDE = 4096  # beyond every supported model's resolution (FLUX.1 and SDXL are trained up to ~2048)
+MAX_TEXT = 512  # the longest T5 text SD3 and FLUX take
+# what a model folder's attnctl.json may set for the pipeline call: type, lowest, highest
+SETTINGS = {"num_inference_steps": (int, 1, MAX_STEPS), "guidance_scale": (float, 0.0, math.inf),
+            "height": (int, 8, MAX_SIDE), "width": (int, 8, MAX_SIDE), "max_sequence_length": (int, 1, MAX_TEXT)}
+
+
 def _model_settings(spec: str) -> dict:
     """The `attnctl.json` of a built-in model or local folder: pipeline-call defaults, and under "methods" the
-    method options recommended for this model; {} when there is none."""
+    method options recommended for this model; {} when there is none. A file that is not a JSON object of known,
+    valid settings is a UsageError naming the file, the setting and what it may be."""
     path = model_dir(spec) / "attnctl.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    where = f"{path} (the model folder's recommended settings)"
+    try:
+        settings = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{where} is not UTF-8 text; rewrite it as JSON or delete it") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or "
+                         "delete it") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"{where} must be a JSON object such as {{\"num_inference_steps\": 25, \"methods\": "
+                         f"{{}}}}, not a {type(settings).__name__}")
+    for key, value in settings.items():
+        if key == "methods":
+            _check_method_settings(value, where)
+        elif key not in SETTINGS:
+            raise UsageError(f"{where}: unknown setting {key!r}; it may set {', '.join(SETTINGS)} and \"methods\"")
+        else:
+            kind, low, high = SETTINGS[key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or kind is int and not float(value).is_integer() or not (
+                    math.isfinite(value) and low <= value <= high):
+                shown = "a whole number" if kind is int else "a finite number"
+                raise UsageError(f"{where}: {key} must be {shown} from {low:g} to {high:g}, not {value!r}")
+    return settings
+
+
+def _check_method_settings(methods, where: str) -> None:
+    """The "methods" of attnctl.json: each a known method's options, built into its config to check them."""
+    from .config import build
+    from .methods.registry import METHODS
+
+    if not isinstance(methods, dict):
+        raise UsageError(f"{where}: \"methods\" must map method names to their options, such as {{\"regulation\": "
+                         f"{{\"strength\": 1.0}}}}, not {methods!r}")
+    for name, options in methods.items():
+        if name not in METHODS:
+            raise UsageError(f"{where}: unknown method {name!r} under \"methods\"; the methods are "
+                             f"{', '.join(METHODS)}")
+        if not isinstance(options, dict):
+            raise UsageError(f"{where}: the options of {name!r} must be a JSON object of its config's fields, not "
+                             f"{options!r}")
+        try:
+            build(METHODS[name].config, None, **options)
+        except UsageError as e:
+            raise UsageError(f"{where}: {name}: {e}") from None
 
 
 RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",)}

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import add_arguments, build, describe, flag_of, given_arguments
 from ..errors import UsageError
 from ..methods.registry import METHODS
-from ..models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, MAX_TEXT
 
 
 def add_model_options(parser, default_model: str) -> None:
@@ -28,10 +28,7 @@ def add_model_options(parser, default_model: str) -> None:
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
 
 
-MAX_STEPS = 1000  # a scheduler has 1000 training timesteps: more steps only repeat them
-MAX_SIDE = 4096  # beyond every supported model's resolution (FLUX.1 and SDXL are trained up to ~2048)
 MAX_IMAGES = 64  # images per prompt in one call; more is a loop, not a batch
-MAX_TEXT = 512  # the longest T5 text SD3 and FLUX take
 
 
 def bounded(flag: str, value, low: float, high: float, why: str = "") -> None:

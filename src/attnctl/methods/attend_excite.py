@@ -72,6 +72,9 @@ class AttendExciteConfig:
     def __post_init__(self):
         check(self)
         self.targets = normalise_targets(self.targets)
+        if isinstance(self.thresholds, dict):  # a model folder's attnctl.json can only write the steps as strings
+            self.thresholds = {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
+                               for k, v in self.thresholds.items()}
         if not isinstance(self.thresholds, dict) or not all(
                 isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float))
                 and not isinstance(v, bool) and 0 <= v <= 1 for k, v in self.thresholds.items()):
