@@ -53,3 +53,19 @@ def test_the_command_line_refuses_the_folder_before_loading_it(tmp_path, cli):
     code, out, err = cli("generate", "--model", tmp_path, "--prompt", "a cat", "--out", tmp_path / "out")
     assert code == 2 and "attnctl.json" in err and "strength" in err, err
     assert "Traceback" not in out + err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff", "is not valid UTF-8 JSON"),
+    (b"[]", "must be a JSON object"),
+    (b'{"unet": ["diffusers", "UNet2DConditionModel"]}', 'has no "_class_name"'),
+    (b'{"_class_name": "NoSuchPipeline"}', "'NoSuchPipeline', which is not a diffusers pipeline class"),
+    (b'{"_class_name": "UNet2DConditionModel"}', "which is not a diffusers pipeline class"),
+    (b'{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}',
+     "could not load the pipeline folder"),
+])
+def test_a_malformed_pipeline_folder_is_refused_naming_the_problem(content, message, tmp_path, cli):
+    (tmp_path / "model_index.json").write_bytes(content)
+    code, out, err = cli("sites", "--model", tmp_path)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in out + err

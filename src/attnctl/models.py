@@ -229,6 +229,30 @@ def _loading_bars():
             lib.enable_progress_bar()
 
 
+def _model_index(path: Path) -> dict:
+    """A pipeline folder's model_index.json, checked: a JSON object whose `_class_name` is a diffusers pipeline."""
+    import diffusers
+
+    where = f"{path} (the pipeline folder's index)"
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{where} is not valid UTF-8 JSON ({e}); save the pipeline again with "
+                         "`pipe.save_pretrained(folder)`") from None
+    if not isinstance(index, dict):
+        raise UsageError(f"{where} must be a JSON object naming the pipeline class and its components, not a "
+                         f"{type(index).__name__}")
+    name = index.get("_class_name")
+    if not isinstance(name, str):
+        raise UsageError(f"{where} has no \"_class_name\" naming the pipeline class (such as "
+                         "\"StableDiffusionPipeline\")")
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise UsageError(f"{where} names {name!r}, which is not a diffusers pipeline class (diffusers "
+                         f"{diffusers.__version__}); name one such as \"StableDiffusionPipeline\"")
+    return index
+
+
 def _from_pretrained(spec: str):
     from diffusers import DiffusionPipeline
 
@@ -236,15 +260,18 @@ def _from_pretrained(spec: str):
     if local.exists() and not (local / "model_index.json").exists():
         raise UsageError(f"{spec} is a folder but not a diffusers pipeline folder (it has no model_index.json)")
     # components saved as None (e.g. SD3 without T5) must be passed as None again, or diffusers refuses the folder
-    index = local / "model_index.json"
-    absent = {name: None for name, value in (json.loads(index.read_text()).items() if index.exists() else ())
-              if isinstance(value, list) and value == [None, None]}
+    index = _model_index(local / "model_index.json") if local.exists() else {}
+    absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
     try:
         with _loading_bars():
             pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec, **absent)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # a local folder's fault, whatever diffusers raises for it; a hub id's: below
         if local.exists():
-            raise UsageError(f"could not load the pipeline folder {spec}: {err}") from None
+            raise UsageError(f"could not load the pipeline folder {spec} ({type(err).__name__}: {err}); check its "
+                             "model_index.json and component folders against a folder saved by "
+                             "`pipe.save_pretrained(...)`") from None
+        if not isinstance(err, (OSError, ValueError)):
+            raise
         raise UsageError(
             f"the weights of {spec!r} are not available: it is not a local folder and could not be fetched from the "
             f"Hugging Face Hub ({type(err).__name__}). Check the id and your network, or download it first with "
