@@ -182,3 +182,13 @@ def test_eval_refuses_duplicates_and_a_file_as_out_before_any_work(argv, message
     code, _, err = cli(*argv, "--quick")
     assert code == 2 and message in err and "Traceback" not in err, err
     assert (tmp_path / "taken").read_text() == "mine" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, extra", [("none", ["--guidance", "1e308"]),
+                                           ("attend-excite", ["--ae-scale-factor", "1e30"])])
+def test_settings_that_break_the_image_exit_3_and_write_nothing(method, extra, cli, tmp_path):
+    """Values inside every bound that still overflow: the image would be black; exit 3, no file."""
+    code, out, err = cli(*BASE[method], "--steps", "2", "--height", "64", "--width", "64", *extra,
+                         "--out", tmp_path / "o")
+    assert code == 3 and "non-finite values" in err and "nothing was written" in err, err
+    assert "Traceback" not in out + err and not (tmp_path / "o").exists()

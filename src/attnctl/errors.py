@@ -9,3 +9,8 @@ class UsageError(ValueError):
         except attnctl.UsageError as err:
             print(err)          # targets is empty: name at least one word of the prompt, ...
     """
+
+
+class BrokenImage(UsageError):
+    """The settings made the pipeline produce something that is not an image (non-finite values, which would be
+    saved as black); the CLI exits with status 3 and writes nothing."""

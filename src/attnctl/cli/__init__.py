@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from ..errors import UsageError
+from ..errors import BrokenImage, UsageError
 from . import analyze, app, bench, evaluate, generate, maps, shapes, sites, tune
 
 SUBCOMMANDS = (sites, maps, generate, analyze, bench, evaluate, tune, shapes, app)
@@ -54,7 +54,8 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    """Run `attnctl ARGS`; returns the exit status: 0, 2 for bad input (with a message naming the fix), 1 for a bug.
+    """Run `attnctl ARGS`; returns the exit status: 0, 2 for bad input (with a message naming the fix), 3 for settings
+    that broke the image (non-finite values; nothing written), 1 for a bug.
     Warnings and the library's log records are printed as `attnctl: ...` while it runs (restored afterwards).
 
         attnctl.cli.main(["sites", "--model", "random:sd15-tiny"])
@@ -85,6 +86,9 @@ def _run(argv) -> int:
         args.command_line = "attnctl " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
         args.func(args)
         return 0
+    except BrokenImage as err:
+        print(f"attnctl: error: {err}", file=sys.stderr)
+        return 3
     except UsageError as err:
         print(f"attnctl: error: {err}", file=sys.stderr)
         return 2

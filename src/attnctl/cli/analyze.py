@@ -12,6 +12,7 @@ from .common import (
     add_method_options,
     add_model_options,
     call_kwargs,
+    finite_images,
     given_method_flags,
     load,
     method_config,
@@ -53,7 +54,8 @@ def run(args) -> None:
     pipe = load(args, builtin_model("ast"))
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with apply(pipe, *controllers, prompt=layout.prompt):
-        images = pipe(layout.prompt, generator=generator, **call_kwargs(args, pipe)).images
+        images = finite_images(pipe(layout.prompt, generator=generator,
+                                    **{**call_kwargs(args, pipe), "output_type": "np"}).images, args)
     if not hierarchy.rows:
         raise UsageError("nothing was recorded: check --analyze-steps against --steps")
     out = Path(args.out)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import add_arguments, build, describe, flag_of, given_arguments
-from ..errors import UsageError
+from ..errors import BrokenImage, UsageError
 from ..methods.registry import METHODS
 from ..models import DEFAULT_MODEL, MAX_SIDE, MAX_STEPS, MAX_TEXT
 
@@ -145,7 +145,23 @@ def generate(pipe, prompt, args, controllers=(), on_step=None, seeds=None):
 
         kwargs["callback_on_step_end"] = step_end
     with apply(pipe, *controllers, prompt=prompt) as session:
-        return session(prompt, generator=generator, **kwargs).images
+        arrays = session(prompt, generator=generator, **{**kwargs, "output_type": "np"}).images
+    return finite_images(arrays, args)
+
+
+def finite_images(arrays, args) -> list:
+    """The pipeline's float images as PIL images (what output_type="pil" gives); a BrokenImage error, before any
+    file is written, where a value is not finite (written as a black image, it would pass for a result)."""
+    import numpy as np
+    from diffusers.utils import numpy_to_pil
+
+    if not np.isfinite(arrays).all():
+        bad = [i for i, a in enumerate(arrays) if not np.isfinite(a).all()]
+        raise BrokenImage(f"the pipeline produced non-finite values (NaN or infinity) in image(s) {bad}: a value "
+                          f"too large somewhere (--guidance {args.guidance if args.guidance is not None else ''} or "
+                          "a method's strength or step size) or a float16 overflow (try --dtype bfloat16 or "
+                          "float32); nothing was written")
+    return numpy_to_pil(arrays)
 
 
 def save_images(images, out: Path, stem: str = "image") -> list[Path]:
