@@ -5,7 +5,8 @@ latents are not moved):
     python benchmarks/binding_probe.py [--model unet|mmdit] [--category seen_pairs|seen_triples] [--prompts 32]
                                        [--seeds 8] [--out out/binding-probe]
 
-Per image and early step: SynGen's loss, and the *margin* of each colour word: the symmetric KL between its map and
+Per image and early step: SynGen's loss, Attend-and-Excite's loss on the nouns (1 − the weakest noun's smoothed
+maximum: does it predict a missing shape?), and the *margin* of each colour word: the symmetric KL between its map and
 the other object's noun map minus that to its own noun's (positive: the colour's attention lies nearer its own
 noun); the image's margin is the smallest over its colour words and the other nouns. Among the images with every
 shape present, how well each quantity separates the mis-bound images from the bound ones is the AUC (the probability
@@ -24,6 +25,7 @@ import torch
 
 import attnctl
 from attnctl.eval import build_suite, sample_seed, score_case
+from attnctl.methods.attend_excite_math import max_attention_per_token, neglect_loss
 from attnctl.methods.binding import Binding
 from attnctl.methods.binding_math import pixel_distributions, syngen_loss, word_distance
 from attnctl.models import load_pipeline, sampling_defaults
@@ -45,7 +47,9 @@ class EarlyAttention(Binding):
         margins = [float(word_distance(dists, g.modifiers[0], other.noun) - word_distance(dists, g.modifiers[0],
                                                                                           g.noun))
                    for g in groups for other in groups if other is not g]
-        self.records.append({"loss": float(syngen_loss(maps.detach(), groups)), "margin": min(margins)})
+        self.records.append({"loss": float(syngen_loss(maps.detach(), groups)), "margin": min(margins),
+                             "neglect": float(neglect_loss(max_attention_per_token(maps.detach(),
+                                                                                   self._nouns[prompt])))})
         return super().image_loss(maps, prompt)
 
 
@@ -57,10 +61,12 @@ def auc(worse: list[float], better: list[float]) -> float:
     return float(((w < b).sum() + 0.5 * (w == b).sum()) / (w.size * b.size))
 
 
-def auc_with_interval(rows: list[dict], key: str, sign: float, draws: int = 2000) -> tuple[float, float, float]:
-    """AUC of `sign`·value separating mis-bound (lower) from bound images, with a bootstrap over prompts."""
+def auc_with_interval(rows: list[dict], key: str, sign: float, outcome: str = "bound",
+                      draws: int = 2000) -> tuple[float, float, float]:
+    """AUC of `sign`·value separating the failed images (lower) from the others (`outcome` 1), with a bootstrap over
+    prompts."""
     def one(sample):
-        return auc([sign * r[key] for r in sample if not r["bound"]], [sign * r[key] for r in sample if r["bound"]])
+        return auc([sign * r[key] for r in sample if not r[outcome]], [sign * r[key] for r in sample if r[outcome]])
 
     prompts = sorted({r["prompt"] for r in rows})
     by_prompt = {p: [r for r in rows if r["prompt"] == p] for p in prompts}
@@ -104,7 +110,8 @@ def main() -> None:
             row = {"prompt": case.prompt, "seed": seed, "present": int(s["present"]), "bound": int(s["bound"])}
             for step in range(STEPS_READ):  # records: step-major, one per image
                 rec = probe.records[step * len(seeds) + k]
-                row[f"loss{step}"], row[f"margin{step}"] = round(rec["loss"], 6), round(rec["margin"], 6)
+                for key in ("loss", "margin", "neglect"):
+                    row[f"{key}{step}"] = round(rec[key], 6)
             new.append(row)
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(new[0]))
@@ -120,12 +127,16 @@ def main() -> None:
     present = [r for r in rows if r["present"]]
     lines = [f"# Binding probe on {model} ({args.category}, plain images)", "",
              f"{len(rows)} images, {len(present)} with every shape, {int(sum(r['bound'] for r in present))} bound.",
-             "", "| quantity | step | AUC (mis-bound has the worse value) | 95% interval |", "|---|---|---|---|"]
+             "", "| quantity | step | failure predicted | AUC (the failed image has the worse value) | 95% interval |",
+             "|---|---|---|---|---|"]
     for step in range(STEPS_READ):
-        for key, sign, name in ((f"margin{step}", 1.0, "colour margin (own noun vs other)"),
-                                (f"loss{step}", -1.0, "SynGen loss")):
-            a, lo, hi = auc_with_interval(present, key, sign)
-            lines.append(f"| {name} | {step} | {a:.3f} | {lo:.3f}–{hi:.3f} |")
+        for key, sign, name, outcome, sample in (
+                (f"margin{step}", 1.0, "colour margin (own noun vs other)", "bound", present),
+                (f"loss{step}", -1.0, "SynGen loss", "bound", present),
+                (f"neglect{step}", -1.0, "weakest noun (Attend-and-Excite's loss)", "present", rows)):
+            a, lo, hi = auc_with_interval(sample, key, sign, outcome)
+            failure = "mis-bound (among present)" if outcome == "bound" else "a shape missing"
+            lines.append(f"| {name} | {step} | {failure} | {a:.3f} | {lo:.3f}–{hi:.3f} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

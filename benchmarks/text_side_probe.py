@@ -75,8 +75,8 @@ def edited(pipe, case, arm: str) -> dict:
 def run_arm(pipe, arm: str, cases, seeds, sampling) -> list[dict]:
     rows = []
     for n, case in enumerate(cases):
-        embeds = edited(pipe, case, arm)
-        images = pipe(**embeds, num_images_per_prompt=len(seeds),
+        embeds = {k: v.repeat(len(seeds), *[1] * (v.dim() - 1)) for k, v in edited(pipe, case, arm).items()}
+        images = pipe(**embeds,
                       generator=[torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds],
                       num_inference_steps=sampling.get("num_inference_steps", 25),
                       guidance_scale=sampling.get("guidance_scale", 5.0)).images
