@@ -258,7 +258,7 @@ def test_a_regulation_request_preselects_nouns_and_maps_its_targets(app):
         *page_args(app, method="regulation", prompt=PROMPT, targets="circle, square", steps=2),
         api_name="/generate")
     assert "done" in message, message
-    assert command == f"attnctl generate --method regulation --prompt '{PROMPT}' --targets 'circle, square' " \
+    assert command == f"attnctl generate --method regulation '--prompt={PROMPT}' '--targets=circle, square' " \
                       "--steps 2 --maps --out out/app"
     assert plain and controlled and maps
 
@@ -292,7 +292,7 @@ def test_method_none_generates_the_plain_image_and_its_maps(app):
         *page_args(app, method="none", prompt=PROMPT, targets="circle, square", steps=2), api_name="/generate")
     assert "done" in message, message
     assert plain and controlled is None and maps
-    assert command == f"attnctl generate --method none --prompt '{PROMPT}' --targets 'circle, square' --steps 2 " \
+    assert command == f"attnctl generate --method none '--prompt={PROMPT}' '--targets=circle, square' --steps 2 " \
                       "--maps --out out/app"
     shown, *_ = client.predict(*page_args(app, method="none", prompt=PROMPT), api_name="/check")
     assert "ready" in shown, shown
@@ -336,3 +336,15 @@ def test_a_run_keeps_its_result_and_the_live_check_works_while_it_runs(app):
     plain, controlled, maps, message, *_ = job.result()
     assert "done" in message, message
     assert all(Path(p).exists() for p in (plain, controlled, maps))
+
+
+def test_typed_values_stay_values_whatever_they_start_with():
+    """A prompt, target or model typed on the page reaches the command as that value, also when it starts with
+    "-" (it was read as an option)."""
+    from attnctl.cli import build_parser
+
+    request = jobs.Request(method="regulation", prompt="-a red circle --steps 3", targets="-circle",
+                           model="--weird")
+    args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
+    assert (args.prompt, vars(args)["option--targets"], args.model, args.steps) == (
+        "-a red circle --steps 3", ["-circle"], "--weird", None)

@@ -67,15 +67,16 @@ class Request:
 
     def arguments(self, layout_file: str, out: str) -> list[str]:
         """`attnctl generate` words for this request, with the layout file and output folder given."""
+        # typed values as --flag=value: a prompt starting with "-" stays the prompt, not an option
         words = ["generate", "--method", self.method]
         if self.model.strip():
-            words += ["--model", self.model.strip()]
+            words += [f"--model={self.model.strip()}"]
         if self.method in layout_methods():
             words += ["--layout", layout_file]
         else:
-            words += ["--prompt", self.prompt]
+            words += [f"--prompt={self.prompt}"]
             if self.targets.strip():
-                words += ["--targets", self.targets.strip()]
+                words += [f"--targets={self.targets.strip()}"]
         for flag, value in (("--seed", self.seed), ("--steps", self.steps), ("--guidance", self.guidance),
                             ("--height", self.height), ("--width", self.width)):
             if value is not None and (flag != "--seed" or value != 0):
