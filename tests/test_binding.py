@@ -122,22 +122,27 @@ def test_first_move_is_the_gradient_of_the_float64_loss():
     assert grad.abs().max() > 0
 
 
-def test_binding_changes_the_image_on_unet_and_mmdit_and_leaves_the_pipeline_as_it_was():
-    for name in ("unet", "sd3"):
-        pipe = tiny_pipe(name)
-        denoiser = pipe.unet if name == "unet" else pipe.transformer
-        before = dict(denoiser.attn_processors)
-        kwargs = dict(num_inference_steps=3, height=64, width=64, output_type="np")
-        plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
-        method = Binding(step_size=1e4)
+@pytest.mark.parametrize("name", ["unet", "sd3", "flux"])
+def test_binding_moves_the_image_on_unet_and_mmdits_and_a_zero_step_is_the_plain_image(name):
+    """Step size 0 runs every gradient forward and hands the latents back unchanged: the plain image exactly (the
+    step-0 hand-over and the denoiser's timestep, FLUX's divided by 1000, are right); a large step changes it; the
+    pipeline is left as it was."""
+    pipe = tiny_pipe(name)
+    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    before = dict(denoiser.attn_processors)
+    kwargs = dict(num_inference_steps=3, height=64, width=64, output_type="np",
+                  **({"max_sequence_length": 32} if name == "flux" else {}))
+    plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    images = {}
+    for step_size in (0.0, 1e4):
+        method = Binding(step_size=step_size)
         with attnctl.apply(pipe, method, prompt=PROMPT) as session:
-            bound = session(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+            images[step_size] = session(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
         assert method.groups == [[(["red"], "circle"), (["blue"], "square")]]
         assert [h["step"] for h in method.history] == [0, 1, 2]
-        assert abs(bound - plain).max() > 1e-3
-        assert dict(denoiser.attn_processors) == before
-        again = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
-        assert abs(again - plain).max() == 0
+    assert abs(images[0.0] - plain).max() == 0
+    assert abs(images[1e4] - plain).max() > 1e-3
+    assert dict(denoiser.attn_processors) == before
 
 
 @pytest.mark.parametrize("options, prompt, message", [

@@ -324,14 +324,17 @@ class Session:
                          "methods act inside denoising steps")
 
     @contextlib.contextmanager
-    def exclusive(self, controller: Controller):
+    def exclusive(self, controller: Controller, step: StepState | None = None):
         """Within the block, denoiser forwards that `controller` runs itself (Attend-and-Excite's gradient pass) begin
-        no step and give their attention calls to its `exclusive_call` alone; their outputs are the plain ones."""
-        self._exclusive = controller
+        no step and give their attention calls to its `exclusive_call` alone; their outputs are the plain ones.
+        `step`: the step whose layout (token grid, text length) the family's processors read meanwhile (before the
+        first step there is none)."""
+        self._exclusive, saved = controller, self.step
+        self.step = step or saved
         try:
             yield
         finally:
-            self._exclusive, self._exclusive_grid = None, None
+            self._exclusive, self._exclusive_grid, self.step = None, None, saved
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def attach(self) -> None:

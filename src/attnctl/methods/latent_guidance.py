@@ -205,7 +205,7 @@ class LatentGuidance(Controller):
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             self._sum, self._heads, self._seen = None, 0, 0
-            with self.session.exclusive(self):
+            with self.session.exclusive(self, step):
                 try:
                     denoiser(z, **inputs)
                 except _MapsComplete:
