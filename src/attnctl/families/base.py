@@ -39,6 +39,7 @@ class Family:
     name: str = ""
     denoiser_class: str = ""
     known_processors: tuple[str, ...] = ()
+    latents_name = "hidden_states"  # the denoiser's latent input (a UNet's "sample"), its first argument
     # classifier-free guidance as separate denoiser calls, the prompt's first (Chroma): later calls of a step are
     # unconditional
     separate_guidance_calls: bool = False
@@ -85,8 +86,6 @@ class Family:
     # step inputs, read from the denoiser's forward arguments
     def timestep(self, args, kwargs):
         raise NotImplementedError
-
-    latents_name = "hidden_states"  # the denoiser's latent input (a UNet's "sample"), its first argument
 
     def latents(self, args, kwargs):
         """The denoiser call's latent input: the transformers' `hidden_states` (a UNet's `sample`)."""

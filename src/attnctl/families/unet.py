@@ -174,4 +174,4 @@ class UNetFamily(Family):
         return argument(args, kwargs, "timestep", 1)
 
     def token_grid(self, denoiser, args, kwargs):
-        return tuple(argument(args, kwargs, "sample", 0).shape[-2:])
+        return tuple(self.latents(args, kwargs).shape[-2:])
