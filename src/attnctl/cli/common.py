@@ -158,9 +158,8 @@ def finite_images(arrays, args) -> list:
     if not np.isfinite(arrays).all():
         bad = [i for i, a in enumerate(arrays) if not np.isfinite(a).all()]
         raise BrokenImage(f"the pipeline produced non-finite values (NaN or infinity) in image(s) {bad}: a value "
-                          f"too large somewhere (--guidance {args.guidance if args.guidance is not None else ''} or "
-                          "a method's strength or step size) or a float16 overflow (try --dtype bfloat16 or "
-                          "float32); nothing was written")
+                          "too large somewhere (--guidance, or a method's strength or step size) or a float16 "
+                          "overflow (try --dtype bfloat16 or float32); nothing was written")
     return numpy_to_pil(arrays)
 
 

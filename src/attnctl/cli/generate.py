@@ -157,8 +157,7 @@ def run(args, load_pipeline=load, on_step=None) -> list[Path]:
 def _seed_grid(pipe, prompt, args, method, run_images) -> list[Path]:
     """The plain pipeline and the method on the first `--seed-grid` seeds, judged where the shapes world's scorer
     can judge them (a built-in model, a prompt of "a COLOUR SHAPE" phrases): seeds.png and seeds.csv."""
-    import csv
-
+    from ..eval import write_rows
     from ..shapes.scorer import judged, objects_of_prompt
     from ..viz import seed_grid_figure
 
@@ -176,10 +175,8 @@ def _seed_grid(pipe, prompt, args, method, run_images) -> list[Path]:
                  captions["plain"].count(good), len(seeds), args.method, captions[args.method].count(good), len(seeds))
     paths = [args.out / "seeds.png", args.out / "seeds.csv"]
     seed_grid_figure(rows, captions, seeds, paths[0], prompt)
-    with paths[1].open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["seed", "plain", args.method])
-        writer.writerows([seed, captions["plain"][k], captions[args.method][k]] for k, seed in enumerate(seeds))
+    write_rows([{"seed": seed, **{label: captions[label][k] for label in rows}} for k, seed in enumerate(seeds)],
+               paths[1])
     return paths
 
 

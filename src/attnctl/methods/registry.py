@@ -27,7 +27,8 @@ class Method:
     text cross-attention, "joint": MMDiT joint attention); `builtin_model` the built-in model it runs on when no
     model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone; `tune_grid`
     the options `attnctl tune` searches by default (field name -> values); `choose_targets(prompt)` the target words
-of a targets method when none are named (default: the prompt's nouns)."""
+    of a targets method when none are named (default: the prompt's nouns); `seen` the seen eval category its options
+    are chosen on, where not the default."""
 
     name: str
     controller: type
@@ -39,7 +40,7 @@ of a targets method when none are named (default: the prompt's nouns)."""
     batch_options: dict = field(default_factory=dict)
     tune_grid: dict = field(default_factory=dict)
     choose_targets: Callable[[str], list[str]] | None = None
-    seen: str | None = None  # the seen category its options are chosen on, where not the default
+    seen: str | None = None
 
     @property
     def takes_layout(self) -> bool:
