@@ -80,11 +80,16 @@ class BindingConfig:
 
 def bound_nouns(prompt: str) -> list[str]:
     """The nouns of `prompt` that have modifiers (the binding method's targets when none are named)."""
-    nouns = [g.noun[0] for g in binding_groups(prompt)]
-    if not nouns:
+    return [g.noun[0] for g in _modified_nouns(prompt)]
+
+
+def _modified_nouns(prompt: str, parser: str = "auto") -> list:
+    """`binding_groups(prompt, parser)`; a UsageError naming the fix where there is none."""
+    groups = binding_groups(prompt, parser)
+    if not groups:
         raise UsageError(f"the binding method found no noun with a modifier in {prompt!r} (such as 'a red circle'); "
                          "name the groups with groups=['red circle', ...] (--bind-groups)")
-    return nouns
+    return groups
 
 
 class Binding(LatentGuidance):
@@ -130,10 +135,9 @@ class Binding(LatentGuidance):
                 ws = [(w, at + s, at + e) for w, s, e in split_words(prompt[spans[0][0]:spans[0][1]])]
                 found.append((ws[:-1], ws[-1]))
             return found
-        groups = binding_groups(prompt, self.config.parser)
         if self.config.targets is None:
-            bound_nouns(prompt)  # refuses a prompt without any
-            return [(list(g.modifiers), g.noun) for g in groups]
+            return [(list(g.modifiers), g.noun) for g in _modified_nouns(prompt, self.config.parser)]
+        groups = binding_groups(prompt, self.config.parser)
         chosen, left = [], list(groups)
         for target in self.config.targets:  # in order: "a red circle and a blue circle" binds both circles
             match = next((g for g in left if g.noun[0].lower() == target.lower()), None)
