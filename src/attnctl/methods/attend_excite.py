@@ -96,8 +96,11 @@ class AttendAndExcite(LatentGuidance):
         if targets is not None:
             options["targets"] = targets
         self.config = build(AttendExciteConfig, config, **options)
-        self.max_refinement_steps = self.config.max_refinement_steps
         self.history: list[dict] = []
+
+    @property
+    def max_refinement_steps(self) -> int:
+        return self.config.max_refinement_steps
 
     def setup(self, session) -> None:
         words = targets_per_prompt(self.config.targets, session.prompts, self.name)

@@ -63,6 +63,10 @@ class LatentGuidance(Controller):
     def step_size(self, index: int, num_steps: int) -> float:
         raise NotImplementedError
 
+    def moves_after_refinement(self, index: int) -> bool:
+        """Whether step `index` ends with one more move (after its refinement, if it has one)."""
+        return True
+
     def refine_target(self, index: int) -> float | None:
         """The loss a step's moves repeat down to (None: one move)."""
         return None
@@ -169,10 +173,6 @@ class LatentGuidance(Controller):
         self.history.append({"step": index, "loss": loss.tolist(), "refinement_moves": moves.tolist()})
         log.debug("%s step %d: losses %s", self.name, index, [round(x, 4) for x in loss.tolist()])
         return z.to(latents.dtype)
-
-    def moves_after_refinement(self, index: int) -> bool:
-        """Whether step `index` ends with one more move (after its refinement, if it has one)."""
-        return True
 
     def _conditioning(self, args, kwargs, step: StepState) -> tuple[dict, StepState]:
         """A pipeline denoiser call's arguments by name, less the latents (the step's gradient forwards reuse them)."""
