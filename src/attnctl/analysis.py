@@ -64,6 +64,7 @@ class TargetCoverage(Controller):
         self.quantile = float(quantile)
 
     def attach(self, session) -> None:
+        """Finds the token positions of the words in each prompt and starts the sums afresh."""
         if not session.prompts:
             raise UsageError("TargetCoverage needs the prompt: pass prompt=... to attnctl.apply")
         self._positions = HeldWords(session.prompts, [self.words] * len(session.prompts))
@@ -71,6 +72,7 @@ class TargetCoverage(Controller):
         self.count = 0
 
     def wants(self, site) -> bool:
+        """Every site, or those the `sites` predicate accepts."""
         return self.site_filter is None or self.site_filter(site)
 
     def __call__(self, call: AttentionCall) -> None:
@@ -125,6 +127,8 @@ class Hierarchy(Controller):
         self.rows: list[dict] = []
 
     def attach(self, session) -> None:
+        """Binds the layout to each prompt's tokens (each region's instance and attribute tokens, the background's)
+        and clears the rows."""
         if not session.prompts:
             raise UsageError("the hierarchy analysis needs the prompt: pass prompt=... to attnctl.apply")
         self.prompts = session.prompts
@@ -195,6 +199,7 @@ class Hierarchy(Controller):
         return out
 
     def write_csv(self, path) -> None:
+        """The recorded rows as a CSV file at `path`, one per site, step and role (`COLUMNS`), floats to 6 decimals."""
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()

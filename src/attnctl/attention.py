@@ -20,10 +20,13 @@ _LSE_CHUNK = 1024
 
 
 def default_scale(q: torch.Tensor) -> float:
+    """1/√head_dim for queries `q` (batch, heads, tokens, head_dim): SDPA's default scale."""
     return 1.0 / math.sqrt(q.shape[-1])
 
 
 def attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v by PyTorch's SDPA (the model's own fast kernel); `mask` boolean or additive,
+    `scale` None for 1/√head_dim."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
 
 

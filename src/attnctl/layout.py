@@ -48,6 +48,9 @@ _CHECK_GRID = 512  # overlaps between boxes / masks of different sizes are check
 
 @dataclass
 class Region:
+    """One region of a layout: its `phrase` and where it goes (a `box` as fractions of the image, or a `mask`;
+    `color` for a sketch colour), and optionally its `attribute` words and which `occurrence` of the phrase it is."""
+
     phrase: str
     box: tuple[float, float, float, float] | None = None
     mask: np.ndarray | None = None  # bool (H, W): a mask file, or the pixels of a sketch colour
@@ -103,6 +106,8 @@ class Layout:
     # --- loading ----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path) -> Layout:
+        """A layout from its JSON file, whose mask and sketch paths are relative to its folder; a UsageError naming the
+        file where it cannot be read or parsed."""
         if not isinstance(path, (str, os.PathLike)):
             raise UsageError(f"a layout file is given by its path, not {type(path).__name__}")
         path = Path(path)

@@ -47,6 +47,7 @@ _NOUNS_ENDING_ED = set("bed shed sled sofa-bed flowerbed seabed".split())
 
 
 def tagger_name() -> str:
+    """The tagger `choose_nouns` uses by default: "spaCy" where an English pipeline loads, else "rule-based"."""
     return "spaCy" if english_pipeline() is not None else "rule-based"
 
 

@@ -66,6 +66,8 @@ def clip_tokenizer_files() -> tuple[str, str]:
 
 
 def clip_tokenizer(max_length: int = 77):
+    """SD's CLIP tokenizer, built offline from the vocabulary and merges `clip_tokenizer_files` caches, with
+    `max_length` as its `model_max_length`."""
     from transformers import CLIPTokenizer
 
     vocab_path, merges_path = clip_tokenizer_files()

@@ -40,6 +40,8 @@ class TextSegment:
     padding_side: str = ""
 
     def pads_left(self) -> bool:
+        """Whether padding goes on the left, putting the prompt's tokens at the segment's end: `padding_side`, else the
+        tokenizer's own."""
         return (self.padding_side or getattr(self.tokenizer, "padding_side", "")) == "left"
 
 

@@ -18,6 +18,7 @@ BLEND_DISTANCE = 16.0  # RGB distance within which a colour counts as a mix of t
 
 
 def hex_colour(rgb) -> str:
+    """An (r, g, b) colour as "#rrggbb"."""
     return "#{:02x}{:02x}{:02x}".format(*(int(c) for c in rgb))
 
 

@@ -150,4 +150,5 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
 
 
 def plain(pipe, prompt) -> list:
+    """The plain pipeline's variant: no controllers."""
     return []

@@ -32,6 +32,7 @@ LAYOUT = {
 
 
 def ast_variant(pipe, prompt, **options):
+    """AST on `LAYOUT` with `options` (the fast or direct path, or the approximate mode)."""
     return [AST(LAYOUT, **options)]
 
 

@@ -9,6 +9,7 @@ PROMPT = "a photo of a cat and a dog on a sofa"
 
 
 def capture_words(pipe, prompt, words=("cat", "dog")):
+    """A `Capture` of the maps of `words`."""
     return [Capture(list(words))]
 
 

@@ -64,6 +64,7 @@ def rows(quick: bool) -> list[tuple]:
 
 
 def environment(device: str) -> dict:
+    """The torch and diffusers versions and the device of a run (and the GPU's name on CUDA)."""
     import diffusers
 
     out = {"torch": torch.__version__, "diffusers": diffusers.__version__, "device": device}

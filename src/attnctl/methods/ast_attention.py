@@ -66,6 +66,7 @@ class TuningTables:
         return [(self.image, image_keys), (self.text, text_keys)] + [(rows, []) for rows in others]
 
     def to(self, device) -> TuningTables:
+        """The same tables with every tensor on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TuningTables(self.text, self.image, move(self.img_label), move(self.i2t_label), move(self.t2t_label),
                             move(self.alpha_i2i), move(self.alpha_i2t), move(self.alpha_t2t), move(self.key_bias))

@@ -107,6 +107,8 @@ class Binding(LatentGuidance):
         self.history: list[dict] = []
 
     def setup(self, session) -> None:
+        """Finds each prompt's groups (modifier words and their noun) and their token positions, and the groups' nouns
+        for the presence term."""
         self.groups, self._groups, self._nouns = [], [], []
         for prompt in session.prompts:
             found = self._groups_of(prompt.prompt)
@@ -160,16 +162,20 @@ class Binding(LatentGuidance):
         return tuple(found)
 
     def image_loss(self, maps: torch.Tensor, prompt: int) -> torch.Tensor:
+        """SynGen's loss on the groups of the image's prompt, plus `presence` × Attend-and-Excite's on their nouns."""
         loss = syngen_loss(maps, self._groups[prompt])
         if self.config.presence:
             loss = loss + self.config.presence * neglect_loss(max_attention_per_token(maps, self._nouns[prompt]))
         return loss
 
     def moves_at(self, index: int) -> bool:
+        """Whether `index` is one of the first `max_iter_to_alter` steps."""
         return index < self.config.max_iter_to_alter
 
     def step_size(self, index: int, num_steps: int) -> float:
+        """The configured `step_size`, the same at every step."""
         return self.config.step_size
 
     def resolution(self) -> int | None:
+        """The configured `resolution` (None: 16, or the side nearest to it)."""
         return self.config.resolution

@@ -85,12 +85,14 @@ class Capture(Controller):
         self.site_info: dict[str, object] = {}
 
     def attach(self, session):
+        """Finds the token positions of the words in each prompt; refuses a session without the prompt."""
         if not session.prompts:
             raise UsageError("Capture needs the prompt: pass prompt=... to attnctl.apply")
         self._positions = HeldWords(session.prompts, [self.words] * len(session.prompts), self.requested)
         self._selectors: dict[tuple, torch.Tensor] = {}
 
     def wants(self, site):
+        """Every site, or those the `sites` option names or accepts."""
         f = self.site_filter
         return f is None or (f(site) if callable(f) else site.name in f)
 

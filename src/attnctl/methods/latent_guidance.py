@@ -58,9 +58,11 @@ class LatentGuidance(Controller):
         raise NotImplementedError
 
     def moves_at(self, index: int) -> bool:
+        """Whether the latents move before step `index` is denoised."""
         raise NotImplementedError
 
     def step_size(self, index: int, num_steps: int) -> float:
+        """How far the latents of step `index` (of `num_steps`) move: α in z − α·∇loss."""
         raise NotImplementedError
 
     def moves_after_refinement(self, index: int) -> bool:
@@ -77,6 +79,7 @@ class LatentGuidance(Controller):
 
     # --- Controller --------------------------------------------------------------------------------------------
     def attach(self, session) -> None:
+        """Refuses a model without sites of the kinds in `reads`, or no prompt; then `setup`."""
         kinds = {"cross": "UNet cross-attention (SD 1.x/2.x, SDXL)", "joint": "MMDiT joint attention (SD3, FLUX)"}
         if not any(s.kind in self.reads for s in session.sites):
             raise UsageError(f"{self.name} reads {' or '.join(kinds[k] for k in self.reads)}; this "
@@ -89,9 +92,11 @@ class LatentGuidance(Controller):
         self.setup(session)
 
     def wants(self, site) -> bool:
+        """The sites of the kinds in `reads`."""
         return site.kind in self.reads
 
     def begin_run(self) -> None:
+        """Refuses a pipeline call made without the session (`prepare_call` did not run for it)."""
         if not self._prepared:
             raise UsageError(f"{self.name} moves the latents between denoising steps, which a plain pipeline call "
                              "gives it no way to do: call the pipeline through the session, "
@@ -100,6 +105,8 @@ class LatentGuidance(Controller):
         self._prepared = False
 
     def prepare_call(self, session, args, kwargs) -> dict:
+        """The call's arguments with step 0's moved initial latents (from a run stopped at its first denoiser call)
+        and a step-end callback that moves the later steps' latents, around the caller's own callback."""
         accepted = inspect.signature(session.pipe.__call__).parameters
         missing = [name for name in ("latents", "callback_on_step_end") if name not in accepted]
         if missing:
@@ -135,6 +142,8 @@ class LatentGuidance(Controller):
                 "callback_on_step_end_tensor_inputs": names + [n for n in ["latents"] if n not in names]}
 
     def exclusive_call(self, call: AttentionCall) -> None:
+        """In a gradient forward: adds a read site's image→text probabilities, summed over heads, to the maps; ends the
+        forward after the last read site."""
         if call.site.name not in self._sites:
             return
         probs = explicit_probs(call.q[:, :, call.image], call.k[:, :, call.text], call.scale, dtype=torch.float32)

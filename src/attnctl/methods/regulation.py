@@ -170,6 +170,8 @@ class Regulation(Controller):
 
     # --- Controller --------------------------------------------------------------------------------------------
     def attach(self, session) -> None:
+        """Picks the cross-attention sites to edit and each prompt's targets (refusing a model without cross sites, or
+        no prompt), and seeds the generator of the initial weights."""
         cross = [s for s in session.sites if s.kind == "cross"]
         if not cross:
             raise UsageError("Attention Regulation edits text cross-attention (SD 1.x/2.x, SDXL, PixArt, Sana); this "
@@ -188,6 +190,7 @@ class Regulation(Controller):
         self._warned_small: set[str] = set()
 
     def wants(self, site) -> bool:
+        """The edited cross-attention sites (`edited_sites`)."""
         return site.name in self._site_names
 
     def begin_run(self) -> None:
@@ -197,6 +200,7 @@ class Regulation(Controller):
         self._best.clear()
 
     def begin_step(self, step: StepState) -> None:
+        """Edits the denoiser call when its step is an edit step, it has conditional rows and `strength` is above 0."""
         edit = self._edit_set(step.num_steps)
         self._editing = (step.index in edit and step.cond_rows.stop > step.cond_rows.start
                          and self.config.strength > 0)

@@ -36,6 +36,7 @@ class Trajectory:
     weights: torch.Tensor  # (iterations, rows, K, k)
 
     def batch_losses(self) -> torch.Tensor:
+        """(iterations,): each iterate's batch loss, the mean of its rows' losses."""
         return self.row_losses.mean(dim=1)
 
 

@@ -62,22 +62,27 @@ class ShapeObject:
 
     @property
     def name(self) -> str:
+        """The object as captions name it: "COLOUR SHAPE"."""
         return f"{self.colour} {self.shape}"
 
     @property
     def centre(self) -> tuple[float, float]:
+        """The centre (x, y) of ``box``, in pixels."""
         x0, y0, x1, y1 = self.box
         return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
 
 
 @dataclass(frozen=True)
 class Scene:
+    """The objects on one canvas of ``size`` pixels, drawn in order, and the relation the caption states, if any."""
+
     objects: tuple[ShapeObject, ...]
     relation: str | None = None  # relation of objects[0] to objects[1], if the caption states one
     size: int = IMAGE_SIZE
 
     @property
     def caption(self) -> str:
+        """The scene's caption (:func:`caption_for`)."""
         return caption_for(self.objects, self.relation)
 
 
@@ -91,15 +96,19 @@ class Rendered:
 
     @property
     def caption(self) -> str:
+        """The caption of ``scene``."""
         return self.scene.caption
 
     def to_pil(self):
+        """``image`` as a PIL image."""
         from PIL import Image
 
         return Image.fromarray(self.image)
 
 
 def caption_for(objects, relation: str | None = None) -> str:
+    """The caption of ``objects``: one phrase "a COLOUR SHAPE" each, joined by ``relation`` for a pair that has
+    one, else by "and"."""
     phrases = [f"a {o.colour} {o.shape}" for o in objects]
     if len(phrases) == 1:
         return phrases[0]
@@ -132,6 +141,8 @@ def shape_mask(shape: str, box: tuple[int, int, int, int], size: int = IMAGE_SIZ
 
 
 def render(scene: Scene) -> Rendered:
+    """The scene's pixels on white and each object's mask, objects drawn in order (a later one covers an earlier
+    one, whose mask keeps only what stays visible)."""
     size = scene.size
     image = np.empty((size, size, 3), dtype=np.uint8)
     image[:] = BACKGROUND
@@ -191,6 +202,7 @@ HELDOUT_PAIRS: frozenset = frozenset(
 
 
 def is_heldout_pair(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether the (colour, shape) objects ``a`` and ``b`` are never together in a training scene (either order)."""
     return _pair_key(a, b) in HELDOUT_PAIRS
 
 
@@ -275,6 +287,7 @@ def sample_scene(
 
 
 def make_batch(seeds, **kwargs) -> list[Rendered]:
+    """The rendered scenes of ``seeds``; ``kwargs`` go to :func:`sample_scene`."""
     return [render(sample_scene(int(s), **kwargs)) for s in seeds]
 
 

@@ -79,6 +79,7 @@ def build_vocab(words=VOCABULARY) -> tuple[dict[str, int], list[str]]:
 
 
 def build_tokenizer(max_length: int = TEXT_MAX_LENGTH):
+    """A ``CLIPTokenizer`` over :func:`build_vocab`'s vocabulary, padding with its end token, ``max_length`` long."""
     from transformers import CLIPTokenizer
 
     vocab, merges = build_vocab()
@@ -102,6 +103,8 @@ def write_tokenizer_files(folder: str) -> None:
 
 
 def text_encoder_config(hidden: int = 64, layers: int = 3, projection: bool = False):
+    """The ``CLIPTextConfig`` of a small text encoder over :func:`build_vocab`'s vocabulary, ``hidden`` wide and
+    ``layers`` deep, with positions for ``TEXT_MAX_LENGTH`` tokens."""
     from transformers import CLIPTextConfig
 
     vocab, _ = build_vocab()
@@ -121,6 +124,8 @@ def text_encoder_config(hidden: int = 64, layers: int = 3, projection: bool = Fa
 
 
 def build_text_encoder(with_projection: bool = False, hidden: int = 64, layers: int = 3):
+    """A freshly initialised CLIP text encoder (``CLIPTextModelWithProjection`` with ``with_projection``, as
+    SD3's encoders need for their pooled output)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = text_encoder_config(hidden, layers)
@@ -144,6 +149,7 @@ VAE_CONFIG = dict(
 
 
 def build_vae(**overrides):
+    """A freshly initialised ``AutoencoderKL`` of ``VAE_CONFIG`` (4x downsampling), with ``overrides`` applied."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**{**VAE_CONFIG, **overrides})
@@ -165,6 +171,7 @@ UNET_CONFIG = dict(
 
 
 def build_unet(**overrides):
+    """A freshly initialised ``UNet2DConditionModel`` of ``UNET_CONFIG``, with ``overrides`` applied."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**{**UNET_CONFIG, **overrides})
@@ -186,6 +193,7 @@ MMDIT_CONFIG = dict(
 
 
 def build_transformer(**overrides):
+    """A freshly initialised ``SD3Transformer2DModel`` of ``MMDIT_CONFIG``, with ``overrides`` applied."""
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(**{**MMDIT_CONFIG, **overrides})
@@ -212,6 +220,7 @@ def build_unet_scheduler():
 
 
 def build_flow_scheduler():
+    """Flow-matching Euler over 1000 training steps, unshifted: the scheduler ``shapes-mmdit`` samples with."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
@@ -219,6 +228,8 @@ def build_flow_scheduler():
 
 @dataclass
 class PipelineParts:
+    """The components of one shapes-world pipeline; ``text_encoder_2`` only for ``shapes-mmdit``."""
+
     vae: object
     tokenizer: object
     text_encoder: object
@@ -227,6 +238,7 @@ class PipelineParts:
 
 
 def assemble_unet_pipeline(vae, text_encoder, unet, tokenizer=None):
+    """A ``StableDiffusionPipeline`` from trained parts, with :func:`build_unet_scheduler` and no safety checker."""
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
@@ -242,6 +254,8 @@ def assemble_unet_pipeline(vae, text_encoder, unet, tokenizer=None):
 
 
 def assemble_mmdit_pipeline(vae, text_encoder, text_encoder_2, transformer, tokenizer=None):
+    """A ``StableDiffusion3Pipeline`` from trained parts: both CLIP encoders share one tokenizer, no T5
+    (``text_encoder_3``/``tokenizer_3`` are ``None``), :func:`build_flow_scheduler` for sampling."""
     from diffusers import StableDiffusion3Pipeline
 
     tok = tokenizer or build_tokenizer()
@@ -259,4 +273,5 @@ def assemble_mmdit_pipeline(vae, text_encoder, text_encoder_2, transformer, toke
 
 
 def count_parameters(module: torch.nn.Module) -> int:
+    """The number of parameters of ``module``."""
     return sum(p.numel() for p in module.parameters())

@@ -31,6 +31,8 @@ MIN_AREA_FRACTION = 0.012
 
 @dataclass
 class Blob:
+    """One connected region of pixels of one palette colour, with the shape its silhouette was classified as."""
+
     colour: str
     shape: str  # one of SHAPES, or "other" for a blob that matches no shape
     mask: np.ndarray  # (H, W) bool
@@ -40,12 +42,15 @@ class Blob:
 
     @property
     def centroid(self) -> tuple[float, float]:
+        """The mean (x, y) of the blob's pixels, at pixel centres."""
         ys, xs = np.nonzero(self.mask)
         return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
 
 
 @dataclass
 class ObjectScore:
+    """How one expected object fared in an image (see the module docstring)."""
+
     colour: str
     shape: str
     present: bool  # a blob of the expected shape was matched to this object
@@ -57,6 +62,7 @@ class ObjectScore:
 
     @property
     def inside(self) -> bool | None:
+        """Whether at least half of the matched blob lies in the given region; None without a region."""
         return None if self.inside_fraction is None else self.inside_fraction >= 0.5
 
     @property
@@ -67,15 +73,19 @@ class ObjectScore:
 
 @dataclass
 class SceneScore:
+    """The scores of the expected objects of one image, and every blob found in it."""
+
     objects: list[ObjectScore]
     blobs: list[Blob]
 
     @property
     def count(self) -> int:
+        """The number of blobs in the image."""
         return len(self.blobs)
 
     @property
     def all_bound(self) -> bool:
+        """Whether every expected object was matched to a blob of its shape and its colour."""
         return all(o.bound for o in self.objects)
 
     @property
@@ -151,6 +161,7 @@ def shape_templates(h: int, w: int) -> dict[str, np.ndarray]:
 
 
 def shape_features(mask: np.ndarray, box: tuple[int, int, int, int]) -> dict:
+    """The fill, aspect (width / height) and IoU with each shape template of ``mask`` cropped to ``box``."""
     x0, y0, x1, y1 = box
     m = mask[y0:y1, x0:x1]
     h, w = m.shape
@@ -169,6 +180,7 @@ def classify_shape(f: dict) -> str:
 
 
 def find_blobs(image, min_area_fraction: float = MIN_AREA_FRACTION) -> list[Blob]:
+    """Every blob of a palette colour in ``image`` at least ``min_area_fraction`` of it, its shape classified."""
     rgb = to_rgb_array(image)
     labels = colour_labels(rgb)
     h, w = labels.shape
