@@ -41,6 +41,7 @@ rasterisation and the role parser, in docs/methods.md §2.8):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import build, check, option
+from ..config import build, check, default_of, flag_of, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
@@ -167,6 +168,10 @@ class ASTConfig:
     """Every option of AST, with the specification's FLUX.1-dev defaults (docs/methods.md §2).
 
         AST(layout, config=ASTConfig(tuned_steps=10))      # or AST(layout, tuned_steps=10)
+
+    A `tuned_steps` above the run's number of denoising steps cannot act and is a UsageError when the run starts,
+    unless it is the default (16, of the published code's 32 steps; a shorter run is tuned at every step): a field
+    equal to its default is never refused, whoever gave it.
     """
 
     w_t2t: float = option(3.5, "text→text weight", symbol="w_T2T", low=0)
@@ -222,6 +227,7 @@ class AST(Controller):
         self._tables: dict = {}
         self._probs_sites: set[str] = set()
         self.step = None
+        self._run_checked = False
 
     # --- controller API ----------------------------------------------------------------------------------------
     def attach(self, session) -> None:
@@ -247,8 +253,20 @@ class AST(Controller):
         band = self.band(site)
         return site.kind == "joint" and band is not None and band.tunes
 
+    def begin_run(self) -> None:
+        self._run_checked = False
+
     def begin_step(self, step) -> None:
+        """Keeps the step; at the run's first step, refuses a `tuned_steps` that cannot act (see `ASTConfig`)."""
         self.step = step
+        if not self._run_checked:
+            self._run_checked = True
+            tuned = self.config.tuned_steps
+            default = default_of(next(f for f in dataclasses.fields(ASTConfig) if f.name == "tuned_steps"))
+            if tuned > step.num_steps and tuned != default:
+                raise UsageError(f"tuned_steps ({flag_of(ASTConfig, 'tuned_steps')}) is {tuned}, more than this "
+                                 f"run's {step.num_steps} denoising steps; give at most {step.num_steps} (every step "
+                                 "tuned) or more --steps (num_inference_steps)")
 
     def __call__(self, call: AttentionCall) -> None:
         step = call.step

@@ -18,13 +18,14 @@ default).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..config import build, check, comma_list, option
+from ..config import build, check, comma_list, default_of, flag_of, option
 from ..errors import UsageError
 from .attend_excite_math import max_attention_per_token, neglect_loss
 from .latent_guidance import LatentGuidance
@@ -34,16 +35,22 @@ log = logging.getLogger(__name__)
 
 
 def parse_thresholds(text: str) -> dict[int, float]:
-    """'0:0.05,10:0.5,20:0.8' -> {0: 0.05, 10: 0.5, 20: 0.8}."""
-    out: dict[int, float] = {}
+    """'0:0.05,10:0.5,20:0.8' -> {0: 0.05, 10: 0.5, 20: 0.8}. A step given twice is a UsageError (one of its two
+    thresholds would be dropped)."""
+    pairs: list[tuple[int, float]] = []
     try:
         for part in text.split(","):
             if part.strip():
                 step, _, value = part.partition(":")
-                out[int(step)] = float(value)
+                pairs.append((int(step), float(value)))
     except ValueError:
         raise UsageError(f"thresholds {text!r}: write step:threshold pairs such as 0:0.05,10:0.5,20:0.8") from None
-    return out
+    steps = [step for step, _ in pairs]
+    twice = sorted({step for step in steps if steps.count(step) > 1})
+    if twice:
+        raise UsageError(f"thresholds {text!r} give step {', '.join(map(str, twice))} more than once; give each step "
+                         "one threshold, such as 0:0.05,10:0.5,20:0.8")
+    return dict(pairs)
 
 
 @dataclass
@@ -52,6 +59,11 @@ class AttendExciteConfig:
     (docs/methods.md §5).
 
         AttendAndExcite(["cat", "dog"], max_iter_to_alter=10)     # or config=AttendExciteConfig(...)
+
+    Against the run's number of denoising steps N (known when the run starts): a `max_iter_to_alter` above N or a
+    threshold step >= N cannot act and is a UsageError, unless the field has its default value. The defaults are
+    the reference's 50-step schedule and are kept on shorter runs (moving at every step there; threshold steps past
+    the run's end are not reached), so a field equal to its default is never refused, whoever gave it.
     """
 
     targets: list | None = option(None, TARGETS_HELP, parse=comma_list, flag="--targets",
@@ -73,8 +85,12 @@ class AttendExciteConfig:
         check(self)
         self.targets = normalise_targets(self.targets)
         if isinstance(self.thresholds, dict):  # a model folder's attnctl.json can only write the steps as strings
+            given = self.thresholds
             self.thresholds = {int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else k: v
-                               for k, v in self.thresholds.items()}
+                               for k, v in given.items()}
+            if len(self.thresholds) < len(given):
+                raise UsageError(f"thresholds (--ae-thresholds) {given!r} give a step more than once (as a number and "
+                                 "as text); give each step one threshold")
         if not isinstance(self.thresholds, dict) or not all(
                 isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float))
                 and not isinstance(v, bool) and 0 <= v <= 1 for k, v in self.thresholds.items()):
@@ -121,6 +137,28 @@ class AttendAndExcite(LatentGuidance):
 
     def step_size(self, index: int, num_steps: int) -> float:
         return self.config.scale_factor * float(np.sqrt(np.linspace(1.0, 0.5, num_steps)[index]))
+
+    def move(self, latents: torch.Tensor, index: int, step) -> torch.Tensor:
+        """`LatentGuidance.move`; its call for step 0 (made by `prepare_call` before the run's first denoiser step,
+        once the run's step count is known) first refuses options that cannot act in the run (`check_steps`)."""
+        if index == 0:
+            self.check_steps(step.num_steps)
+        return super().move(latents, index, step)
+
+    def check_steps(self, num_steps: int) -> None:
+        """A UsageError for a `max_iter_to_alter` above `num_steps` or a threshold step at or past it, each unless
+        the field has its default (see `AttendExciteConfig`)."""
+        c, fields = self.config, {f.name: f for f in dataclasses.fields(AttendExciteConfig)}
+        if c.max_iter_to_alter > num_steps and c.max_iter_to_alter != default_of(fields["max_iter_to_alter"]):
+            raise UsageError(f"max_iter_to_alter ({flag_of(AttendExciteConfig, 'max_iter_to_alter')}) is "
+                             f"{c.max_iter_to_alter}, more than this run's {num_steps} denoising steps; give at most "
+                             f"{num_steps} (every step moved) or more --steps (num_inference_steps)")
+        beyond = sorted(s for s in c.thresholds if s >= num_steps)
+        if beyond and c.thresholds != default_of(fields["thresholds"]):
+            raise UsageError(f"thresholds ({flag_of(AttendExciteConfig, 'thresholds')}) name step(s) "
+                             f"{', '.join(map(str, beyond))}, which this run's {num_steps} denoising steps (0 to "
+                             f"{num_steps - 1}) never reach; give threshold steps below {num_steps} or more --steps "
+                             "(num_inference_steps)")
 
     def resolution(self) -> int | None:
         return self.config.resolution

@@ -146,15 +146,41 @@ class LayoutModulation(Controller):
         self._tables.clear()
         self._active = False
         self._probs_sites = session.observed_sites()
+        self._sites = [s for s in session.sites if self.wants(s)]
+        self._run_checked = False
 
     def wants(self, site) -> bool:
         return site.kind in ("cross", "joint")
 
+    def begin_run(self) -> None:
+        self._run_checked = False
+
     def begin_step(self, step) -> None:
+        """Whether this step is modulated, and λ_t; at the run's first step, a layout that fits the token grid of
+        none of the sites (each is left alone where it does not fit, so nothing would change) is a UsageError."""
+        if not self._run_checked:
+            self._run_checked = True
+            self._check_grids(step.token_grid)
         c = self.config
         self._lam = c.weight * c.strength * (max(step.timestep, 0.0) / 1000.0) ** c.power
         self._active = (step.index < c.steps_fraction * step.num_steps and step.cond_rows.stop > step.cond_rows.start
                         and self._lam > 0)
+
+    def _check_grids(self, token_grid: tuple[int, int]) -> None:
+        """A UsageError unless the layout gets a label grid at one site at least (the finest grid's error, else)."""
+        grids = sorted({s.grid(token_grid) for s in self._sites}, key=lambda g: (-g[0] * g[1], g))
+        finest = None
+        for grid in grids:
+            try:
+                self.layout.labels(grid)
+                return
+            except UsageError as err:
+                finest = finest or (grid, err)
+        if finest is not None:
+            (h, w), err = finest
+            raise UsageError(f"LayoutModulation would change nothing in this run: the layout fits the token grid "
+                             f"of none of its {len(self._sites)} attention sites; at the finest, {h}x{w}: {err} (the "
+                             "image size is --height/--width, or height=/width= of the pipeline call)")
 
     def __call__(self, call: AttentionCall) -> None:
         tables = self._active_tables(call)
