@@ -70,32 +70,37 @@ def test_a_colour_without_its_phrase_and_an_empty_layout_are_refused():
 
 
 # --- the page's options as flags -------------------------------------------------------------------------------
-def test_options_become_flags_only_where_they_differ_from_the_default():
+def test_options_become_typed_values_only_where_they_differ_from_the_default():
     from attnctl.config import default_of, default_text
 
     fields = {flag: f for m in METHODS for flag, f in jobs.method_fields(m)}
     assert "--targets" not in fields  # shown once, outside the panels
     gamma = fields["--ast-gamma"]
-    assert jobs.option_arguments("--ast-gamma", gamma, 3.0) == jobs.option_arguments("--ast-gamma", gamma, None) == []
-    assert jobs.option_arguments("--ast-gamma", gamma, 0.123) == ["--ast-gamma", "0.123"]
-    assert jobs.option_arguments("--iterations", fields["--iterations"], 7.0) == ["--iterations", "7"]
-    for flag, value, words in (("--ast-approximate", False, []), ("--ast-approximate", True, ["--ast-approximate"]),
-                               ("--lm-size-weighted", True, []),
-                               ("--lm-size-weighted", False, ["--no-lm-size-weighted"])):
-        assert jobs.option_arguments(flag, fields[flag], value) == words
+    assert jobs.option_value("--ast-gamma", gamma, 3.0) is jobs.option_value("--ast-gamma", gamma, None) is jobs.UNSET
+    assert jobs.option_value("--ast-gamma", gamma, 0.123) == 0.123
+    seven = jobs.option_value("--iterations", fields["--iterations"], 7.0)
+    assert seven == 7 and type(seven) is int
+    for flag, value, typed in (("--ast-approximate", False, jobs.UNSET), ("--ast-approximate", True, True),
+                               ("--lm-size-weighted", True, jobs.UNSET), ("--lm-size-weighted", False, False)):
+        assert jobs.option_value(flag, fields[flag], value) is typed
     thresholds = fields["--ae-thresholds"]
     assert default_text(thresholds) == "0:0.05,10:0.5,20:0.8"  # as the flag takes it
-    assert jobs.option_arguments("--ae-thresholds", thresholds, " 0:0.05,10:0.5,20:0.8 ") == []
-    assert jobs.option_arguments("--ae-thresholds", thresholds, "0:0.1") == ["--ae-thresholds", "0:0.1"]
-    assert jobs.option_arguments("--layers", fields["--layers"], "") == [] and default_of(fields["--layers"]) is None
+    assert jobs.option_value("--ae-thresholds", thresholds, " 0:0.05,10:0.5,20:0.8 ") is jobs.UNSET
+    assert jobs.option_value("--ae-thresholds", thresholds, "0:0.1") == {0: 0.1}  # parsed as the flag parses it
+    assert jobs.option_value("--layers", fields["--layers"], "") is jobs.UNSET
+    assert default_of(fields["--layers"]) is None
+    with pytest.raises(UsageError, match="--ae-thresholds: thresholds 'x'"):
+        jobs.option_value("--ae-thresholds", thresholds, "x")
 
 
 def test_cancel_stops_at_the_next_step_and_leaves_the_pipeline_as_it_was(tmp_path):
     from attnctl.layout import Layout
+    from attnctl.run import Pipelines, Request
+    from attnctl.sampling import SamplingConfig
 
-    pipelines = jobs.Pipelines()
+    pipelines = Pipelines()
     layout = Layout.load(EXAMPLES / "two_shapes.json")
-    request = jobs.Request(method="ast", layout=layout, steps=4)
+    job = jobs.Job(Request(method="ast", layout=layout, sampling=SamplingConfig(steps=4), maps=True))
     seen, cancel = [], threading.Event()
 
     def progress(fraction, text):
@@ -103,7 +108,7 @@ def test_cancel_stops_at_the_next_step_and_leaves_the_pipeline_as_it_was(tmp_pat
         cancel.set()
 
     with pytest.raises(jobs.Cancelled):
-        jobs.run(request, tmp_path, pipelines, on_progress=progress, cancel=cancel)
+        jobs.run(job, tmp_path, pipelines, on_progress=progress, cancel=cancel)
     assert seen == ["ast: step 1/4"]
     pipe = pipelines.loaded("builtin:shapes-mmdit")
     assert {type(p).__name__ for p in pipe.transformer.attn_processors.values()} <= {
@@ -258,7 +263,7 @@ def test_a_regulation_request_preselects_nouns_and_maps_its_targets(app):
         *page_args(app, method="regulation", prompt=PROMPT, targets="circle, square", steps=2),
         api_name="/generate")
     assert "done" in message, message
-    assert command == f"attnctl generate --method regulation '--prompt={PROMPT}' '--targets=circle, square' " \
+    assert command == f"attnctl generate --method regulation --prompt '{PROMPT}' --targets circle,square " \
                       "--steps 2 --maps --out out/app"
     assert plain and controlled and maps
 
@@ -292,7 +297,7 @@ def test_method_none_generates_the_plain_image_and_its_maps(app):
         *page_args(app, method="none", prompt=PROMPT, targets="circle, square", steps=2), api_name="/generate")
     assert "done" in message, message
     assert plain and controlled is None and maps
-    assert command == f"attnctl generate --method none '--prompt={PROMPT}' '--targets=circle, square' --steps 2 " \
+    assert command == f"attnctl generate --method none --prompt '{PROMPT}' --targets circle,square --steps 2 " \
                       "--maps --out out/app"
     shown, *_ = client.predict(*page_args(app, method="none", prompt=PROMPT), api_name="/check")
     assert "ready" in shown, shown
@@ -342,9 +347,9 @@ def test_typed_values_stay_values_whatever_they_start_with():
     """A prompt, target or model typed on the page reaches the command as that value, also when it starts with
     "-" (it was read as an option)."""
     from attnctl.cli import build_parser
+    from attnctl.run import Request
 
-    request = jobs.Request(method="regulation", prompt="-a red circle --steps 3", targets="-circle",
-                           model="--weird")
+    request = Request(method="regulation", prompt="-a red circle --steps 3", targets=["-circle"], model="--weird")
     args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
-    assert (args.prompt, vars(args)["option--targets"], args.model, args.steps) == (
+    assert (args.prompt, vars(args)["option--targets"], args.model, getattr(args, "option--steps", None)) == (
         "-a red circle --steps 3", ["-circle"], "--weird", None)

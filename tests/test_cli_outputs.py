@@ -90,13 +90,15 @@ def test_a_seed_of_the_grid_draws_what_that_seed_draws_alone():
     import numpy as np
 
     from attnctl.cli import build_parser
-    from attnctl.cli.common import generate
+    from attnctl.cli.common import sampling_of
     from attnctl.models import load_pipeline
+    from attnctl.run import pipeline_call
 
     pipe = load_pipeline("random:sd15-tiny")
     args = build_parser().parse_args(["generate", "--model", "random:sd15-tiny", "--prompt", "a cat", *SMALL,
                                       "--steps", "2", "--seed", "4", "--out", "unused"])
-    alone = generate(pipe, "a cat", args)[0]
-    grid = generate(pipe, "a cat", args, seeds=[3, 4])
+    sampling = sampling_of(args)
+    alone = pipeline_call(pipe, "a cat", sampling, "random:sd15-tiny")[0]
+    grid = pipeline_call(pipe, "a cat", sampling, "random:sd15-tiny", seeds=[3, 4])
     assert np.array_equal(np.asarray(grid[1]), np.asarray(alone))
     assert not np.array_equal(np.asarray(grid[0]), np.asarray(alone))

@@ -42,7 +42,7 @@ def test_kandinsky_is_refused_before_anything_changes():
     assert str(err.value) == (
         "KandinskyV22Pipeline: its UNet2DConditionModel has no attention over prompt tokens that attnctl knows (its "
         "attention processors: AttnAddedKVProcessor2_0; e.g. Kandinsky 2.x conditions on image embeddings); "
-        "supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
+        "supported: UNet2DConditionModel (SD 1.x/2.x, SDXL; text cross-attention), SD3Transformer2DModel "
         "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
         "(Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ), SanaTransformer2DModel (Sana); to ask for another, "
         "open an issue naming the pipeline class")

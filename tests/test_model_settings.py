@@ -12,11 +12,11 @@ BAD = [
     (b"{not json", "is not valid JSON"),
     (b"\xff\xfe{}", "is not UTF-8 text"),
     (b"[1, 2]", "must be a JSON object"),
-    (json.dumps({"num_inference_steps": 100000}).encode(), "num_inference_steps must be a whole number from 1 to 1000"),
-    (json.dumps({"num_inference_steps": 2.5}).encode(), "num_inference_steps must be a whole number"),
-    (json.dumps({"num_inference_steps": True}).encode(), "num_inference_steps must be a whole number"),
-    (b'{"guidance_scale": NaN}', "guidance_scale must be a finite number"),
-    (json.dumps({"height": 4}).encode(), "height must be a whole number from 8 to 4096"),
+    (json.dumps({"num_inference_steps": 100000}).encode(), "num_inference_steps: --steps must be between 1 and 1000"),
+    (json.dumps({"num_inference_steps": 2.5}).encode(), "num_inference_steps: --steps must be a whole number"),
+    (json.dumps({"num_inference_steps": True}).encode(), "num_inference_steps: --steps must be a number"),
+    (b'{"guidance_scale": NaN}', "guidance_scale: --guidance must be a finite number"),
+    (json.dumps({"height": 4}).encode(), "height: --height must be between 8 and 4096"),
     (json.dumps({"num_inference_step": 20}).encode(), "unknown setting 'num_inference_step'"),
     (json.dumps({"methods": "regulation"}).encode(), '"methods" must map method names to their options'),
     (json.dumps({"methods": {"regulaton": {}}}).encode(), "unknown method 'regulaton'"),
@@ -56,7 +56,7 @@ def test_the_command_line_refuses_the_folder_before_loading_it(tmp_path, cli):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\xff", "is not valid UTF-8 JSON"),
+    (b"\xff", "is not UTF-8 text"),
     (b"[]", "must be a JSON object"),
     (b'{"unet": ["diffusers", "UNet2DConditionModel"]}', 'has no "_class_name"'),
     (b'{"_class_name": "NoSuchPipeline"}', "'NoSuchPipeline', which is not a diffusers pipeline class"),

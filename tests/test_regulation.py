@@ -210,12 +210,15 @@ def test_usage_errors_in_a_pipeline():
 
 def test_cli_flags_are_the_config_fields():
     from attnctl.cli import build_parser
-    from attnctl.cli.common import method_config
+    from attnctl.cli.generate import request_of
 
-    base = ["generate", "--model", "random:sd15-tiny", "--prompt", PROMPT, "--out", "unused"]
-    config = method_config("regulation", build_parser().parse_args(base), "random:sd15-tiny")
-    assert config == RegulationConfig()
-    assert config.targets is None and config.layers is None and config.edit_steps is None
+    def method_config(args):
+        return request_of(args).controller().config
+
+    base = ["generate", "--model", "random:sd15-tiny", "--prompt", PROMPT, "--targets", "cat", "--out", "unused"]
+    config = method_config(build_parser().parse_args(base))
+    assert config == RegulationConfig(targets=["cat"])
+    assert config.layers is None and config.edit_steps is None
     assert (config.iterations, config.step_size, config.gamma, config.delta, config.epsilon) == (20, 100.0, 1.0, 80.0,
                                                                                                  0.09)
     assert (config.sigma, config.smoothing, config.decay, config.selection, config.implementation, config.seed) == (
@@ -223,11 +226,11 @@ def test_cli_flags_are_the_config_fields():
     args = build_parser().parse_args(base + [
         "--targets", "dog", "--layers", "up_blocks.1", "--edit-steps", "3", "--selection", "image", "--implementation",
         "direct", "--sigma", "2", "--init-seed", "5", "--no-restore-special", "--quantile", "0.8"])
-    config = method_config("regulation", args, "random:sd15-tiny")
+    config = method_config(args)
     assert (config.targets, config.layers, config.edit_steps, config.selection, config.implementation, config.sigma,
             config.seed, config.restore_special, config.quantile) == (
         ["dog"], ("up_blocks.1",), 3, "image", "direct", 2, 5, False, 0.8)
-    assert args.seed == 0  # --init-seed is the method's seed, not the sampling seed
+    assert request_of(args).sampling.seed == 0  # --init-seed is the method's seed, not the sampling seed
     reg = Regulation(config=config)
     assert reg.target_words == ["dog"] and Regulation(["dog"], edit_steps=3, layers="up_blocks.1").config.layers == (
         "up_blocks.1",)

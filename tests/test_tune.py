@@ -34,7 +34,7 @@ def test_tune_chooses_on_the_seen_split_and_writes_the_recommendation(cli, tmp_p
     assert all(" and " in p for p in prompts) and len(prompts) == 1  # seen prompts only
     code, out, err = cli("generate", "--method", "layout-modulation", "--model", mmdit_copy, "--auto-layout",
                          "--prompt", "a red circle above a blue square", "--steps", "1", "--out", tmp_path / "gen")
-    assert code == 0 and "recommends" in out, err
+    assert code == 0 and "recommends" in err, err
 
 
 def test_candidates_are_ordered_by_rate_then_fewest_broken():

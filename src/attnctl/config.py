@@ -38,7 +38,7 @@ def option(default: Any, help: str, *, symbol: str | None = None, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def build(config_class, config=None, **options):
+def build(config_class, config=None, /, **options):
     """A `config_class` instance: `config` (or the defaults) with `options` replacing fields by name."""
     names = [f.name for f in dataclasses.fields(config_class)]
     unknown = sorted(set(options) - set(names))
@@ -68,7 +68,7 @@ def check(config) -> None:
     prefix = _prefix(config)
     for field in dataclasses.fields(config):
         value, meta, kind = getattr(config, field.name), field.metadata, _number_kind(field)
-        name = f"{field.name} ({_flag(field, prefix)})" if meta.get("cli", True) else field.name
+        name = _named(field, prefix) if meta.get("cli", True) else field.name
         if value is None and default_of(field) is None:
             continue
         if kind is bool:
@@ -84,11 +84,26 @@ def check(config) -> None:
                 raise UsageError(f"{name} must be a whole number, not {value!r}")
             low, high = meta.get("low"), meta.get("high")
             if (low is not None and value < low) or (high is not None and value > high):
-                bounds = (f"between {low:g} and {high:g}" if low is not None and high is not None
-                          else f"at least {low:g}" if low is not None else f"at most {high:g}")
+                low, high = _shown(low), _shown(high)
+                bounds = (f"between {low} and {high}" if low is not None and high is not None
+                          else f"at least {low}" if low is not None else f"at most {high}")
                 raise UsageError(f"{name} must be {bounds}, not {value!r}")
         if meta.get("choices") and (not isinstance(value, str) or value not in meta["choices"]):
             raise UsageError(f"{name} must be one of {', '.join(meta['choices'])}, not {value!r}")
+
+
+def _named(field: dataclasses.Field, prefix: str) -> str:
+    """A field as messages name it: its flag, and its name too where the flag does not say it ("strength
+    (--ast-strength)", but "--steps")."""
+    flag = _flag(field, prefix)
+    return flag if flag == "--" + field.name.replace("_", "-") else f"{field.name} ({flag})"
+
+
+def _shown(bound):
+    """A bound as a message shows it: whole numbers in full (2**64 - 1, not 1.84467e+19), others as %g."""
+    if bound is None or isinstance(bound, int):
+        return bound
+    return f"{bound:g}"
 
 
 def _items(value) -> list | None:
@@ -161,25 +176,51 @@ def default_of(field: dataclasses.Field):
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
-def default_text(field: dataclasses.Field) -> str:
-    """A field's default written as its flag's value ("a,b" for a list, "k:v,k:v" for a mapping; "" for None)."""
-    default = default_of(field)
-    if default is None:
+def value_text(value) -> str:
+    """A value written as a flag takes it ("a,b" for a list, "k:v,k:v" for a mapping; "" for None)."""
+    if value is None:
         return ""
-    if isinstance(default, Mapping):
-        return ",".join(f"{k}:{v}" for k, v in default.items())
-    if isinstance(default, (list, tuple)):
-        return ",".join(map(str, default))
-    return str(default)
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}:{v}" for k, v in value.items())
+    if isinstance(value, (list, tuple, range)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
-def add_arguments(parser, config_class, title: str | None = None) -> None:
-    """One flag per field of `config_class` (`--PREFIXNAME`), with the field's meaning and default as help. Flags
-    the user does not give are absent from the parsed namespace, so defaults and a model's recommendations stay in
-    the config (see `given_arguments`)."""
+def default_text(field: dataclasses.Field) -> str:
+    """A field's default written as its flag's value (`value_text`)."""
+    return value_text(default_of(field))
+
+
+def as_arguments(config_class, values: dict) -> list[str]:
+    """Command-line words that set `values` (field name -> value) of `config_class`: `--flag value` (a value
+    starting with "-" stays a value: `flag_words`), `--flag`/`--no-flag` for booleans; in the config's field
+    order."""
+    prefix, words = _prefix(config_class), []
+    for field in cli_fields(config_class):
+        if field.name in values:
+            flag, value = _flag(field, prefix), values[field.name]
+            if isinstance(default_of(field), bool):
+                words.append(flag if value else "--no-" + flag[2:])
+            else:
+                words += flag_words(flag, value_text(value))
+    return words
+
+
+def flag_words(flag: str, text: str) -> list[str]:
+    """`[flag, text]`, or `[flag=text]` where the text starts with "-" (argparse would read it as an option)."""
+    return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+
+
+def add_arguments(parser, config_class, title: str | None = None, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of `config_class` (`--PREFIXNAME`), with the field's meaning and default as help; `only`:
+    these fields' flags alone. Flags the user does not give are absent from the parsed namespace, so defaults and a
+    model's recommendations stay in the config (see `given_arguments`)."""
     group = parser.add_argument_group(title) if title else parser
     prefix = _prefix(config_class)
     for field in cli_fields(config_class):
+        if only is not None and field.name not in only:
+            continue
         meta, default = field.metadata, default_of(field)
         shown = meta.get("shown_default") or default_text(field)
         help_text = f"{meta['help']} (default: {shown}" + (f"; {meta['symbol']} in the paper)" if meta.get("symbol")
@@ -192,7 +233,7 @@ def add_arguments(parser, config_class, title: str | None = None) -> None:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = argument_type(meta.get("parse") or type(default))
+            kwargs["type"] = argument_type(meta.get("parse") or (str if default is None else type(default)))
             kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else \
                 flag[2:].upper().replace("-", "_")
             if meta.get("choices"):
@@ -211,6 +252,17 @@ def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
     convert.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid int value"
     return convert
+
+
+def parsed_value(flag: str, field: dataclasses.Field, text: str):
+    """A flag's text as its field's value, parsed as the command line parses it; a UsageError naming the flag."""
+    parse = field.metadata.get("parse") or type(default_of(field))
+    try:
+        return parse(text)
+    except UsageError as err:
+        raise UsageError(f"{flag}: {err}") from None
+    except (ValueError, TypeError):
+        raise UsageError(f"{flag}: invalid {getattr(parse, '__name__', 'value')} value: {text!r}") from None
 
 
 def given_arguments(config_class, args: argparse.Namespace) -> dict:

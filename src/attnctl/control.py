@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import unwrap_module
 
 from .attention import attention, attention_with_lse, chunked_lse, default_scale, key_probs
 from .errors import UsageError
-from .families import family_of, refuse_without_sites
+from .families import Family, family_of, refuse_without_sites
 from .sites import AttentionSite, downsampled
 from .tokens import PromptTokens
 
@@ -247,6 +247,17 @@ class _StepHook(ModelHook):
         return module
 
 
+def denoiser_of(pipe) -> tuple[torch.nn.Module, Family]:
+    """The pipeline's denoiser (seen through a torch.compile wrapper: its sites are those of the module it wraps) and
+    its family adapter; a UsageError for a pipeline attnctl does not support."""
+    denoiser = next((d for d in (getattr(pipe, n, None) for n in ("unet", "transformer")) if d is not None), None)
+    if denoiser is None:
+        raise UsageError("the pipeline has neither a `unet` nor a `transformer`; attnctl needs a diffusers "
+                         "text-to-image pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)")
+    denoiser = unwrap_module(denoiser)
+    return denoiser, family_of(denoiser)
+
+
 @dataclass
 class Session:
     """The controllers attached to one pipeline (what `apply` yields): its family adapter, its attention sites, the
@@ -261,13 +272,7 @@ class Session:
     prompts: list[PromptTokens] = field(default_factory=list)
 
     def __post_init__(self):
-        denoiser = next((d for d in (getattr(self.pipe, n, None) for n in ("unet", "transformer")) if d is not None),
-                        None)
-        if denoiser is None:
-            raise UsageError("the pipeline has neither a `unet` nor a `transformer`; attnctl needs a diffusers "
-                             "text-to-image pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1)")
-        self.denoiser = unwrap_module(denoiser)  # a torch.compile wrapper: its sites are those of the module it wraps
-        self.family = family_of(self.denoiser)
+        self.denoiser, self.family = denoiser_of(self.pipe)
         self.sites: list[AttentionSite] = self.family.discover(self.denoiser)
         if not self.sites:
             refuse_without_sites(self.pipe, self.denoiser)
@@ -419,22 +424,7 @@ class Session:
         seen, last, calls = self._step_calls
         calls = calls + 1 if seen is timesteps and last == index else 0
         self._step_calls = (timesteps, index, calls)
-        cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
-        pag = getattr(self.pipe, "do_perturbed_attention_guidance", False)
-        if cfg is None:
-            cfg = self.family.guidance_from_latents and _repeated(self.family.latents(args, kwargs), 3 if pag else 2,
-                                                                  len(self.prompts))
-        if context_name == "uncond" or self.family.guidance_pass(args, kwargs):
-            cond = slice(0, 0)
-        elif self.family.separate_guidance_calls and cfg:
-            cond = slice(0, batch) if calls == 0 else slice(0, 0)  # the prompt's call first, then the negative one
-        elif pag and batch % (3 if cfg else 2) == 0:
-            rows = batch // (3 if cfg else 2)  # PAG: [negative,] prompt, prompt with perturbed self-attention
-            cond = slice(rows, 2 * rows) if cfg else slice(0, rows)
-        elif cfg and batch % 2 == 0:
-            cond = slice(batch // 2, batch)
-        else:
-            cond = slice(0, batch)
+        cond = self.family.conditional_rows(self.pipe, args, kwargs, context_name, calls, len(self.prompts))
         n_cond = cond.stop - cond.start
         return StepState(
             index=index,
@@ -485,15 +475,6 @@ def _check_pag(pipe, name: str, module) -> None:
             "replacing its processor during every call, and attnctl controls that attention; give PAG other layers "
             "(`pipe.set_pag_applied_layers([...])`, e.g. ones the method leaves alone) or use the pipeline without "
             "PAG")
-
-
-def _repeated(latents: torch.Tensor, passes: int, n_prompts: int) -> bool:
-    """Whether the batch is `passes` equal chunks, each holding every prompt's rows (a pipeline that runs its
-    guidance passes on the same latents)."""
-    if latents.shape[0] % (passes * max(1, n_prompts)):
-        return False
-    chunks = latents.chunk(passes)
-    return all(torch.equal(chunks[0], c) for c in chunks[1:])
 
 
 def _key_bias(mask: torch.Tensor, n_queries: int) -> torch.Tensor | None:

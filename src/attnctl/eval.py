@@ -39,7 +39,6 @@ import csv
 import itertools
 import math
 import random
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,19 +186,19 @@ class Arm:
         self.label = self.label or f"{self.method} ({self.model.split(':')[-1]})"
 
 
-def controllers_for(arm: Arm, case: Case) -> list:
-    """The method's controller for one case, with the model's recommended options and the arm's own."""
-    from .config import build
-    from .methods.registry import PLAIN, method
-    from .models import recommended_options
+def request_for(arm: Arm, case: Case, seeds: list[int], steps: int, guidance: float, device: str):
+    """The `run.Request` of one case of one arm: the case's samples (one image per sample seed, each as it would come
+    alone), its shape words as targets or its boxes as the layout, the arm's options over the model's
+    recommendations."""
+    from .methods.registry import layout_methods
+    from .run import Request
+    from .sampling import SamplingConfig
 
-    if arm.method == PLAIN:
-        return []
-    m = method(arm.method)
-    config = build(m.config, None, **{**m.batch_options, **recommended_options(arm.model, arm.method), **arm.options})
-    if m.takes_layout:
-        return [m.build(config, layout=case_layout(case))]
-    return [m.build(config, targets=[s for _, s in case.objects])]
+    layout = case_layout(case) if arm.method in layout_methods() else None
+    return Request(method=arm.method, prompt=case.prompt, layout=layout,
+                   targets=None if layout is not None else [s for _, s in case.objects], options=dict(arm.options),
+                   model=arm.model, sampling=SamplingConfig(steps=steps, guidance=guidance, device=device),
+                   seeds=[sample_seed(case, s) for s in seeds])
 
 
 def case_layout(case: Case):
@@ -251,39 +250,35 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
     """Generate and score every (arm, case, seed), with the attention measurements when `measure`; a progress bar
     per arm unless `progress` is False (default: unless ATTNCTL_PROGRESS=0). `steps` and `guidance` default to what
     each arm's model recommends (its `attnctl.json`), else DEFAULT_STEPS and DEFAULT_GUIDANCE."""
-    import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .control import apply
-    from .models import _show_progress, load_pipeline, sampling_defaults
+    from .models import _show_progress, sampling_defaults
+    from .run import Pipelines, generate
 
     progress = _show_progress() if progress is None else progress
     state = PartialState()
+    device = device if state.num_processes == 1 else str(state.device)
     rows = []
-    pipes: dict[str, object] = {}
+    pipelines = Pipelines(keep=len(arms))
+    warm: set[str] = set()
     for arm in arms:
         recommended = sampling_defaults(arm.model)
         arm_steps = steps if steps is not None else recommended.get("num_inference_steps", DEFAULT_STEPS)
         arm_guidance = guidance if guidance is not None else recommended.get("guidance_scale", DEFAULT_GUIDANCE)
-        if arm.model not in pipes:
-            pipes[arm.model] = load_pipeline(arm.model, device=device if state.num_processes == 1 else state.device)
-            pipes[arm.model].set_progress_bar_config(disable=True)
+        requests = [request_for(arm, case, seeds, arm_steps, arm_guidance, device) for case in cases]
+        pipe = pipelines.get(arm.model, requests[0].sampling)
+        if arm.model not in warm:
+            warm.add(arm.model)
+            pipe.set_progress_bar_config(disable=True)
             # one untimed call first: one-time costs (allocator, lazy initialisation) must not count for the first arm
-            pipes[arm.model](cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance,
-                             output_type="latent")
-        pipe = pipes[arm.model]
+            pipe(cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance, output_type="latent")
         with state.split_between_processes(list(range(len(cases)))) as mine:
             for i in tqdm(mine, desc=arm.label, disable=not progress or not state.is_main_process):
                 case = cases[i]
-                generators = [torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds]
                 observers = observers_for(arm, case, pipe) if measure else []
-                with apply(pipe, *controllers_for(arm, case), *observers, prompt=case.prompt) as session:
-                    start = time.perf_counter()
-                    images = session(case.prompt, num_images_per_prompt=len(seeds), generator=generators,
-                                     num_inference_steps=arm_steps, guidance_scale=arm_guidance,
-                                     output_type="pil").images
-                    seconds = (time.perf_counter() - start) / len(images)
+                output = generate(requests[i], pipelines, observers=observers)
+                images, seconds = output.images, output.seconds
                 attention = attention_columns(observers, len(images))
                 for seed, image, measured in zip(seeds, images, attention):
                     s = score_case(case, image)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import numbers
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from .errors import UsageError
 from .offline_tokenizers import clip_tokenizer, t5_like_tokenizer
+from .sampling import FOLDER_SETTINGS, SamplingConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DEFAULT_MODEL = "builtin:shapes-unet"
@@ -78,6 +78,8 @@ def checked_device(device, what: str = "device") -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise UsageError(f"{what} {device!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
+    if device.type not in ("cpu", "cuda", "mps", "meta"):
+        raise UsageError(f"{what} {device}: attnctl runs on cpu, cuda (cuda:N) or mps, not {device.type}")
     if device.type == "meta":
         raise UsageError(f"{what} meta holds no weights or images; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -110,15 +112,40 @@ def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int
 
 def model_dir(spec: str) -> Path:
     """The folder a built-in model spec or a local folder's spec names (it may not exist)."""
-    return BUILTIN_DIR / spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).expanduser()
+    if spec.startswith("builtin:"):
+        return BUILTIN_DIR / spec[len("builtin:"):]
+    try:
+        return Path(spec).expanduser()
+    except RuntimeError as err:  # "~someone" of no known user
+        raise UsageError(f"--model {spec!r}: {err}; give the folder's full path") from None
 
 
-MAX_STEPS = 1000  # a scheduler has 1000 training timesteps: more steps only repeat them
-MAX_SIDE = 4096  # beyond every supported model's resolution (FLUX.1 and SDXL are trained up to ~2048)
-MAX_TEXT = 512  # the longest T5 text SD3 and FLUX take
-# what a model folder's attnctl.json may set for the pipeline call: type, lowest, highest
-SETTINGS = {"num_inference_steps": (int, 1, MAX_STEPS), "guidance_scale": (float, 0.0, math.inf),
-            "height": (int, 8, MAX_SIDE), "width": (int, 8, MAX_SIDE), "max_sequence_length": (int, 1, MAX_TEXT)}
+def exists(path: Path, kind: str = "any", what: str = "--model") -> bool:
+    """Whether `path` exists (`kind` "file" or "dir": as one); a UsageError naming `what` (the flag that gave the
+    path) where the system cannot even look (a name too long)."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir() if kind == "dir" else path.exists()
+    except OSError as err:
+        shown = str(path) if len(str(path)) <= 80 else str(path)[:80] + "..."
+        raise UsageError(f"{what} {shown!r}: {err.strerror}; give a shorter or valid path") from None
+
+
+def json_object(path: Path, where: str, example: str) -> dict:
+    """The JSON object in the file `path`; a UsageError naming `where` and showing `example` for a file that is
+    not UTF-8 JSON holding an object."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{where} is not UTF-8 text; rewrite it as JSON such as {example}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); write JSON "
+                         f"such as {example}") from None
+    except (ValueError, RecursionError) as e:  # numbers of thousands of digits, nesting thousands deep
+        raise UsageError(f"{where} cannot be read as JSON ({type(e).__name__}: {str(e)[:100]}); write JSON such as "
+                         f"{example}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a JSON object such as {example}, not a {type(value).__name__}")
+    return value
 
 
 def _model_settings(spec: str) -> dict:
@@ -126,31 +153,23 @@ def _model_settings(spec: str) -> dict:
     method options recommended for this model; {} when there is none. A file that is not a JSON object of known,
     valid settings is a UsageError naming the file, the setting and what it may be."""
     path = model_dir(spec) / "attnctl.json"
-    if not path.is_file():
+    if not exists(path, "file"):
         return {}
     where = f"{path} (the model folder's recommended settings)"
-    try:
-        settings = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"{where} is not UTF-8 text; rewrite it as JSON or delete it") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix or "
-                         "delete it") from None
-    if not isinstance(settings, dict):
-        raise UsageError(f"{where} must be a JSON object such as {{\"num_inference_steps\": 25, \"methods\": "
-                         f"{{}}}}, not a {type(settings).__name__}")
+    settings = json_object(path, where, "{\"num_inference_steps\": 25, \"methods\": {}}")
     for key, value in settings.items():
         if key == "methods":
             _check_method_settings(value, where)
-        elif key not in SETTINGS:
-            raise UsageError(f"{where}: unknown setting {key!r}; it may set {', '.join(SETTINGS)} and \"methods\"")
-        else:
-            kind, low, high = SETTINGS[key]
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not number or kind is int and not float(value).is_integer() or not (
-                    math.isfinite(value) and low <= value <= high):
-                shown = "a whole number" if kind is int else "a finite number"
-                raise UsageError(f"{where}: {key} must be {shown} from {low:g} to {high:g}, not {value!r}")
+        elif key not in FOLDER_SETTINGS:
+            raise UsageError(f"{where}: unknown setting {key!r}; it may set {', '.join(FOLDER_SETTINGS)} and "
+                             "\"methods\"")
+        else:  # the bounds of the flag that sets it, as the type the pipeline takes (25, not 25.0)
+            try:
+                if value is None:
+                    raise UsageError("a setting must be a number; leave it out for the pipeline's default")
+                settings[key] = getattr(SamplingConfig(**{FOLDER_SETTINGS[key]: value}), FOLDER_SETTINGS[key])
+            except UsageError as e:
+                raise UsageError(f"{where}: {key}: {e}") from None
     return settings
 
 
@@ -234,14 +253,8 @@ def _model_index(path: Path) -> dict:
     import diffusers
 
     where = f"{path} (the pipeline folder's index)"
-    try:
-        index = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{where} is not valid UTF-8 JSON ({e}); save the pipeline again with "
-                         "`pipe.save_pretrained(folder)`") from None
-    if not isinstance(index, dict):
-        raise UsageError(f"{where} must be a JSON object naming the pipeline class and its components, not a "
-                         f"{type(index).__name__}")
+    index = json_object(path, where, "{\"_class_name\": \"StableDiffusionPipeline\", ...} (save the pipeline again "
+                        "with `pipe.save_pretrained(folder)`)")
     name = index.get("_class_name")
     if not isinstance(name, str):
         raise UsageError(f"{where} has no \"_class_name\" naming the pipeline class (such as "
@@ -256,17 +269,18 @@ def _model_index(path: Path) -> dict:
 def _from_pretrained(spec: str):
     from diffusers import DiffusionPipeline
 
-    local = Path(spec).expanduser()
-    if local.exists() and not (local / "model_index.json").exists():
+    local = model_dir(spec)
+    is_local = exists(local)
+    if is_local and not exists(local / "model_index.json"):
         raise UsageError(f"{spec} is a folder but not a diffusers pipeline folder (it has no model_index.json)")
     # components saved as None (e.g. SD3 without T5) must be passed as None again, or diffusers refuses the folder
-    index = _model_index(local / "model_index.json") if local.exists() else {}
+    index = _model_index(local / "model_index.json") if is_local else {}
     absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}
     try:
         with _loading_bars():
-            pipe = DiffusionPipeline.from_pretrained(str(local) if local.exists() else spec, **absent)
+            pipe = DiffusionPipeline.from_pretrained(str(local) if is_local else spec, **absent)
     except Exception as err:  # a local folder's fault, whatever diffusers raises for it; a hub id's: below
-        if local.exists():
+        if is_local:
             raise UsageError(f"could not load the pipeline folder {spec} ({type(err).__name__}: {err}); check its "
                              "model_index.json and component folders against a folder saved by "
                              "`pipe.save_pretrained(...)`") from None

@@ -16,6 +16,7 @@ import gradio as gr
 
 from ..errors import UsageError
 from ..methods.registry import METHODS, PLAIN, choices, default_targets, layout_methods, listing, target_methods
+from ..run import Pipelines
 from . import jobs, sketch
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Page:
         if method not in choices():
             raise UsageError(f"method {method!r} is not one of {', '.join(choices())}")
         self.model, self.method, self.device, self.dtype = model or "", method, device, dtype
-        self.pipelines = jobs.Pipelines()
+        self.pipelines = Pipelines()
         self.root = Path(tempfile.mkdtemp(prefix="attnctl-app-"))
         self._count = 0
         self._cancels: dict[str, threading.Event] = {}
@@ -49,37 +50,34 @@ class Page:
         self._lock = threading.Lock()
 
     # --- from the page's values to a request ------------------------------------------------------------
-    def request(self, v: dict, flat=None) -> jobs.Request:
-        """The request the page's values `v` describe; a UsageError (the CLI's message) for what is wrong. `flat`:
-        the canvas already flattened, if it was."""
+    def request(self, v: dict, flat=None) -> jobs.Job:
+        """The job the page's values `v` describe; a UsageError (the command line's message, from the same
+        declarations) for what is wrong. `flat`: the canvas already flattened, if it was."""
+        from ..config import build, comma_list
+        from ..run import Request
+        from ..sampling import SamplingConfig
+
         method = v["method"]
-        options = []
+        if method not in choices():
+            raise UsageError(f"choose a method: {', '.join(choices())}")
+        options = {}
         for flag, f in jobs.method_fields(method) if method != PLAIN else ():
-            options += jobs.option_arguments(flag, f, v[f"{method} {flag}"])
+            value = jobs.option_value(flag, f, v[f"{method} {flag}"])
+            if value is not jobs.UNSET:
+                options[f.name] = value
         numbers = {name: _whole(name, v[name] or 0) or None for name in ("steps", "height", "width")}  # 0: default
-        request = jobs.Request(method=method, prompt=v["prompt"] or "", targets=v["targets"] or "",
-                               model=v["model"] or "", options=options, device=self.device, dtype=self.dtype,
-                               seed=_whole("seed", v["seed"] or 0), guidance=_guidance(v["guidance"]), **numbers)
+        sampling = build(SamplingConfig, None, seed=_whole("seed", v["seed"] or 0), guidance=_guidance(v["guidance"]),
+                         device=self.device, dtype=self.dtype, **numbers)
+        layout = pixels = None
         if method in layout_methods():
-            request.sketch = flat if flat is not None else sketch.flat_sketch(_composite(v["sketch"]))
-            request.layout = sketch.page_layout(v["prompt"], v["background"], request.sketch, v["phrases"],
-                                                v["boxes"])
-        elif not request.prompt.strip():
+            pixels = flat if flat is not None else sketch.flat_sketch(_composite(v["sketch"]))
+            layout = sketch.page_layout(v["prompt"], v["background"], pixels, v["phrases"], v["boxes"])
+        elif not (v["prompt"] or "").strip():
             raise UsageError("type a prompt")
-        self._check_flags(request)
-        return request
-
-    def _check_flags(self, request: jobs.Request) -> None:
-        """The command line parses and the method's options are within their bounds (no model needed)."""
-        from ..cli import build_parser
-        from ..cli.common import check_sampling
-        from ..config import build, given_arguments
-
-        args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
-        check_sampling(args)
-        if request.method in METHODS:
-            config = METHODS[request.method].config
-            build(config, None, **given_arguments(config, args))
+        targets = comma_list(v["targets"] or "") or None
+        request = Request(method=method, prompt=v["prompt"] or "", layout=layout, targets=targets, options=options,
+                          model=(v["model"] or "").strip() or None, sampling=sampling, maps=True)
+        return jobs.Job(request, pixels)
 
     # --- the page's events -------------------------------------------------------------------------------
     def check(self, v: dict) -> list:
@@ -95,34 +93,34 @@ class Page:
             shown = i < len(found)
             slots += [gr.update(visible=shown, value=_swatch(*found[i]) if shown else ""), gr.update(visible=shown)]
         try:
-            request = self.request(v, flat)
-            jobs.check_words(request, self.pipelines)
+            job = self.request(v, flat)
+            jobs.check_words(job.request, self.pipelines)
         except UsageError as err:
             return [_message(str(err)), "", *slots]
         note = ""
-        if request.method not in layout_methods() and (found or (v["boxes"] or "").strip()):
+        if job.request.method not in layout_methods() and (found or (v["boxes"] or "").strip()):
             note = _message(f"the layout is used by {listing(layout_methods())}; this method reads the prompt and "
                             "its target words", "note")
-        return [note or _message("ready", "ok"), request.command(), *slots]
+        return [note or _message("ready", "ok"), job.command(), *slots]
 
     def download(self, v: dict):
         """layout.json (and sketch.png) for `attnctl generate --layout`, and the command that reproduces the page."""
         try:
-            request = self.request(v)
+            job = self.request(v)
         except UsageError as err:
             return None, _message(str(err)), ""
-        if request.layout is None:
+        if job.request.layout is None:
             return None, _message(f"only {listing(layout_methods())} take a layout; this method's command is below",
-                                  "note"), request.command()
-        paths = jobs.write_layout(request.layout, request.sketch, self._folder())
+                                  "note"), job.command()
+        paths = jobs.write_layout(job.request.layout, job.sketch, self._folder())
         return [str(p) for p in paths], _message("layout written: save both files in one folder and run the "
-                                                 "command there", "ok"), request.command()
+                                                 "command there", "ok"), job.command()
 
     def generate(self, v: dict, progress, session: str):
         """(plain, controlled, maps, message, command, files) for the page's request."""
         empty = (None, None, None)
         try:
-            request = self.request(v)
+            job = self.request(v)
         except UsageError as err:
             return (*empty, _message(str(err)), "", None)
         cancel = self._cancels.setdefault(session, threading.Event())
@@ -130,20 +128,20 @@ class Page:
         progress(0, desc="loading the model")
         folder = self._folder(in_flight=True)
         try:
-            result = jobs.run(request, folder, self.pipelines, cancel=cancel,
+            result = jobs.run(job, folder, self.pipelines, cancel=cancel,
                               on_progress=lambda fraction, text: progress(fraction, desc=text))
         except UsageError as err:
-            return (*empty, _message(str(err)), request.command(), None)
+            return (*empty, _message(str(err)), job.command(), None)
         except jobs.Cancelled:
-            return (*empty, _message("cancelled", "note"), request.command(), None)
+            return (*empty, _message("cancelled", "note"), job.command(), None)
         except Exception as err:  # a bug: say so on the page, keep the server up, log the traceback
             log.exception("generation failed")
-            return (*empty, _message(f"internal error: {type(err).__name__}: {err}"), request.command(), None)
+            return (*empty, _message(f"internal error: {type(err).__name__}: {err}"), job.command(), None)
         finally:
             self._in_flight.discard(folder)
         f = result.files
         shown = [f.get("plain_layout") or f.get("plain"), f.get("image_layout") or f.get("image")]
-        if request.method == PLAIN:
+        if job.request.method == PLAIN:
             shown = [f["image"], None]
         downloads = [str(f[name]) for name in ("layout.json", "sketch.png") if name in f]
         return (*[str(p) if p else None for p in shown], str(f["maps"]) if "maps" in f else None,

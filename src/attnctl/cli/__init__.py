@@ -79,11 +79,15 @@ def main(argv=None) -> int:
 def _run(argv) -> int:
     try:
         _quiet_libraries()
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+        alone = next((w for w in argv if w.startswith("--") and w.endswith("=--")), None)
+        if alone is not None:  # argparse reads a bare "--" as "end of options" and gives the option an empty list
+            raise UsageError(f"{alone[:-3]} needs a value, not '--' (which ends the options)")
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as exit:  # argparse has printed its usage message (or --help)
             return int(exit.code or 0)
-        args.command_line = "attnctl " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
+        args.command_line = "attnctl " + " ".join(argv)
         args.func(args)
         return 0
     except BrokenImage as err:

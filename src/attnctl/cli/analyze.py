@@ -8,17 +8,7 @@ from ..config import argument_type
 from ..errors import UsageError
 from ..methods.capture import parse_steps
 from ..methods.registry import builtin_model
-from .common import (
-    add_method_options,
-    add_model_options,
-    call_kwargs,
-    finite_images,
-    given_method_flags,
-    load,
-    method_config,
-    print_written,
-    resolve_model,
-)
+from .common import add_method_options, add_model_options, given_method_flags, load, print_written, sampling_of
 
 
 def register(sub) -> None:
@@ -36,26 +26,24 @@ def register(sub) -> None:
 def run(args) -> None:
     """Run the pipeline once with the observer (and AST with --with-ast); write hierarchy.csv, hierarchy.png and the
     image with its layout overlay to --out."""
-    import torch
-
     from ..analysis import Hierarchy
-    from ..control import apply
+    from ..config import given_arguments
     from ..layout import Layout
-    from ..methods.ast import AST
+    from ..methods.ast import ASTConfig
+    from ..run import Request, pipeline_call
     from ..viz import overlay
 
     layout = Layout.load(args.layout)  # a bad layout fails before the model loads
     flags = given_method_flags(args, "ast")
-    config = method_config("ast", args, resolve_model(args, builtin_model("ast")))
     if not args.with_ast and set(flags) - {"--ast-role-parser"}:
         raise UsageError(f"{', '.join(flags)} change AST, which runs only with --with-ast")
-    hierarchy = Hierarchy(layout, steps=args.analyze_steps, role_parser=config.role_parser)
-    controllers = ([AST(layout, config)] if args.with_ast else []) + [hierarchy]
+    request = Request(method="ast", layout=layout, options=given_arguments(ASTConfig, args), model=args.model,
+                      sampling=sampling_of(args))
+    ast = request.controller()
+    hierarchy = Hierarchy(layout, steps=args.analyze_steps, role_parser=ast.config.role_parser)
     pipe = load(args, builtin_model("ast"))
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    with apply(pipe, *controllers, prompt=layout.prompt):
-        images = finite_images(pipe(layout.prompt, generator=generator,
-                                    **{**call_kwargs(args, pipe), "output_type": "np"}).images, args)
+    images = pipeline_call(pipe, layout.prompt, request.sampling, request.model_spec,
+                           ([ast] if args.with_ast else []) + [hierarchy])
     if not hierarchy.rows:
         raise UsageError("nothing was recorded: check --analyze-steps against --steps")
     out = Path(args.out)

@@ -6,11 +6,12 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import argument_type, build, given_arguments
+from ..config import add_arguments, argument_type, build, given_arguments
 from ..errors import UsageError
 from ..methods.registry import METHODS, PLAIN, choices, listing, methods_on
 from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
-from .common import MAX_STEPS, add_method_options, bounded, check_device
+from ..sampling import SamplingConfig
+from .common import add_method_options, bounded, check_out, sampling_of
 
 
 def dosed_methods() -> tuple[str, ...]:
@@ -30,13 +31,10 @@ def register(sub) -> None:
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 10; 1 with --quick)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps (default: each model's recommended count, from its attnctl.json, else 25)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: each model's recommended scale, from its attnctl.json, else 5.0)")
+    # --steps, --guidance (default: each model's recommendation, from its attnctl.json, else 25 and 5.0), --device
+    add_arguments(p, SamplingConfig, title="sampling", only=("steps", "guidance", "device"))
     p.add_argument("--unet-model", default="builtin:shapes-unet")
     p.add_argument("--mmdit-model", default="builtin:shapes-mmdit")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true",
                    help="a small subset (3 prompts per category, 1 seed, 10 steps unless given), under a minute")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -105,17 +103,14 @@ def run(args) -> None:
         write_rows,
     )
 
-    for flag, value, high in (("--prompts", args.prompts, 20), ("--seeds", args.seeds, 1000),
-                              ("--steps", args.steps, MAX_STEPS)):
+    for flag, value, high in (("--prompts", args.prompts, 20), ("--seeds", args.seeds, 1000)):
         bounded(flag, value, 1, high)
-    bounded("--guidance", args.guidance, 0, 100)
-    check_device(args.device)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file; give a folder (it is created if missing)")
+    sampling = sampling_of(args)
+    check_out(args.out)
     prompts = args.prompts or (3 if args.quick else 20)
     seeds = args.seeds or (1 if args.quick else 10)
-    steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else None  # None: the model's own
-    guidance = args.guidance
+    steps = sampling.steps if sampling.steps is not None else QUICK_STEPS if args.quick else None  # None: the model's
+    guidance = sampling.guidance
     cases = build_suite(prompts)
     wanted = args.categories or (HELDOUT_CATEGORIES if args.dose else DEFAULT_CATEGORIES)
     cases = [c for c in cases if set(c.categories) & set(wanted)]
@@ -124,7 +119,7 @@ def run(args) -> None:
     if args.dose:
         model = args.unet_model if args.dose in methods_on(DEFAULT_MODEL) else args.mmdit_model
         rows = run_suite(dose_arms(args.dose, model, args.strengths, options[args.dose]), cases, list(range(seeds)),
-                         steps, guidance, device=args.device, measure=not args.no_attention)
+                         steps, guidance, device=sampling.device, measure=not args.no_attention)
         if not PartialState().is_main_process:
             return
         summary = summarize(rows)
@@ -147,7 +142,7 @@ def run(args) -> None:
     if mmdit:
         arms += ([Arm(PLAIN, args.mmdit_model)] if PLAIN in names else []) + [
             Arm(m, args.mmdit_model, options[m]) for m in mmdit]
-    rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=args.device,
+    rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=sampling.device,
                      measure=not args.no_attention)
     if not PartialState().is_main_process:
         return

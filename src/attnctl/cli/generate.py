@@ -3,29 +3,14 @@ seed) beside it (compare.png) and the maps of the method's words with and withou
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from ..config import given_arguments
 from ..errors import UsageError
-from ..methods.capture import Capture
-from ..methods.registry import METHODS, PLAIN, builtin_model, choices, default_targets, layout_methods, listing
-from .common import (
-    MAX_IMAGES,
-    add_method_options,
-    add_model_options,
-    bounded,
-    generate,
-    given_method_flags,
-    load,
-    method_config,
-    print_written,
-    resolve_model,
-    save_images,
-    write_maps,
-)
-
-log = logging.getLogger(__name__)
+from ..methods.registry import METHODS, PLAIN, choices, layout_methods, listing
+from ..outputs import write
+from ..run import Request, generate
+from .common import add_method_options, add_model_options, check_out, given_method_flags, print_written, sampling_of
 
 
 def register(sub) -> None:
@@ -65,14 +50,14 @@ def _refuse_other_methods(args) -> None:
             raise UsageError(f"{', '.join(flags)} belong to --method {name}, not --method {args.method}")
 
 
-def _controller(args):
-    """The method's controller, its prompt, the words to map and whether they were named (not chosen automatically);
-    checked before the model loads."""
+def request_of(args) -> Request:
+    """The command line as a `Request` (checked before any model loads)."""
+    from ..layout import Layout
     from ..methods.regulation import RegulationConfig
 
+    _refuse_other_methods(args)
+    layout = None
     if args.method in layout_methods():
-        from ..layout import Layout
-
         if args.auto_layout:
             if not args.prompt:
                 raise UsageError("--auto-layout reads the layout from --prompt: pass --prompt \"a red circle to the "
@@ -81,111 +66,19 @@ def _controller(args):
         elif args.prompt:
             raise UsageError(f"--prompt does not apply to --method {args.method} by itself: the prompt is the "
                              "layout's (--layout L.json), or pass --auto-layout to read the layout from the prompt")
-        elif not args.layout:
-            raise UsageError(f"--method {args.method} needs a layout: pass --layout L.json (prompt, background and "
-                             "regions; see examples/) or --auto-layout with a --prompt that states where things are")
-        else:
+        elif args.layout:
             layout = Layout.load(args.layout)
-        tuned = given_arguments(METHODS["ast"].config, args).get("tuned_steps")
-        if tuned is not None and args.steps is not None and tuned > args.steps:
-            raise UsageError(f"--ast-tuned-steps {tuned} is more than the {args.steps} denoising steps (--steps); "
-                             f"pass at most {args.steps} (all steps tuned) or more --steps")
-        config = method_config(args.method, args, resolve_model(args, builtin_model(args.method)))
-        method = METHODS[args.method].build(config, layout=layout)
-        return method, layout.prompt, [region.phrase.split()[-1] for region in layout.regions], False  # head words
-    if args.layout or args.auto_layout:
+    elif args.layout or args.auto_layout:
         flag = "--layout" if args.layout else "--auto-layout"
         raise UsageError(f"{flag} applies to --method {listing(layout_methods())} only, not --method {args.method}")
-    if not args.prompt:
-        raise UsageError(f"--prompt is required with --method {args.method}")
-    if args.method == PLAIN:
-        return None, args.prompt, list(given_arguments(RegulationConfig, args).get("targets") or []), True
-    config = method_config(args.method, args, resolve_model(args, builtin_model(args.method)))
-    named = config.targets is not None
-    if not named and getattr(config, "groups", None):  # the binding method's groups name the words themselves
-        return METHODS[args.method].build(config), args.prompt, [w for g in config.groups for w in g.split()], True
-    targets = config.targets if named else default_targets(args.method, args.prompt)
-    return METHODS[args.method].build(config, targets=targets), args.prompt, list(targets), named
+    options = given_arguments(METHODS[args.method].config, args) if args.method in METHODS else {}
+    targets = options.pop("targets", None) if args.method in METHODS else \
+        given_arguments(RegulationConfig, args).get("targets")
+    check_out(args.out)
+    return Request(method=args.method, prompt=args.prompt or "", layout=layout, targets=targets, options=options,
+                   model=args.model, sampling=sampling_of(args), maps=args.maps, seed_grid=args.seed_grid)
 
 
 def main(args) -> None:
-    print_written(run(args), args.out)
-
-
-def run(args, load_pipeline=load, on_step=None) -> list[Path]:
-    """Generate as the command line says and write the files; returns their paths (the app calls this too).
-    `load_pipeline(args, default_model)` gives the pipeline (the app passes its cache); `on_step(label, step, steps)`
-    follows each run's denoising steps (label: the method's name, then "plain" for the comparison)."""
-    _refuse_other_methods(args)
-    bounded("--seed-grid", args.seed_grid, 0, MAX_IMAGES, " seeds")
-    if args.seed_grid and args.method == PLAIN:
-        raise UsageError("--seed-grid compares a method with the plain pipeline: name a --method")
-    method, prompt, words, named = _controller(args)
-    pipe = load_pipeline(args, builtin_model(args.method))  # after the method's inputs: cheap errors first
-    capture = Capture(words, requested=named) if args.maps and words else None
-
-    def run_images(label, controllers, seeds=None):
-        step = (lambda i, n: on_step(label, i, n)) if on_step else None
-        return generate(pipe, prompt, args, controllers, on_step=step, seeds=seeds)
-
-    images = run_images(args.method, ([method] if method else []) + ([capture] if capture else []))
-    written = save_images(images, args.out)
-    plain = None
-    if capture:
-        captures = {args.method: (capture, images)}
-        if method is not None:
-            plain_capture = Capture(words, requested=named)
-            plain = run_images("plain", [plain_capture])
-            written += save_images(plain, args.out, "plain")
-            captures = {"plain": (plain_capture, plain), **captures}
-            from ..viz import comparison_figure
-
-            written.append(args.out / "compare.png")
-            comparison_figure({"plain (same seed)": plain[0], args.method: images[0]}, written[-1], prompt)
-        written += write_maps(captures, words, args.out, "maps", prompt)
-    elif args.maps:
-        log.info("no target words to map; pass --targets")
-    if args.method in layout_methods():
-        written += _write_overlays(images, method.layout, args.out, "image")
-        if plain is not None:
-            written += _write_overlays(plain, method.layout, args.out, "plain")
-    if args.seed_grid:
-        written += _seed_grid(pipe, prompt, args, method, run_images)
-    return written
-
-
-def _seed_grid(pipe, prompt, args, method, run_images) -> list[Path]:
-    """The plain pipeline and the method on the first `--seed-grid` seeds, judged where the shapes world's scorer
-    can judge them (a built-in model, a prompt of "a COLOUR SHAPE" phrases): seeds.png and seeds.csv."""
-    from ..eval import write_rows
-    from ..shapes.scorer import judged, objects_of_prompt
-    from ..viz import seed_grid_figure
-
-    seeds = [args.seed + k for k in range(args.seed_grid)]
-    rows = {"plain": run_images("plain", [], seeds=seeds),
-            args.method: run_images(args.method, [_controller(args)[0]], seeds=seeds)}  # a fresh controller
-    shapes_world = resolve_model(args, builtin_model(args.method)).startswith("builtin:")
-    objects = objects_of_prompt(prompt) if shapes_world else None
-    boxes = [r.box for r in method.layout.regions] if args.method in layout_methods() else None
-    captions = {label: [judged(image, objects, boxes) if objects else "" for image in images]
-                for label, images in rows.items()}
-    if objects:
-        good = "all placed" if boxes else "all bound"
-        log.info("%s on seeds %d-%d: plain %d/%d, %s %d/%d", good, seeds[0], seeds[-1],
-                 captions["plain"].count(good), len(seeds), args.method, captions[args.method].count(good), len(seeds))
-    paths = [args.out / "seeds.png", args.out / "seeds.csv"]
-    seed_grid_figure(rows, captions, seeds, paths[0], prompt)
-    write_rows([{"seed": seed, **{label: captions[label][k] for label in rows}} for k, seed in enumerate(seeds)],
-               paths[1])
-    return paths
-
-
-def _write_overlays(images, layout, out: Path, stem: str) -> list[Path]:
-    """Each image with the layout's regions drawn over it (STEM_layout.png, or STEM_I_layout.png)."""
-    from ..viz import overlay
-
-    paths = [out / (f"{stem}_layout.png" if len(images) == 1 else f"{stem}_{i}_layout.png")
-             for i in range(len(images))]
-    for image, path in zip(images, paths):
-        overlay(image, layout).save(path)
-    return paths
+    request = request_of(args)
+    print_written(write(generate(request), args.out), args.out)

@@ -7,7 +7,9 @@ from pathlib import Path
 from ..config import add_arguments, build, given_arguments
 from ..errors import UsageError
 from ..methods.capture import Capture, CaptureConfig
-from .common import add_model_options, generate, load, print_written, save_images, write_maps
+from ..outputs import save_images, write_maps
+from ..run import pipeline_call
+from .common import add_model_options, load, print_written, sampling_of
 
 
 def register(sub) -> None:
@@ -24,9 +26,10 @@ def register(sub) -> None:
 def run(args) -> None:
     capture = Capture(config=build(CaptureConfig, None, **given_arguments(CaptureConfig, args)))
     pipe = load(args)
-    images = generate(pipe, args.prompt, args, [capture])
+    sampling = sampling_of(args)
+    images = pipeline_call(pipe, args.prompt, sampling, args.model, [capture])
     if not capture.sums:
-        raise UsageError(f"--map-steps selects none of the {args.steps or 'default'} steps run")
+        raise UsageError(f"--map-steps selects none of the {sampling.steps or 'default'} steps run")
     written = save_images(images, args.out)
     written += write_maps({"": (capture, images)}, capture.words, args.out, "maps", args.prompt)
     print_written(written, args.out)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import argument_type, cli_fields, comma_list, default_of
+from ..config import add_arguments, argument_type, cli_fields, comma_list, default_of
 from ..errors import UsageError
 from ..methods.registry import METHODS, method
-from .common import MAX_STEPS, bounded, check_device
+from ..sampling import SamplingConfig
+from .common import bounded, check_out, sampling_of
 
 
 def register(sub) -> None:
@@ -20,8 +21,7 @@ def register(sub) -> None:
                         "default: the method's declared grid")
     p.add_argument("--prompts", type=int, default=8, help="seen prompts (default: 8)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default: 4)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--device", default="cpu")
+    add_arguments(p, SamplingConfig, title="sampling", only=("steps", "device"))
     p.add_argument("--heldout", action="store_true",
                    help="afterwards, measure the choice against the plain model on the held-out categories "
                         "(reported separately; never used in the choice)")
@@ -73,12 +73,10 @@ def run(args) -> None:
     model = args.model or m.builtin_model
     bounded("--prompts", args.prompts, 1, 20)
     bounded("--seeds", args.seeds, 1, 1000)
-    bounded("--steps", args.steps, 1, MAX_STEPS)
-    check_device(args.device)
+    sampling = sampling_of(args)
     grid = _grid(m, args.set)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} must be a folder, not a file")
-    candidates, rows = tune(m, model, grid, args.prompts, args.seeds, steps=args.steps, device=args.device)
+    check_out(args.out)
+    candidates, rows = tune(m, model, grid, args.prompts, args.seeds, steps=sampling.steps, device=sampling.device)
     best = candidates[0]
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"Tuning {m.name} on {model}, seen split {m.seen_category} ({args.prompts} prompts x {args.seeds} seeds), "
@@ -91,7 +89,7 @@ def run(args) -> None:
     if args.heldout:
         cases = [c for c in build_suite(20) if set(c.categories) & set(m.heldout_categories)]
         held = run_suite([Arm("none", model), Arm(m.name, model, best.options)], cases, list(range(args.seeds)),
-                         steps=args.steps, device=args.device, measure=False)
+                         steps=sampling.steps, device=sampling.device, measure=False)
         write_results(held, summarize(held), args.out / "heldout", args.command_line)
         lines += ["", "Held out (after the choice):", "", (args.out / "heldout" / "results.md").read_text()]
         print((args.out / "heldout" / "results.md").read_text())

@@ -13,15 +13,15 @@ from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
+# every family attnctl knows, each declared once: a new family is its module plus one entry here
 FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily(), ChromaFamily(), QwenImageFamily(), PixArtFamily(),
                            SanaFamily()]
-SUPPORTED = ("supported: UNet2DConditionModel with text cross-attention (SD 1.x/2.x, SDXL), SD3Transformer2DModel "
-             "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), "
-             "QwenImageTransformer2DModel (Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ), SanaTransformer2DModel "
-             "(Sana); to ask for another, open an issue naming the pipeline class")
+SUPPORTED = ("supported: " + ", ".join(f"{f.denoiser_class} ({f.models})" for f in FAMILIES)
+             + "; to ask for another, open an issue naming the pipeline class")
 
 
 def family_of(denoiser) -> Family:
+    """The family in `FAMILIES` that reads `denoiser`; a UsageError listing the supported ones otherwise."""
     for family in FAMILIES:
         if family.matches(denoiser):
             return family

@@ -36,9 +36,18 @@ def joint_block_sites(family: str, transformer, text_first: bool) -> list[Attent
 
 
 class Family:
-    name: str = ""
-    denoiser_class: str = ""
-    known_processors: tuple[str, ...] = ()
+    """How attnctl reads one kind of denoiser. A subclass must define `name`, `denoiser_class`, `models`,
+    `known_processors`, and the methods that raise NotImplementedError here: `discover` (its attention sites),
+    `make_processor` (a processor computing what the model's own does, handing q, k, v to the session),
+    `text_segments` (where the prompt's tokens sit in the denoiser's text sequence), `timestep` and `token_grid`
+    (read from a denoiser call's arguments). The rest have defaults that fit most pipelines: the batch layout of
+    classifier-free and perturbed-attention guidance (`conditional_rows`), the latents argument, a patch of 1, no
+    text length, no mask. docs/adding-a-family.md walks through a toy family; `FAMILIES` lists them."""
+
+    name: str = ""  # short name, as sites and messages show it
+    denoiser_class: str = ""  # the diffusers class name of the denoiser it reads
+    models: str = ""  # the model lines it covers, for messages ("SD3/3.5")
+    known_processors: tuple[str, ...] = ()  # processor class names it reproduces exactly
     latents_name = "hidden_states"  # the denoiser's latent input (a UNet's "sample"), its first argument
     # classifier-free guidance as separate denoiser calls, the prompt's first (Chroma): later calls of a step are
     # unconditional
@@ -53,9 +62,11 @@ class Family:
         return None
 
     def matches(self, denoiser) -> bool:
+        """Whether this family reads `denoiser` (by default: its class is `denoiser_class`)."""
         return type(denoiser).__name__ == self.denoiser_class
 
     def discover(self, denoiser) -> list[AttentionSite]:
+        """The attention sites over prompt tokens in `denoiser`, in the order the forward runs them."""
         raise NotImplementedError
 
     def make_processor(self, site: AttentionSite, session, original):
@@ -63,6 +74,7 @@ class Family:
         raise NotImplementedError
 
     def check_processor(self, site: AttentionSite, processor) -> None:
+        """A UsageError naming the remedy unless `processor` is one this family reproduces exactly."""
         name = type(processor).__name__
         if name not in self.known_processors:
             raise UsageError(
@@ -71,6 +83,8 @@ class Family:
             )
 
     def text_segments(self, pipe) -> list[TextSegment]:
+        """Where each text encoder's tokens of a prompt sit in the denoiser's text sequence (`tokens.TextSegment`),
+        with the tokenizer that makes them."""
         raise NotImplementedError
 
     def encoder_check(self, pipe, prompts):
@@ -85,6 +99,7 @@ class Family:
 
     # step inputs, read from the denoiser's forward arguments
     def timestep(self, args, kwargs):
+        """The denoiser call's timestep argument, as the pipeline passes it (a tensor or number)."""
         raise NotImplementedError
 
     def latents(self, args, kwargs):
@@ -92,22 +107,64 @@ class Family:
         return argument(args, kwargs, self.latents_name, 0)
 
     def batch_size(self, args, kwargs) -> int:
+        """Rows in this denoiser call's batch."""
         return self.latents(args, kwargs).shape[0]
 
     def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
+        """(rows, columns) of image tokens at the denoiser's full resolution for this call."""
         raise NotImplementedError
 
     def patch_size(self, denoiser) -> int:
         """Latent pixels per image token along each side."""
         return 1
 
+    def size_multiple(self, pipe, denoiser) -> int:
+        """Image pixels per image token along each side: what the height and width must be multiples of."""
+        return getattr(pipe, "vae_scale_factor", 8) * self.patch_size(denoiser)
+
     def text_len(self, args, kwargs) -> int | None:
+        """Joint-attention models: the number of text tokens in the joint sequence; None where text is a separate
+        cross-attention input."""
         return None
+
+    def conditional_rows(self, pipe, args, kwargs, context: str | None, call_of_step: int, n_prompts: int) -> slice:
+        """The rows of this denoiser call's batch that are conditioned on the prompt, from how the pipeline lays out
+        its guidance: classifier-free guidance batched as [negative, prompt] (the second half), perturbed-attention
+        guidance as [negative,] prompt, perturbed prompt, separate guidance calls (`separate_guidance_calls`: the
+        prompt's call first), or an unconditional call (diffusers' cache `context` "uncond", or an extra guidance
+        pass: `guidance_pass`), which has none. `call_of_step`: how many denoiser calls this step made before this
+        one; `n_prompts`: the prompts the controllers were given."""
+        batch = self.batch_size(args, kwargs)
+        cfg = getattr(pipe, "do_classifier_free_guidance", None)
+        pag = getattr(pipe, "do_perturbed_attention_guidance", False)
+        if cfg is None:
+            cfg = self.guidance_from_latents and _repeated(self.latents(args, kwargs), 3 if pag else 2, n_prompts)
+        if context == "uncond" or self.guidance_pass(args, kwargs):
+            return slice(0, 0)
+        if self.separate_guidance_calls and cfg:
+            return slice(0, batch) if call_of_step == 0 else slice(0, 0)
+        if pag and batch % (3 if cfg else 2) == 0:
+            rows = batch // (3 if cfg else 2)
+            return slice(rows, 2 * rows) if cfg else slice(0, rows)
+        if cfg and batch % 2 == 0:
+            return slice(batch // 2, batch)
+        return slice(0, batch)
 
     def guidance_pass(self, args, kwargs) -> bool:
         """Whether this denoiser call is an extra guidance pass of the step (SD3.5's skip-layer guidance), which
         methods leave alone and observers do not count as conditional, like an unconditional pass."""
         return False
+
+
+def _repeated(latents, passes: int, n_prompts: int) -> bool:
+    """Whether the batch is `passes` equal chunks, each holding every prompt's rows (a pipeline that runs its
+    guidance passes on the same latents)."""
+    import torch
+
+    if latents.shape[0] % (passes * max(1, n_prompts)):
+        return False
+    chunks = latents.chunk(passes)
+    return all(torch.equal(chunks[0], c) for c in chunks[1:])
 
 
 class LatentImageFamily(Family):

@@ -92,11 +92,15 @@ class FluxIPAdapterJointProcessor(FluxJointProcessor):
 
 
 class FluxFamily(Family):
+    """FLUX.1: joint sites over [text; image] in the double-stream, then the single-stream blocks; text from T5."""
+
     name = "flux"
     denoiser_class = "FluxTransformer2DModel"
+    models = "FLUX.1"
     known_processors = ("FluxAttnProcessor", "FluxIPAdapterAttnProcessor")
 
     def discover(self, transformer) -> list[AttentionSite]:
+        """One joint site per double-stream block, then one per single-stream block, text first."""
         double = len(transformer.transformer_blocks)
         names = [(f"transformer_blocks.{i}.attn", "double") for i in range(double)]
         single = len(transformer.single_transformer_blocks)
@@ -105,21 +109,27 @@ class FluxFamily(Family):
                 for i, (n, stage) in enumerate(names)]
 
     def make_processor(self, site, session, original):
+        """The IP-Adapter processor where the site had FluxIPAdapterAttnProcessor (its weights kept), the joint one
+        otherwise."""
         if type(original).__name__ == "FluxIPAdapterAttnProcessor":
             return FluxIPAdapterJointProcessor(site, session, original)
         return FluxJointProcessor(site, session)
 
     def text_segments(self, pipe):
+        """512 T5 tokens (`tokenizer_2`); the CLIP encoder gives only the pooled embedding."""
         return [TextSegment(pipe.tokenizer_2, 0, 512)]
 
     def timestep(self, args, kwargs):
+        """The `timestep` argument (the fourth) times 1000, back on the scheduler's scale."""
         # the pipeline passes t / 1000; the session reads the scheduler's own timestep for the step
         return argument(args, kwargs, "timestep", 3) * 1000
 
     def patch_size(self, denoiser) -> int:
+        """2: FLUX packs 2x2 latent pixels into one token."""
         return 2  # the pipeline packs 2x2 latent patches into one token
 
     def token_grid(self, denoiser, args, kwargs):
+        """FLUX's image token grid, read from `img_ids` (the generated image's ids only)."""
         return self._grid(argument(args, kwargs, "img_ids", 4))
 
     @staticmethod
@@ -128,4 +138,5 @@ class FluxFamily(Family):
         return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
 
     def text_len(self, args, kwargs):
+        """The text tokens in the joint sequence: the length of `encoder_hidden_states`."""
         return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]

@@ -59,29 +59,40 @@ class QwenJointProcessor:
 
 
 class QwenImageFamily(Family):
+    """Qwen-Image: a joint site per transformer block over [text; image], text from a chat-templated prompt."""
+
     name = "qwenimage"
     denoiser_class = "QwenImageTransformer2DModel"
+    models = "Qwen-Image"
     known_processors = ("QwenDoubleStreamAttnProcessor2_0",)
 
     def discover(self, transformer) -> list[AttentionSite]:
+        """One joint site per `transformer_blocks[i].attn`, text first."""
         return joint_block_sites(self.name, transformer, text_first=True)
 
     def make_processor(self, site, session, original):
+        """The processor reproducing QwenDoubleStreamAttnProcessor2_0."""
         return QwenJointProcessor(site, session)
 
     def text_segments(self, pipe):
+        """`tokenizer_max_length` tokens of the prompt inside the pipeline's chat template, less the template's first
+        `prompt_template_encode_start_idx` tokens, which the pipeline drops."""
         return [TextSegment(pipe.tokenizer, 0, pipe.tokenizer_max_length, template=pipe.prompt_template_encode,
                             drop=pipe.prompt_template_encode_start_idx)]
 
     def timestep(self, args, kwargs):
+        """The `timestep` argument (the fourth) times 1000, back on the scheduler's scale."""
         return argument(args, kwargs, "timestep", 3) * 1000  # the pipeline passes t / 1000
 
     def patch_size(self, denoiser) -> int:
+        """2: the pipeline packs 2x2 latent pixels into one token."""
         return 2  # the pipeline packs 2x2 latent patches into one token
 
     def token_grid(self, denoiser, args, kwargs):
+        """The generated image's (rows, columns) of tokens, read from the first entry of `img_shapes`."""
         frames, h, w = argument(args, kwargs, "img_shapes", 4)[0][0]  # the generated image (edit pipelines add more)
         return int(h), int(w)
 
     def text_len(self, args, kwargs):
+        """The text tokens in the joint sequence: the length of `encoder_hidden_states`."""
         return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]

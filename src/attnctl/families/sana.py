@@ -57,15 +57,21 @@ def default_instruction(pipe) -> str:
 
 
 class SanaFamily(PixArtFamily):
+    """Sana: PixArt's cross sites, over Gemma-2 tokens of the prompt placed after the pipeline's instruction."""
+
     name = "sana"
     denoiser_class = "SanaTransformer2DModel"
+    models = "Sana"
     known_processors = ("SanaAttnProcessor2_0",)
     guidance_from_latents = False  # Sana's pipelines say whether they guide; Sprint, which does not, never does
 
     def make_processor(self, site, session, original):
+        """The processor reproducing SanaAttnProcessor2_0."""
         return SanaCrossProcessor(site, session)
 
     def text_segments(self, pipe):
+        """Gemma tokens of the lowercased prompt after the pipeline's default instruction, of whose tokens only the
+        start token and the last are kept; padded on the right."""
         instruction = default_instruction(pipe)
         # the pipeline counts the instruction's tokens with the start token and keeps its last one
         drop = max(0, len(pipe.tokenizer.encode(instruction)) - 2) if instruction else 0

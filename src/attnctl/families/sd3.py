@@ -75,17 +75,24 @@ class SD3JointProcessor:
 
 
 class SD3Family(LatentImageFamily):
+    """SD3/3.5: a joint site per transformer block over [image; text], the text CLIP's tokens then T5's."""
+
     name = "sd3"
     denoiser_class = "SD3Transformer2DModel"
+    models = "SD3/3.5"
     known_processors = ("JointAttnProcessor2_0",)
 
     def discover(self, transformer) -> list[AttentionSite]:
+        """One joint site per `transformer_blocks[i].attn`, image tokens first."""
         return joint_block_sites(self.name, transformer, text_first=False)
 
     def make_processor(self, site, session, original):
+        """The processor reproducing JointAttnProcessor2_0."""
         return SD3JointProcessor(site, session)
 
     def text_segments(self, pipe):
+        """The CLIP tokens (both CLIP encoders' outputs are joined along features: one segment), then, where T5 is
+        loaded, 256 T5 tokens after them."""
         clip = pipe.tokenizer
         segments = [TextSegment(clip, 0, clip.model_max_length)]
         if getattr(pipe, "text_encoder_3", None) is not None and getattr(pipe, "tokenizer_3", None) is not None:
@@ -93,10 +100,13 @@ class SD3Family(LatentImageFamily):
         return segments
 
     def timestep(self, args, kwargs):
+        """The `timestep` argument (the fourth)."""
         return argument(args, kwargs, "timestep", 3)
 
     def text_len(self, args, kwargs):
+        """The text tokens in the joint sequence: the length of `encoder_hidden_states`."""
         return argument(args, kwargs, "encoder_hidden_states", 1).shape[1]
 
     def guidance_pass(self, args, kwargs) -> bool:
+        """SD3.5's skip-layer guidance pass: a call given `skip_layers`."""
         return kwargs.get("skip_layers") is not None  # the pipeline's skip-layer guidance pass

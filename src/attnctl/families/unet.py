@@ -138,12 +138,17 @@ def _adapter_masks(masks, scales, image_states) -> list:
 
 
 class UNetFamily(Family):
+    """SD 1.x/2.x and SDXL UNets: a cross site per transformer block's `attn2`, text from the CLIP tokenizer."""
+
     name = "unet"
     denoiser_class = "UNet2DConditionModel"
+    models = "SD 1.x/2.x, SDXL; text cross-attention"
     known_processors = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0")
     latents_name = "sample"
 
     def discover(self, unet) -> list[AttentionSite]:
+        """The `attn2` cross-attentions in forward order (down, mid, up blocks), each with the stage and downsampling
+        (2**level) of the block it sits in."""
         names = sorted(
             (n for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False) and n.endswith("attn2")),
             key=_forward_order,
@@ -162,16 +167,22 @@ class UNetFamily(Family):
         return sites
 
     def make_processor(self, site, session, original):
+        """The IP-Adapter processor where the site had IPAdapterAttnProcessor2_0 (its weights kept), the plain one
+        otherwise."""
         if type(original).__name__ == "IPAdapterAttnProcessor2_0":
             return UNetIPAdapterProcessor(site, session, original)
         return UNetCrossProcessor(site, session)
 
     def text_segments(self, pipe):
+        """One segment of `model_max_length` tokens from `tokenizer` (`tokenizer_2` where the pipeline has only that, as
+        SDXL's refiner): SDXL joins its two CLIP encoders along features, so the positions are the same."""
         tokenizer = pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2
         return [TextSegment(tokenizer, 0, tokenizer.model_max_length)]
 
     def timestep(self, args, kwargs):
+        """The UNet's `timestep` argument (its second)."""
         return argument(args, kwargs, "timestep", 1)
 
     def token_grid(self, denoiser, args, kwargs):
+        """The latent `sample`'s (height, width): at full resolution a UNet's image token is one latent pixel."""
         return tuple(self.latents(args, kwargs).shape[-2:])
