@@ -13,7 +13,6 @@ A usable pipeline folder is written to ``OUT/pipeline`` every ``--checkpoint-min
 
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
 import json
@@ -21,11 +20,13 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import check, option
 from ..errors import UsageError
 from ..families.sd3 import joint_out, joint_qkv
 from . import data, models
@@ -311,11 +312,15 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
     ema = EMA(parts)
     step, losses, gen, spent = 0, [], torch.Generator().manual_seed(seed + 1), 0.0
     if resume and os.path.exists(state_path):
-        state = torch.load(state_path, weights_only=False)
-        for k, m in parts.items():
-            m.load_state_dict(state["parts"][k])
-            ema.shadow[k].load_state_dict(state["ema"][k])
-        opt.load_state_dict(state["optimizer"])
+        state = read_state(state_path, family)
+        try:
+            for k, m in parts.items():
+                m.load_state_dict(state["parts"][k])
+                ema.shadow[k].load_state_dict(state["ema"][k])
+            opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # tensors of another shape or count
+            raise UsageError(f"{state_path} does not fit the {family} models this version trains ({err}); delete "
+                             "it to start afresh, or drop --resume") from None
         step, losses, spent, ema.steps = state["step"], state["losses"], state["minutes"], state["step"]
         gen.set_state(state["generator"])
         log(f"resumed from {state_path} at step {step} ({spent:.0f} min trained before)")
@@ -397,36 +402,175 @@ def _stop_on_signal() -> list:
     return stop
 
 
-def _folder(spec: str) -> str:
-    """A pipeline or component folder: a path, or builtin:NAME for a shipped model."""
+STATE_KEYS = ("parts", "ema", "optimizer", "step", "losses", "minutes", "generator")
+
+
+def read_state(path: str, family: str) -> dict:
+    """The training state `train_denoiser` wrote to `path` (OUT/state.pt) for a `family` training; a UsageError
+    naming the file and the fix when it cannot be read, is not such a state, or is another family's."""
+    fix = "delete it to start afresh, or drop --resume"
+    try:
+        state = torch.load(path, weights_only=False)
+    except OSError as err:
+        raise UsageError(f"--resume: {path} cannot be read ({err.strerror or err}); {fix}") from None
+    except Exception as err:  # a truncated or foreign file: torch and pickle raise many kinds
+        raise UsageError(f"--resume: {path} is not a training state that attnctl wrote (corrupt or truncated? "
+                         f"{type(err).__name__}: {err}); {fix}") from None
+    if not isinstance(state, dict) or not all(k in state for k in STATE_KEYS) or not isinstance(state["parts"], dict):
+        raise UsageError(f"--resume: {path} is not a training state that attnctl wrote (it needs "
+                         f"{', '.join(STATE_KEYS)}); {fix}")
+    other = next((f for f, o in OBJECTIVES.items() if f != family and o.denoiser in state["parts"]), None)
+    if other is not None:
+        raise UsageError(f"--resume: {path} is the state of a --family {other} training, and this is --family "
+                         f"{family}; give --family {other}, or another --out for the {family} training")
+    return state
+
+
+def _folder(spec: str, flag: str) -> str:
+    """A pipeline or component folder: a path, or builtin:NAME for a shipped model; a UsageError naming `flag`
+    when it is no folder."""
     from ..models import BUILTIN_DIR
 
     folder = str(BUILTIN_DIR / spec[len("builtin:"):]) if spec.startswith("builtin:") else spec
     if not os.path.isdir(folder):
-        raise UsageError(f"{spec!r} is not a folder (give a pipeline folder or builtin:shapes-unet / shapes-mmdit)")
+        what = "does not exist" if not os.path.exists(folder) else "is not a folder"
+        raise UsageError(f"{flag} {spec!r} {what}; give a pipeline folder (such as OUT/pipeline of an earlier "
+                         "training) or builtin:shapes-unet / builtin:shapes-mmdit")
+    return folder
+
+
+def _init_folder(spec: str, family: str) -> str:
+    """The --init pipeline folder, which must hold the weights of `family`'s denoiser (else none of its tensors
+    would be taken): a UsageError naming the folder, or the two families."""
+    folder = _folder(spec, "--init")
+    denoiser = OBJECTIVES[family].denoiser
+    if glob.glob(os.path.join(glob.escape(folder), denoiser, "*.safetensors")):
+        return folder
+    other = next((f for f, o in OBJECTIVES.items()
+                  if f != family and glob.glob(os.path.join(glob.escape(folder), o.denoiser, "*.safetensors"))), None)
+    if other is not None:
+        raise UsageError(f"--init {spec!r} is a --family {other} pipeline (it has {OBJECTIVES[other].denoiser}/, no "
+                         f"{denoiser}/), and this is --family {family}: none of its denoiser's tensors would fit; "
+                         f"give --family {other}, or an --init of the {family} family")
+    raise UsageError(f"--init {spec!r} holds no {denoiser} weights ({denoiser}/*.safetensors); give a --family "
+                     f"{family} pipeline folder (such as OUT/pipeline of an earlier training, with vae/ and "
+                     f"{denoiser}/) or builtin:shapes-{family}")
+
+
+def _vae_folder(folder: str, flag: str, spec: str) -> str:
+    """The VAE folder of `folder` (its vae/ subfolder, or itself): a UsageError naming `flag` unless it holds an
+    AutoencoderKL's config.json and weights."""
+    if os.path.isdir(os.path.join(folder, "vae")):
+        folder = os.path.join(folder, "vae")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            kind = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    weights = glob.glob(os.path.join(glob.escape(folder), "diffusion_pytorch_model*.safetensors")) + \
+        glob.glob(os.path.join(glob.escape(folder), "diffusion_pytorch_model*.bin"))
+    if kind != "AutoencoderKL" or not weights:
+        raise UsageError(f"{flag} {spec!r} holds no VAE: give a VAE folder (config.json of an AutoencoderKL and "
+                         "diffusion_pytorch_model.safetensors), a pipeline folder with such a vae/ folder, or "
+                         "builtin:shapes-unet / builtin:shapes-mmdit")
     return folder
 
 
 def _load_vae(folder: str):
     from diffusers import AutoencoderKL
 
-    if os.path.isdir(os.path.join(folder, "vae")):
-        folder = os.path.join(folder, "vae")
     log(f"using the VAE of {folder}")
     return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
 
 
-def run_training(args: argparse.Namespace) -> str:
+@dataclass
+class TrainConfig:
+    """Every option of `attnctl shapes train` (its flags are these fields'): what to train, for how long, from what.
+    `steps` counts denoiser steps over every resumed run (the learning-rate schedule follows them); `minutes` is this
+    run's wall-clock budget, VAE included."""
+
+    cli_prefix = ""
+
+    family: str | None = option(None, "the model family: unet (StableDiffusion) or mmdit (SD3)",
+                                choices=("unet", "mmdit"), shown_default="required")
+    out: str | None = option(None, "output folder", shown_default="./shapes-<family>-run")
+    minutes: float = option(80.0, "wall-clock budget of this run, VAE included; a checkpoint is written when it "
+                            "runs out", low=0.01, high=10**6)
+    steps: int = option(6000, "denoiser steps in all, over every resumed run; the learning-rate schedule follows them",
+                        low=1, high=10**7)
+    stop_at: int | None = option(None, "end this run at this step (checkpointed; --resume continues with the same "
+                                 "schedule)", parse=int, low=1, high=10**7, shown_default="--steps")
+    resume: bool = option(False, "continue from OUT/state.pt (weights, EMA, optimiser, step) if it exists")
+    init: str | None = option(None, "start from a pipeline folder or builtin:NAME (its VAE, and every tensor whose "
+                              "shape matches)", shown_default="random weights")
+    vae_minutes: float | None = option(None, "minutes of VAE training", parse=float, low=0.01, high=10**6,
+                                       shown_default="12% of --minutes")
+    vae: str | None = option(None, "reuse a trained VAE (its folder, a pipeline folder or builtin:NAME) instead of "
+                             "training one", shown_default="trained")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    threads: int | None = option(None, "torch CPU threads", parse=int, low=1, high=1024, shown_default="torch's")
+    vae_threads: int | None = option(None, "torch CPU threads while the VAE trains", parse=int, low=1, high=1024,
+                                     shown_default="--threads")
+    batch: int = option(64, "scenes per step", low=1, high=4096)
+    lr: float | None = option(None, "peak learning rate", parse=float, low=1e-9, high=1.0,
+                              shown_default="the family's")
+    scenes: int = option(24_000, "training scenes encoded once", low=1, high=10**7)
+    checkpoint_minutes: float = option(10.0, "minutes between checkpoints", low=0.01, high=10**6)
+    seed: int = option(0, "seed of the scenes and the initial weights", low=0, high=2**32 - 1)
+
+    def __post_init__(self):
+        from ..models import checked_device
+
+        check(self)
+        if self.family is None:
+            raise UsageError("--family is required: unet or mmdit")
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise UsageError(f"--stop-at {self.stop_at} is past --steps {self.steps}, where the training ends (this "
+                             f"run would stop at {self.steps}, not {self.stop_at}); give --stop-at at most "
+                             f"{self.steps}, or raise --steps")
+        checked_device(self.device, "--device")
+
+
+def check_arguments(args: TrainConfig) -> tuple[str | None, str | None]:
+    """What `run_training` checks before it writes or trains anything: the --init and --vae folders, OUT/state.pt
+    under --resume, and options that cannot act in this run. Returns the --init folder and the folder of the VAE
+    to use (None: the VAE is trained, or taken from OUT/vae under --resume)."""
+    out = args.out or f"shapes-{args.family}-run"
+    init = _init_folder(args.init, args.family) if args.init else None
+    if args.vae:
+        vae = _vae_folder(_folder(args.vae, "--vae"), "--vae", args.vae)
+    elif init:
+        vae = _vae_folder(init, "--init", args.init)
+    else:
+        vae = None
+    state_path = os.path.join(out, "state.pt")
+    if args.resume and os.path.exists(state_path):
+        step = read_state(state_path, args.family)["step"]
+        if args.stop_at is not None and args.stop_at <= step:
+            raise UsageError(f"--stop-at {args.stop_at}: {state_path} is already at step {step}; give a --stop-at "
+                             f"after {step}")
+    trained_vae = vae is None and not (args.resume and os.path.isdir(os.path.join(out, "vae")))
+    for flag, value in (("--vae-minutes", args.vae_minutes), ("--vae-threads", args.vae_threads)):
+        if value is not None and not trained_vae:
+            source = f"--vae {args.vae}" if args.vae else f"--init {args.init}" if args.init else \
+                f"{os.path.join(out, 'vae')} (--resume)"
+            raise UsageError(f"{flag} applies while a VAE is trained, and this run trains none (its VAE comes from "
+                             f"{source}); drop {flag}")
+    return init, vae
+
+
+def run_training(args: TrainConfig) -> str:
+    """Train as `attnctl shapes train` says (after `check_arguments`); returns the pipeline folder written."""
+    init, vae_folder = check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: a tiny model's training needs no more
     out = args.out or f"shapes-{args.family}-run"
     os.makedirs(out, exist_ok=True)
-    init = _folder(args.init) if args.init else None
     t0 = time.time()
-    if args.vae or init:
-        vae = _load_vae(_folder(args.vae) if args.vae else init)
+    if vae_folder:
+        vae = _load_vae(vae_folder)
     elif args.resume and os.path.isdir(os.path.join(out, "vae")):
         vae = _load_vae(os.path.join(out, "vae"))
     else:
