@@ -179,8 +179,15 @@ def test_devices_and_training_flags_are_checked_the_same_way_on_every_command(ar
     (["eval", "--methods", "none,none"], "names a method twice"),
     (["eval", "--dose", "regulation", "--strengths", "0,0,1"], "repeats a strength"),
     (["eval", "--out", "taken"], "--out 'taken' must be a folder"),
+    (["eval", "--strengths", "0,1"], "--strengths are the strengths of --dose: add --dose METHOD"),
+    (["eval", "--dose", "regulation", "--methods", "none,regulation"], "--methods does not apply: drop it"),
+    (["eval", "--methods", "none,regulation", "--ast-strength", "0.5"],
+     "--ast-strength: an option of ast, which this eval does not run (--methods none,regulation); add ast or drop it"),
+    (["eval", "--dose", "regulation", "--ae-scale-factor", "5", "--ae-max-iter-to-alter", "3"],
+     "--ae-max-iter-to-alter, --ae-scale-factor: options of attend-excite, which this eval does not run (--dose"),
 ])
-def test_eval_refuses_duplicates_and_a_file_as_out_before_any_work(argv, message, cli, tmp_path, monkeypatch):
+def test_eval_refuses_duplicates_ignored_flags_and_a_file_as_out_before_any_work(argv, message, cli, tmp_path,
+                                                                                 monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("mine")
     code, _, err = cli(*argv, "--quick")

@@ -6,7 +6,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import add_arguments, argument_type, build, given_arguments
+from ..config import add_arguments, argument_type, build, flag_of, given_arguments
 from ..errors import UsageError
 from ..methods.registry import METHODS, PLAIN, choices, listing, methods_on
 from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
@@ -24,10 +24,10 @@ def register(sub) -> None:
     p.add_argument("--suite", choices=["shapes"], default="shapes")
     # each method runs on the built-in model it is declared for, or the one --unet-model / --mmdit-model names
     unet_methods, mmdit_methods = methods_on(DEFAULT_MODEL), methods_on(DEFAULT_JOINT_MODEL)
-    p.add_argument("--methods", default="none,regulation,ast",
+    p.add_argument("--methods", default=None,
                    help=f"comma-separated: {listing(unet_methods)} (on the UNet model), {listing(mmdit_methods)} (on "
                         f"the MMDiT model); '{PLAIN}' is the plain model each method runs on (the UNet model when "
-                        "alone)")
+                        "alone; default: none,regulation,ast)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per category, at most 20 (default: 20; 3 with "
                    "--quick)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: 10; 1 with --quick)")
@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--dose", choices=dosed_methods(), default=None,
                    help="instead of the comparison: sweep this method's strength (0 = the plain model) on the "
                         "held-out categories; writes dose.md, dose.csv and dose.png")
-    p.add_argument("--strengths", type=argument_type(_strengths), default=[0.0, 0.5, 1.0, 2.0, 4.0],
+    p.add_argument("--strengths", type=argument_type(_strengths), default=None,
                    help="strengths of --dose, comma-separated (default: 0,0.5,1,2,4)")
     p.add_argument("--no-attention", action="store_true",
                    help="skip the attention measurements (target coverage, in-region shares)")
@@ -72,6 +72,28 @@ def _method_options(args) -> dict[str, dict]:
     for name, options in given.items():
         build(METHODS[name].config, None, **options)  # bad values fail here, before any model loads
     return given
+
+
+DEFAULT_METHODS = "none,regulation,ast"
+DOSE_STRENGTHS = [0.0, 0.5, 1.0, 2.0, 4.0]
+
+
+def _refuse_what_cannot_act(args, options: dict[str, dict]) -> None:
+    """Flags this eval would ignore: --strengths without --dose, --methods with --dose, a method's options when
+    that method is not run."""
+    if args.strengths is not None and not args.dose:
+        raise UsageError("--strengths are the strengths of --dose: add --dose METHOD, or drop --strengths")
+    if args.methods is not None and args.dose:
+        raise UsageError("--dose sweeps one method against the plain model; --methods does not apply: drop it")
+    methods = args.methods or DEFAULT_METHODS
+    run = {args.dose} if args.dose else {m.strip() for m in methods.split(",")}
+    for name, given in options.items():
+        if given and name not in run:
+            flags = ", ".join(flag_of(METHODS[name].config, field) for field in given)
+            arms = f"--dose {args.dose}" if args.dose else f"--methods {methods}"
+            kind = "an option" if len(given) == 1 else "options"
+            raise UsageError(f"{flags}: {kind} of {name}, which this eval does not run ({arms}); add {name} or drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
 
 
 def _strengths(text: str) -> list[float]:
@@ -115,8 +137,10 @@ def run(args) -> None:
     wanted = args.categories or (HELDOUT_CATEGORIES if args.dose else DEFAULT_CATEGORIES)
     cases = [c for c in cases if set(c.categories) & set(wanted)]
     options = _method_options(args)
+    _refuse_what_cannot_act(args, options)
     command = args.command_line
     if args.dose:
+        args.strengths = args.strengths or DOSE_STRENGTHS
         model = args.unet_model if args.dose in methods_on(DEFAULT_MODEL) else args.mmdit_model
         rows = run_suite(dose_arms(args.dose, model, args.strengths, options[args.dose]), cases, list(range(seeds)),
                          steps, guidance, device=sampling.device, measure=not args.no_attention)
@@ -127,6 +151,7 @@ def run(args) -> None:
         write_rows(rows, args.out / "dose.csv")
         print(json.dumps(summary, indent=2) if args.json else (args.out / "dose.md").read_text())
         return
+    args.methods = args.methods or DEFAULT_METHODS
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in choices()]
     if unknown or not names:
