@@ -169,10 +169,12 @@ def _dest(field: dataclasses.Field, prefix: str) -> str:
 
 
 def cli_fields(config_class) -> list[dataclasses.Field]:
+    """The fields of `config_class` that have command-line flags (all but those with `cli=False`), in order."""
     return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True)]
 
 
 def default_of(field: dataclasses.Field):
+    """A field's default value (a fresh one from its `default_factory` where it has one)."""
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
@@ -278,4 +280,5 @@ def flag_of(config_class, name: str) -> str:
 
 
 def describe(options: dict) -> str:
+    """Options as one line for messages: "k=v, k=v", with a list's items joined by commas."""
     return ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in options.items())

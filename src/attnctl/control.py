@@ -89,6 +89,8 @@ class AttentionCall:
         self.modified = False
 
     def output(self) -> torch.Tensor:
+        """The attention output (batch, heads, queries, head_dim): the one a method set, else the unmodified
+        attention with the model's mask, computed once on first use."""
         if self._out is None:
             mask = self.key_bias if self.model_mask is None else self.model_mask[0]
             self._out = attention(self.q, self.k, self.v, mask=mask, scale=self.scale)
@@ -147,6 +149,8 @@ class Controller:
         """Validate inputs against the pipeline (sites, prompts) and prepare; raise UsageError on bad input."""
 
     def wants(self, site: AttentionSite) -> bool:
+        """Whether the controller runs at `site` (a site's processor is replaced only where some controller wants
+        it); every site by default."""
         return True
 
     def begin_run(self) -> None:
@@ -299,6 +303,7 @@ class Session:
 
     # --- public helpers for controllers -------------------------------------------------------------
     def site(self, name: str) -> AttentionSite:
+        """The site called `name`; a KeyError for any other name."""
         for s in self.sites:
             if s.name == name:
                 return s
@@ -343,6 +348,9 @@ class Session:
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def attach(self) -> None:
+        """Calls each controller's `attach` (observers last, so they run after the methods), installs the session's
+        processor at every site some controller wants and hooks the denoiser's steps and the text encoder
+        (`Family.encoder_check`); a UsageError where attnctl is attached already."""
         registry = getattr(self.denoiser, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(HOOK_NAME) is not None:
             raise UsageError("attnctl.apply is already attached to this pipeline; put all controllers in one "
@@ -491,6 +499,8 @@ def _key_bias(mask: torch.Tensor, n_queries: int) -> torch.Tensor | None:
 
 
 def grid_of(n_image: int, token_grid: tuple[int, int], site: AttentionSite) -> tuple[int, int]:
+    """The (h, w) grid of a call's `n_image` image tokens: the site's grid on `token_grid`, or the token grid
+    downsampled by the factor that fits (a site may run at another resolution than its config says)."""
     h, w = site.grid(token_grid)
     if h * w == n_image:
         return h, w

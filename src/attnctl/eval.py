@@ -202,6 +202,7 @@ def request_for(arm: Arm, case: Case, seeds: list[int], steps: int, guidance: fl
 
 
 def case_layout(case: Case):
+    """The case's boxes as a `Layout` on its prompt: one region per object, with the object's phrase."""
     from .layout import Layout
 
     return Layout.from_dict({"prompt": case.prompt, "background": "", "regions": [
@@ -383,6 +384,8 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 
 def write_results(rows: list[dict], summary: dict, out: Path, command: str) -> None:
+    """results.csv (the rows), results.md (success rates with 95% intervals, the paired, attention and timing tables,
+    quoting `command`) and results.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_rows(rows, out / "results.csv")
     categories = [c for c in CATEGORIES if any(c in cats for cats in summary.values())]

@@ -33,6 +33,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype a name of `DTYPES` stands for ("fp16", "bf16", ...); a UsageError listing them otherwise."""
     try:
         return DTYPES[name]
     except KeyError:

@@ -82,6 +82,8 @@ def write_layout(layout: Layout, sketch: np.ndarray | None, folder: Path) -> lis
 
 @dataclass
 class Result:
+    """What a job wrote: the command that reproduces it and the files written, by name (see `run`)."""
+
     command: str
     files: dict[str, Path]  # image, plain, image_layout, plain_layout, maps, layout.json, sketch.png: those written
 

@@ -12,6 +12,7 @@ from .common import add_method_options, add_model_options, given_method_flags, l
 
 
 def register(sub) -> None:
+    """Adds the `attnctl analyze` parser."""
     p = sub.add_parser("analyze", help="layer-wise hierarchy analysis of joint attention for a layout")
     add_model_options(p, "builtin:shapes-mmdit")
     p.add_argument("--out", required=True, type=Path)

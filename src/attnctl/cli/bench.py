@@ -11,6 +11,7 @@ BENCHES = ("capture", "regulation", "ast", "gpu")
 
 
 def register(sub) -> None:
+    """Adds the `attnctl bench` parser."""
     p = sub.add_parser("bench", help="time and memory of a method against the plain pipeline, side by side (gpu: "
                        "every method on full-size models, issue 10's table)")
     p.add_argument("what", choices=BENCHES)
@@ -21,6 +22,8 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
+    """Runs one benchmark and prints its time and peak-memory ratios (method / plain pipeline), or for gpu the table
+    of every method on full-size models (--device cuda, unless --quick); --json: the results as JSON."""
     from .common import check_device
 
     device = check_device(args.device)

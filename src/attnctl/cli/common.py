@@ -51,6 +51,7 @@ def check_device(name: str):
 
 
 def add_method_options(parser, name: str) -> None:
+    """The flags of method `name` (its config's fields), in a group titled "NAME options"."""
     entry = METHODS[name]
     add_arguments(parser, entry.config, title=f"{name} options")
 

@@ -14,6 +14,7 @@ from .common import add_method_options, add_model_options, check_out, given_meth
 
 
 def register(sub) -> None:
+    """Adds the `attnctl generate` parser, with every method's options."""
     from ..models import DEFAULT_MODEL
 
     p = sub.add_parser("generate", help="generate images with an attention-control method")
@@ -80,5 +81,6 @@ def request_of(args) -> Request:
 
 
 def main(args) -> None:
+    """Generates what the command line asks (`request_of`) and writes it to --out."""
     request = request_of(args)
     print_written(write(generate(request), args.out), args.out)

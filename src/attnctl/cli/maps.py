@@ -13,6 +13,7 @@ from .common import add_model_options, load, print_written, sampling_of
 
 
 def register(sub) -> None:
+    """Adds the `attnctl maps` parser."""
     from ..models import DEFAULT_MODEL
 
     p = sub.add_parser("maps", help="generate an image and the attention maps of chosen words")
@@ -24,6 +25,7 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
+    """Generates the image with `Capture` attached and writes it and the maps of the captured words to --out."""
     capture = Capture(config=build(CaptureConfig, None, **given_arguments(CaptureConfig, args)))
     pipe = load(args)
     sampling = sampling_of(args)

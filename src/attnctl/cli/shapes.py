@@ -9,6 +9,7 @@ from ..shapes.train import TrainConfig
 
 
 def register(sub) -> None:
+    """Adds the `attnctl shapes` parser and its `train` sub-command."""
     shapes = sub.add_parser("shapes", help="the synthetic shapes world: train its tiny models")
     shapes_sub = shapes.add_subparsers(dest="shapes_command", metavar="{train}", required=True)
     train = shapes_sub.add_parser(

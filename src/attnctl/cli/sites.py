@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    """Adds the `attnctl sites` parser."""
     from ..models import DEFAULT_MODEL
 
     p = sub.add_parser("sites", help="list a model's attention sites")
@@ -14,6 +15,8 @@ def register(sub) -> None:
 
 
 def run(args) -> None:
+    """Prints the model's attention sites with their token grids at --height x --width (default: the denoiser's
+    sample size)."""
     from ..control import Session
     from ..errors import UsageError
     from ..models import load_pipeline

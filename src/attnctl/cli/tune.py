@@ -13,6 +13,7 @@ from .common import bounded, check_out, sampling_of
 
 
 def register(sub) -> None:
+    """Adds the `attnctl tune` parser."""
     p = sub.add_parser("tune", help="choose a method's options for a shapes-world model on its seen prompts")
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--model", default=None, help="a shapes-world model (default: the method's built-in model)")
@@ -66,6 +67,8 @@ def _boolean(text: str) -> bool:
 
 
 def run(args) -> None:
+    """Tunes the method's options on its seen split against the plain model; writes tune.csv, tune.json and tune.md
+    to --out, with --heldout the held-out comparison, with --write the model's recommendation."""
     from ..eval import Arm, build_suite, run_suite, summarize, write_results, write_rows
     from ..tune import table, tune, write_recommendation
 

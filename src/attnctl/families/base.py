@@ -172,9 +172,11 @@ class LatentImageFamily(Family):
     `config.patch_size` patches (SD3, PixArt)."""
 
     def patch_size(self, denoiser) -> int:
+        """The denoiser's `config.patch_size`."""
         return denoiser.config.patch_size
 
     def token_grid(self, denoiser, args, kwargs) -> tuple[int, int]:
+        """The latent `hidden_states`' height and width, each over the patch size."""
         h, w = argument(args, kwargs, "hidden_states", 0).shape[-2:]
         p = self.patch_size(denoiser)
         return h // p, w // p

@@ -82,9 +82,11 @@ class Band:
 
     @property
     def tunes(self) -> bool:
+        """Whether the band changes anything (I2I, T2T or I2T towards some role)."""
         return self.i2i or self.t2t or bool(self.roles)
 
     def describe(self) -> str:
+        """The band for messages, e.g. "[0.088, 0.333): I2I + T2T + I2T(instance)" (or ": untouched")."""
         blocks = [b for b, on in (("I2I", self.i2i), ("T2T", self.t2t)) if on]
         if self.roles:
             blocks.append("I2T(" + " ∪ ".join(self.roles) + ")")
@@ -231,6 +233,8 @@ class AST(Controller):
 
     # --- controller API ----------------------------------------------------------------------------------------
     def attach(self, session) -> None:
+        """Refuses a model without joint attention or a session without prompts; then binds the layout's phrases and
+        roles to each prompt's tokens (with the config's `role_parser`)."""
         if not any(s.kind == "joint" for s in session.sites):
             raise UsageError(
                 "AST tunes joint text-image attention (MMDiT models: SD3/3.5, FLUX.1), and this pipeline's denoiser "
@@ -246,14 +250,17 @@ class AST(Controller):
         self._probs_sites = session.observed_sites()
 
     def band(self, site) -> Band | None:
+        """The schedule's band holding `site`'s relative depth (`block / num_sites`); None where none does."""
         depth = Fraction(site.block, site.num_sites)
         return next((b for b in self.schedule if b.start <= depth < b.stop), None)
 
     def wants(self, site) -> bool:
+        """The joint attention sites whose band tunes something."""
         band = self.band(site)
         return site.kind == "joint" and band is not None and band.tunes
 
     def begin_run(self) -> None:
+        """Re-arms the `tuned_steps` check made at the run's first step (in `begin_step`)."""
         self._run_checked = False
 
     def begin_step(self, step) -> None:

@@ -116,26 +116,33 @@ class AttendAndExcite(LatentGuidance):
 
     @property
     def max_refinement_steps(self) -> int:
+        """The config's `max_refinement_steps`: the most moves at a threshold step."""
         return self.config.max_refinement_steps
 
     def setup(self, session) -> None:
+        """The positions of each prompt's target words (the config's `targets`, or the prompt's nouns) in its tokens."""
         words = targets_per_prompt(self.config.targets, session.prompts, self.name)
         self._positions = [target_positions(p, w) for p, w in zip(session.prompts, words)]
 
     def image_loss(self, maps: torch.Tensor, prompt: int) -> torch.Tensor:
+        """The loss of the most neglected target: 1 − the least of the targets' smoothed maxima (`neglect_loss`)."""
         return neglect_loss(max_attention_per_token(maps, self._positions[prompt]))
 
     def moves_at(self, index: int) -> bool:
+        """At the first `max_iter_to_alter` steps and at every threshold step."""
         return index < self.config.max_iter_to_alter or index in self.config.thresholds
 
     def moves_after_refinement(self, index: int) -> bool:
+        """Only within the first `max_iter_to_alter` steps (a threshold step past them refines, then stops)."""
         return index < self.config.max_iter_to_alter
 
     def refine_target(self, index: int) -> float | None:
+        """At a threshold step, 1 − its threshold (every target's smoothed maximum reaches it); None elsewhere."""
         threshold = self.config.thresholds.get(index)
         return None if threshold is None else max(0.0, 1.0 - threshold)
 
     def step_size(self, index: int, num_steps: int) -> float:
+        """`scale_factor` · sqrt(linspace(1, 0.5, num_steps)[index]), as in the reference pipeline."""
         return self.config.scale_factor * float(np.sqrt(np.linspace(1.0, 0.5, num_steps)[index]))
 
     def move(self, latents: torch.Tensor, index: int, step) -> torch.Tensor:
@@ -161,4 +168,5 @@ class AttendAndExcite(LatentGuidance):
                              "(num_inference_steps)")
 
     def resolution(self) -> int | None:
+        """The config's `resolution` (None: 16, or the side nearest to it)."""
         return self.config.resolution

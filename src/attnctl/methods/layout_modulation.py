@@ -132,6 +132,8 @@ class LayoutModulation(Controller):
         self._tables: dict = {}
 
     def attach(self, session) -> None:
+        """Binds the layout to each prompt's tokens (a phrase's tokens labelled by its region, from 1; the
+        background's 0) and notes the sites it modulates and those observed; a UsageError without a prompt."""
         if not session.prompts:
             raise UsageError("LayoutModulation needs the prompt: pass prompt=... to attnctl.apply (or omit it to use "
                              "the layout's prompt)")
@@ -150,9 +152,11 @@ class LayoutModulation(Controller):
         self._run_checked = False
 
     def wants(self, site) -> bool:
+        """The text cross-attention and joint attention sites (the image→text block of each)."""
         return site.kind in ("cross", "joint")
 
     def begin_run(self) -> None:
+        """Re-arms the check of the layout against the run's token grid (in `begin_step`, at the run's first step)."""
         self._run_checked = False
 
     def begin_step(self, step) -> None:

@@ -44,6 +44,7 @@ class Method:
 
     @property
     def takes_layout(self) -> bool:
+        """Whether the method is given a layout (else target words)."""
         return self.given == "layout"
 
     @property
@@ -103,10 +104,12 @@ def choices() -> tuple[str, ...]:
 
 
 def layout_methods() -> tuple[str, ...]:
+    """The names of the methods given a layout."""
     return tuple(name for name, m in METHODS.items() if m.takes_layout)
 
 
 def target_methods() -> tuple[str, ...]:
+    """The names of the methods given target words."""
     return tuple(name for name, m in METHODS.items() if not m.takes_layout)
 
 
