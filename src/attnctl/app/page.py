@@ -38,10 +38,16 @@ class Page:
     """One app: its pipelines (loaded once, reused), the requests' folders, and the cancel switch per browser
     session."""
 
-    def __init__(self, model: str | None = None, method: str = "ast", device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model: str | None = None, method: str = "ast", device: str = "cpu", dtype: str = "float32",
+                 models: tuple[str, ...] | None = None):
+        """`models`: the only models the page may load, offered as a choice (no path typed on the page is opened);
+        None: the model field takes any spec (a page on this machine only)."""
         if method not in choices():
             raise UsageError(f"method {method!r} is not one of {', '.join(choices())}")
+        if models is not None and model and model not in models:
+            raise UsageError(f"--model {model} is not among --models {','.join(models)}")
         self.model, self.method, self.device, self.dtype = model or "", method, device, dtype
+        self.models = tuple(models) if models is not None else None
         self.pipelines = Pipelines()
         self.root = Path(tempfile.mkdtemp(prefix="attnctl-app-"))
         self._count = 0
@@ -77,6 +83,10 @@ class Page:
         targets = comma_list(v["targets"] or "") or None
         request = Request(method=method, prompt=v["prompt"] or "", layout=layout, targets=targets, options=options,
                           model=(v["model"] or "").strip() or None, sampling=sampling, maps=True)
+        if self.models is not None and request.model_spec not in self.models:
+            shown = "the method's built-in model " + request.model_spec if not request.model else request.model_spec
+            raise UsageError(f"this page serves only {', '.join(self.models)}; {shown} is not among them: choose "
+                             "one of those")
         return jobs.Job(request, pixels)
 
     # --- the page's events -------------------------------------------------------------------------------
@@ -148,6 +158,7 @@ class Page:
                 _message("done", "ok"), result.command, downloads or None)
 
     def cancel(self, session: str) -> None:
+        """Stop the run of browser session `session` at its next denoising step."""
         if session in self._cancels:
             self._cancels[session].set()
 
@@ -166,10 +177,12 @@ class Page:
         return folder
 
     def close(self) -> None:
+        """Delete the requests' folders."""
         shutil.rmtree(self.root, ignore_errors=True)
 
     # --- the page ----------------------------------------------------------------------------------------
     def blocks(self) -> gr.Blocks:
+        """The page's Gradio blocks, their events wired to `check`, `generate`, `cancel` and `download`."""
         with gr.Blocks(title="attnctl") as demo:
             gr.Markdown("## attnctl: sketch where things go, then generate with attention control\n"
                         "Paint each object in its own colour (white is the background) or upload a sketch PNG, "
@@ -180,9 +193,13 @@ class Page:
                 with gr.Column(scale=5):
                     values["method"] = gr.Radio(list(choices()), value=self.method, label="method",
                                                 elem_id="method")
-                    values["model"] = gr.Textbox(self.model, label="model", elem_id="model",
-                                                 placeholder="blank: the built-in model that fits the method "
-                                                 "(builtin:NAME, a hub id or a local diffusers folder)")
+                    if self.models is None:
+                        values["model"] = gr.Textbox(self.model, label="model", elem_id="model",
+                                                     placeholder="blank: the built-in model that fits the method "
+                                                     "(builtin:NAME, a hub id or a local diffusers folder)")
+                    else:  # served beyond this machine: a choice, so no path typed on the page is opened
+                        values["model"] = gr.Dropdown([("the method's built-in model", ""), *self.models],
+                                                      value=self.model, label="model", elem_id="model")
                     values["prompt"] = gr.Textbox(label="prompt", elem_id="prompt",
                                                   placeholder="a red circle and a blue square")
                     values["background"] = gr.Textbox(label="background", elem_id="background",
@@ -191,12 +208,12 @@ class Page:
                     values["targets"] = gr.Textbox(label="targets", elem_id="targets",
                                                    info=f"{listing(target_methods())}'s words (the maps' words for "
                                                    f"{PLAIN}), comma-separated; preselected from the prompt's nouns")
-                    values["sketch"] = gr.ImageEditor(
+                    values["sketch"] = _readable_upload_errors(gr.ImageEditor(
                         label="sketch: paint each object in its own colour (white is the background), or upload a "
                         "sketch PNG", type="numpy", image_mode="RGBA", format="png", sources=("upload",),
                         canvas_size=CANVAS, fixed_canvas=True, elem_id="sketch", layers=False,
                         brush=gr.Brush(colors=list(sketch.BRUSH_COLOURS), default_color=sketch.BRUSH_COLOURS[0],
-                                       color_mode="fixed", default_size=32))
+                                       color_mode="fixed", default_size=32)))
                     swatches, phrases = [], []
                     for i in range(sketch.MAX_COLOURS):
                         with gr.Row(equal_height=True):
@@ -289,6 +306,23 @@ class Page:
             stop.click(cancel, None, None, cancels=[event], queue=False, api_name="cancel")
             save.click(download, inputs, [files, message, command], queue=False, api_name="download")
         return demo
+
+
+def _readable_upload_errors(editor: gr.ImageEditor) -> gr.ImageEditor:
+    """`editor`, whose preprocessing failures (an upload that is not an image) become a message saying what to
+    upload instead of Gradio's bare "Error". Set on this one component: a subclass of a Gradio component makes
+    Gradio write a .pyi file beside this module."""
+    preprocess = editor.preprocess
+
+    def readable(payload):
+        try:
+            return preprocess(payload)
+        except Exception as err:  # PIL's UnidentifiedImageError, a truncated file, a file of another kind
+            raise gr.Error(f"the sketch is not an image Gradio can read ({type(err).__name__}); upload a PNG or "
+                           "JPEG, or paint on the canvas", print_exception=False) from None
+
+    editor.preprocess = readable
+    return editor
 
 
 def _declare_progress_and_request(handler, n_inputs: int) -> None:
