@@ -353,3 +353,43 @@ def test_typed_values_stay_values_whatever_they_start_with():
     args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
     assert (args.prompt, vars(args)["option--targets"], args.model, getattr(args, "option--steps", None)) == (
         "-a red circle --steps 3", ["-circle"], "--weird", None)
+
+
+def test_an_uploaded_file_that_is_not_an_image_gets_the_pages_message(app, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    _, client = app
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    for endpoint in ("/check", "/generate"):
+        with pytest.raises(AppError, match="the sketch is not an image Gradio can read .* upload a PNG or JPEG"):
+            client.predict(*page_args(app, **{**SKETCH, "sketch": editor_with(text)}), api_name=endpoint)
+
+
+def test_a_page_served_beyond_this_machine_opens_only_the_models_it_was_given():
+    """On any address but the loopback one, the model is a choice among the models given at launch (default: the
+    built-in ones): a path sent to the page is never opened, and the API refuses a model outside the list."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from attnctl.app import Page
+
+    from conftest import served_app
+
+    page = Page(models=("builtin:shapes-unet", "builtin:shapes-mmdit"))
+    page.blocks()
+    with served_app("--host", "0.0.0.0") as url:
+        client = Client(url, verbose=False)
+        served = (page, client)
+        with pytest.raises(AppError, match="/etc/passwd"):  # Gradio's own check of the choice
+            client.predict(*page_args(served, **{**SKETCH, "model": "/etc/passwd"}), api_name="/check")
+        shown, *_ = client.predict(*page_args(served, **{**SKETCH, "model": "builtin:shapes-mmdit",
+                                                         "sketch": editor_with(EXAMPLES / "sketch.png")}),
+                                   api_name="/check")
+        assert "ready" in shown, shown
+        client.close()
+    values = {"method": "none", "prompt": "a cat", "targets": "", "model": "/etc", "seed": 0, "steps": 0, "height": 0,
+              "width": 0, "guidance": "", "sketch": None, "background": "", "boxes": "", "phrases": []}
+    with pytest.raises(UsageError, match="this page serves only builtin:shapes-unet, builtin:shapes-mmdit; /etc is"):
+        page.request(values)
+    page.close()
