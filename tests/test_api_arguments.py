@@ -41,3 +41,16 @@ def test_the_same_controller_twice_and_a_prompt_of_another_type_are_refused():
 def test_load_pipeline_refuses_a_device_without_data():
     with pytest.raises(UsageError, match="device meta holds no weights or images"):
         attnctl.load_pipeline("random:sd15-tiny", device="meta")
+
+
+@pytest.mark.parametrize("family", ["unet", "sd3", "flux"])
+def test_a_pipeline_called_with_another_prompt_than_applys_is_refused(family):
+    """The methods find their words in the prompt `apply` was given; a call with another prompt would edit the wrong
+    tokens without a word. The same prompt (also as a list, several images each) runs."""
+    pipe = tiny_pipe(family)
+    kwargs = dict(num_inference_steps=1, height=64, width=64, output_type="latent")
+    with attnctl.apply(pipe, attnctl.Capture(["cat"]), prompt="a red cat"):
+        with pytest.raises(UsageError, match="was called with the prompt 'a blue dog', but attnctl.apply was given "
+                                             "'a red cat'.*pass the same prompt to both"):
+            pipe("a blue dog", **kwargs)
+        pipe(["a red cat"], num_images_per_prompt=2, **kwargs)

@@ -87,11 +87,36 @@ class Family:
         with the tokenizer that makes them."""
         raise NotImplementedError
 
+    # the pipeline encodes the prompt as is with `pipe.tokenizer` into `pipe.text_encoder` first (CLIP): its first
+    # encoder call of a pipeline call is checked against the prompt `apply` was given (`encoder_check`)
+    encodes_prompt_as_is: bool = False
+
     def encoder_check(self, pipe, prompts):
-        """(text encoder, check(args, kwargs)) where a pipeline's text sequence depends on a call argument the
-        denoiser does not see: the check is given the encoder's first call of each pipeline call (the prompts' own)
-        and raises a UsageError when the prompts' tokens are not where `text_segments` put them. None elsewhere."""
-        return None
+        """(text encoder, check(args, kwargs)): the check is given the encoder's first call of each pipeline call
+        (the prompts' own) and raises a UsageError when it does not encode the prompts `apply` was given (the
+        methods would act on the wrong tokens), or where the pipeline's text sequence depends on a call argument
+        the denoiser does not see (Sana's instruction). None where neither can be checked."""
+        if not self.encodes_prompt_as_is or getattr(pipe, "text_encoder", None) is None \
+                or getattr(pipe, "tokenizer", None) is None:
+            return None
+        tokenizer = pipe.tokenizer
+        wanted = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in prompts]
+
+        def check(args, kwargs):
+            ids = argument(args, kwargs, "input_ids", 0)
+            if ids is None or ids.dim() != 2:
+                return
+            for i, row in enumerate(ids.tolist()):
+                want = wanted[i % len(wanted)]
+                part = want[: max(1, min(len(want), len(row) - 2))]  # what fits beside the start and end tokens
+                if part and not _contains(row, part):
+                    raise UsageError(
+                        f"{type(pipe).__name__} was called with the prompt "
+                        f"{tokenizer.decode(row, skip_special_tokens=True)!r}, but attnctl.apply was given "
+                        f"{prompts[i % len(prompts)].prompt!r}, whose words the methods act on; pass the same prompt "
+                        "to both")
+
+        return pipe.text_encoder, check
 
     def check_text_layout(self, args, kwargs, step, prompts) -> None:
         """At the first denoiser call of each pipeline call: a UsageError where the text the denoiser is given
@@ -154,6 +179,12 @@ class Family:
         """Whether this denoiser call is an extra guidance pass of the step (SD3.5's skip-layer guidance), which
         methods leave alone and observers do not count as conditional, like an unconditional pass."""
         return False
+
+
+def _contains(row: list[int], part: list[int]) -> bool:
+    """Whether token ids `part` occur in `row` as a run."""
+    n = len(part)
+    return any(row[k:k + n] == part for k in range(len(row) - n + 1))
 
 
 def _repeated(latents, passes: int, n_prompts: int) -> bool:

@@ -98,6 +98,7 @@ class FluxFamily(Family):
     denoiser_class = "FluxTransformer2DModel"
     models = "FLUX.1"
     known_processors = ("FluxAttnProcessor", "FluxIPAdapterAttnProcessor")
+    encodes_prompt_as_is = True
 
     def discover(self, transformer) -> list[AttentionSite]:
         """One joint site per double-stream block, then one per single-stream block, text first."""

@@ -81,6 +81,7 @@ class SD3Family(LatentImageFamily):
     denoiser_class = "SD3Transformer2DModel"
     models = "SD3/3.5"
     known_processors = ("JointAttnProcessor2_0",)
+    encodes_prompt_as_is = True
 
     def discover(self, transformer) -> list[AttentionSite]:
         """One joint site per `transformer_blocks[i].attn`, image tokens first."""

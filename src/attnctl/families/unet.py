@@ -144,6 +144,7 @@ class UNetFamily(Family):
     denoiser_class = "UNet2DConditionModel"
     models = "SD 1.x/2.x, SDXL; text cross-attention"
     known_processors = ("AttnProcessor2_0", "AttnProcessor", "IPAdapterAttnProcessor2_0")
+    encodes_prompt_as_is = True
     latents_name = "sample"
 
     def discover(self, unet) -> list[AttentionSite]:
