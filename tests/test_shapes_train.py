@@ -52,3 +52,9 @@ def test_init_takes_the_matching_tensors(tmp_path, cli):
     assert len(taken) == len(own) - 3  # the patch embedding and the output projection stay fresh
     for k in own:
         assert torch.equal(own[k], shipped[k].float() if k in taken else fresh[k]), k
+
+
+def test_a_small_budget_is_kept(tmp_path, cli):
+    """--minutes bounds the training however small it is (a fixed minute of reserve made 0.05 minutes train 0.5)."""
+    state = train(cli, tmp_path / "run", 10**6, "--minutes", 0.05)
+    assert 0 < state["step"] < 10**6 and state["minutes"] <= 0.05, (state["step"], state["minutes"])

@@ -127,7 +127,7 @@ def test_vae_must_name_a_vae(cli, tmp_path):
 
 
 def test_vae_options_without_a_vae_to_train_are_refused(cli, tmp_path):
-    code, err = train(cli, tmp_path, "--vae", "builtin:shapes-unet", "--vae-minutes", 1)
+    code, err = train(cli, tmp_path, "--vae", "builtin:shapes-unet", "--vae-minutes", 0.01)
     assert code == 2
     assert ("--vae-minutes applies while a VAE is trained, and this run trains none (its VAE comes from --vae "
             "builtin:shapes-unet); drop --vae-minutes") in err
@@ -135,3 +135,8 @@ def test_vae_options_without_a_vae_to_train_are_refused(cli, tmp_path):
     code, err = train(cli, tmp_path, "--resume", "--vae-threads", 1)
     assert code == 2
     assert f"this run trains none (its VAE comes from {tmp_path / 'vae'} (--resume)); drop --vae-threads" in err
+
+
+def test_a_vae_budget_that_leaves_the_denoiser_nothing_is_refused(tmp_path, cli):
+    code, err = train(cli, tmp_path, "--vae-minutes", 1)
+    assert code == 2 and "--vae-minutes 1 leaves nothing of --minutes 0.05 for the denoiser" in err, err

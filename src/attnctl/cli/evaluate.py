@@ -20,6 +20,7 @@ def dosed_methods() -> tuple[str, ...]:
 
 
 def register(sub) -> None:
+    """Adds the `attnctl eval` parser."""
     p = sub.add_parser("eval", help="compare methods on held-out shapes-world prompts, scored exactly")
     p.add_argument("--suite", choices=["shapes"], default="shapes")
     # each method runs on the built-in model it is declared for, or the one --unet-model / --mmdit-model names
@@ -109,6 +110,7 @@ def _strengths(text: str) -> list[float]:
 
 
 def run(args) -> None:
+    """Run the comparison (or the --dose sweep) and write results.md/.csv/.json and the figures to --out."""
     from accelerate import PartialState
 
     from ..eval import (

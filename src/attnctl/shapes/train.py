@@ -33,10 +33,12 @@ from . import data, models
 
 
 def log(msg: str) -> None:
+    """A timestamped progress line on stdout (training runs for hours; the log is how one follows it)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def image_batch(seeds) -> tuple[torch.Tensor, list[str]]:
+    """The training scenes of `seeds` as images (batch, 3, 64, 64) in [-1, 1] and their captions."""
     rendered = data.make_batch(seeds, split="train")
     return torch.from_numpy(data.images_to_array(rendered)), [r.caption for r in rendered]
 
@@ -115,6 +117,7 @@ def latent_cache(vae, tokenizer, n: int, device: str, seed: int = 0, batch: int 
 
 
 def tokenize(tokenizer, captions) -> torch.Tensor:
+    """Token ids of `captions`, padded to the tokenizer's length (batch, length)."""
     return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
 
@@ -153,6 +156,8 @@ def sd3_text(text_encoder, text_encoder_2, ids, t5_tokens: int):
 
 
 class EMA:
+    """An exponential moving average of the modules' weights (`shadow`), the weights a checkpoint saves."""
+
     def __init__(self, modules: dict[str, torch.nn.Module], decay: float = 0.999):
         self.decay = decay
         self.shadow = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
@@ -161,6 +166,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self):
+        """One step of the average, with a warm-up: the decay grows from 0.1 to `decay`."""
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
         for k, m in self.modules.items():  # one fused update per module: on a GPU a loop per tensor is launch-bound
@@ -183,9 +189,11 @@ class EpsilonUNet:
 
     @staticmethod
     def latent_shift(vae) -> float:
+        """What is subtracted from the VAE's latents before scaling: nothing for the UNet."""
         return 0.0
 
     def loss(self, parts, z, tok, noise, gen):
+        """Epsilon-prediction MSE at uniform timesteps."""
         t = torch.randint(0, 1000, (z.shape[0],), generator=gen).to(z.device)
         a = self.alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z + (1 - a).sqrt() * noise
@@ -193,10 +201,12 @@ class EpsilonUNet:
 
     @staticmethod
     def for_saving(parts):
+        """The parts as saved: as trained."""
         return parts
 
     @staticmethod
     def assemble(vae, parts):
+        """A StableDiffusionPipeline of the parts."""
         return models.assemble_unet_pipeline(vae, parts["text_encoder"], parts["unet"])
 
 
@@ -214,9 +224,11 @@ class FlowMMDiT:
 
     @staticmethod
     def latent_shift(vae) -> float:
+        """The VAE's shift factor, as SD3 pipelines subtract it."""
         return vae.config.shift_factor
 
     def loss(self, parts, z, tok, noise, gen):
+        """Velocity MSE at logit-normal sigmas, with the pipeline's text embeddings (CLIP only, T5 as zeros)."""
         s = torch.sigmoid(torch.randn(z.shape[0], generator=gen)).to(z.device)
         sv = s.view(-1, 1, 1, 1)
         x_t = (1 - sv) * z + sv * noise
@@ -235,6 +247,7 @@ class FlowMMDiT:
 
     @staticmethod
     def assemble(vae, parts):
+        """A StableDiffusion3Pipeline of the parts (no T5)."""
         return models.assemble_mmdit_pipeline(vae, parts["text_encoder"], parts["text_encoder_2"], parts["transformer"])
 
 
@@ -242,6 +255,8 @@ OBJECTIVES = {"unet": EpsilonUNet, "mmdit": FlowMMDiT}
 
 
 def save_pipeline(objective, folder: str, vae, parts: dict[str, torch.nn.Module], info: dict) -> None:
+    """`parts` as a diffusers pipeline folder (the denoiser in float16), with `info` as shapes_training.json;
+    written beside and then moved over `folder`, so a stopped run never leaves half a folder."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     saved = {k: copy.deepcopy(m).to("cpu", torch.float16 if k == objective.denoiser else torch.float32)
@@ -529,6 +544,9 @@ class TrainConfig:
                              f"run would stop at {self.steps}, not {self.stop_at}); give --stop-at at most "
                              f"{self.steps}, or raise --steps")
         checked_device(self.device, "--device")
+        if self.vae_minutes is not None and self.vae_minutes >= self.minutes:
+            raise UsageError(f"--vae-minutes {self.vae_minutes:g} leaves nothing of --minutes {self.minutes:g} for the "
+                             "denoiser; give the VAE less or the run more")
 
 
 def check_arguments(args: TrainConfig) -> tuple[str | None, str | None]:
@@ -581,7 +599,8 @@ def run_training(args: TrainConfig) -> str:
         if args.threads:
             torch.set_num_threads(args.threads)
     remaining = args.minutes - (time.time() - t0) / 60.0
-    folder = train_denoiser(args.family, vae, out, max(0.5, remaining - 1.0), args.device, args.seed,
+    reserve = min(1.0, 0.1 * args.minutes)  # for writing the pipeline: the budget holds however small it is
+    folder = train_denoiser(args.family, vae, out, max(0.0, remaining - reserve), args.device, args.seed,
                             batch=args.batch, lr=args.lr, n_scenes=args.scenes, total_steps=args.steps,
                             checkpoint_minutes=args.checkpoint_minutes, init=init, resume=args.resume,
                             stop_at=args.stop_at)
