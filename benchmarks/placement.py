@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from attnctl.defaults import DEFAULT_JOINT_MODEL
 from attnctl.eval import Arm, build_suite, paired_with_plain, run_suite, write_rows
 from attnctl.methods.layout_modulation import LayoutModulation, LayoutModulationConfig, pulled_and_pushed
 from attnctl.methods.registry import METHODS, Method
-from attnctl.models import DEFAULT_JOINT_MODEL
 
 
 class RegionalMask(LayoutModulation):

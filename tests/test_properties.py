@@ -31,6 +31,7 @@ from attnctl import (
     Regulation,
     RegulationConfig,
     UsageError,
+    devices,
     models,
 )
 from attnctl.analysis import TargetCoverage
@@ -621,7 +622,7 @@ def test_load_pipeline_checks_its_arguments_before_loading(spec, device, dtype, 
         except _Loaded:  # it got as far as loading: then every argument was fine
             assert isinstance(spec, Path) or isinstance(spec, str) and spec.strip()
             torch.device(device)
-            assert (isinstance(dtype, str) and dtype in models.DTYPES
+            assert (isinstance(dtype, str) and dtype in devices.DTYPES
                     or isinstance(dtype, torch.dtype) and dtype.is_floating_point)
             assert isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
             return

@@ -11,10 +11,10 @@ from PIL import Image
 import attnctl
 from attnctl.config import build, check, comma_list, option
 from attnctl.control import Controller
+from attnctl.defaults import DEFAULT_MODEL
 from attnctl.methods import registry
 from attnctl.methods.registry import METHODS, Method
 from attnctl.methods.targets import TARGETS_HELP
-from attnctl.models import DEFAULT_MODEL
 
 PROMPT = "a red circle and a blue square"
 

@@ -19,26 +19,14 @@ from urllib.parse import parse_qsl
 
 import torch
 
+from .defaults import DEFAULT_MODEL
+from .devices import DTYPES, checked_device, parse_dtype
 from .errors import UsageError
 from .offline_tokenizers import clip_tokenizer, t5_like_tokenizer
 from .sampling import FOLDER_SETTINGS, SamplingConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-DEFAULT_MODEL = "builtin:shapes-unet"
-DEFAULT_JOINT_MODEL = "builtin:shapes-mmdit"
 RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "sd15", "sdxl", "sd3", "flux")
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """The torch dtype a name of `DTYPES` stands for ("fp16", "bf16", ...); a UsageError listing them otherwise."""
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UsageError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
-
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`.
@@ -68,28 +56,6 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     return pipe
-
-
-def checked_device(device, what: str = "device") -> torch.device:
-    """`device` (a name such as "cuda:0", or a torch.device) as a torch device this machine has; a UsageError naming
-    `what` (a flag, on the command line) and the fix otherwise. `meta` holds no data and is refused."""
-    try:
-        if isinstance(device, bool):
-            raise TypeError
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise UsageError(f"{what} {device!r} is not a device; use cpu, cuda or cuda:N, or mps") from None
-    if device.type not in ("cpu", "cuda", "mps", "meta"):
-        raise UsageError(f"{what} {device}: attnctl runs on cpu, cuda (cuda:N) or mps, not {device.type}")
-    if device.type == "meta":
-        raise UsageError(f"{what} meta holds no weights or images; use cpu, cuda or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"{what} {device}: this torch build or machine has no CUDA device; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"{what} {device}: there are {torch.cuda.device_count()} CUDA devices")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"{what} {device}: MPS is not available here; use cpu")
-    return device
 
 
 def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int]:

@@ -175,7 +175,8 @@ class Pipelines:
 
     def get(self, model: str, sampling: SamplingConfig):
         """The pipeline of `model` on the sampling's device and dtype, loaded now if it is not."""
-        from .models import load_pipeline, parse_dtype
+        from .devices import parse_dtype
+        from .models import load_pipeline
 
         key = (model, sampling.device, sampling.dtype)
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import check, option
+from .devices import checked_device, parse_dtype
 
 MAX_STEPS = 1000  # a scheduler has 1000 training timesteps: more steps only repeat them
 MAX_SIDE = 4096  # beyond every supported model's resolution (FLUX.1 and SDXL are trained up to ~2048)
@@ -45,8 +46,6 @@ class SamplingConfig:
     dtype: str = option("float32", "weights and computation type: float32, float16 or bfloat16")
 
     def __post_init__(self):
-        from .models import checked_device, parse_dtype
-
         check(self)
         checked_device(self.device, "--device")
         parse_dtype(self.dtype)

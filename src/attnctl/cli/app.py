@@ -32,7 +32,7 @@ def register(sub) -> None:
 def run(args) -> None:
     """Serve the page until Ctrl+C: on this machine only by default; beyond it, with the model a choice among
     --models."""
-    from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
+    from ..defaults import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
     from .common import bounded, sampling_of
 
     bounded("--port", args.port, 1, 65535)

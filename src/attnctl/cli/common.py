@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import add_arguments, build, flag_of, given_arguments
+from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
 from ..methods.registry import METHODS
-from ..models import DEFAULT_MODEL
 from ..sampling import SamplingConfig
 
 
@@ -44,8 +44,8 @@ def check_out(out) -> None:
 
 
 def check_device(name: str):
-    """The torch device `--device` names, if this machine has it (`models.checked_device`)."""
-    from ..models import checked_device
+    """The torch device `--device` names, if this machine has it (`devices.checked_device`)."""
+    from ..devices import checked_device
 
     return checked_device(name, "--device")
 

@@ -7,9 +7,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..config import add_arguments, argument_type, build, flag_of, given_arguments
+from ..defaults import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from ..errors import UsageError
 from ..methods.registry import METHODS, PLAIN, choices, listing, methods_on
-from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from ..sampling import SamplingConfig
 from .common import add_method_options, bounded, check_out, sampling_of
 

@@ -15,7 +15,7 @@ from .common import add_method_options, add_model_options, check_out, given_meth
 
 def register(sub) -> None:
     """Adds the `attnctl generate` parser, with every method's options."""
-    from ..models import DEFAULT_MODEL
+    from ..defaults import DEFAULT_MODEL
 
     p = sub.add_parser("generate", help="generate images with an attention-control method")
     add_model_options(p, DEFAULT_MODEL)

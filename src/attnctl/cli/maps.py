@@ -14,7 +14,7 @@ from .common import add_model_options, load, print_written, sampling_of
 
 def register(sub) -> None:
     """Adds the `attnctl maps` parser."""
-    from ..models import DEFAULT_MODEL
+    from ..defaults import DEFAULT_MODEL
 
     p = sub.add_parser("maps", help="generate an image and the attention maps of chosen words")
     add_model_options(p, DEFAULT_MODEL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     """Adds the `attnctl sites` parser."""
-    from ..models import DEFAULT_MODEL
+    from ..defaults import DEFAULT_MODEL
 
     p = sub.add_parser("sites", help="list a model's attention sites")
     p.add_argument("--model", default=DEFAULT_MODEL)

@@ -9,8 +9,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..defaults import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from ..errors import UsageError
-from ..models import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from .ast import AST, ASTConfig
 from .attend_excite import AttendAndExcite, AttendExciteConfig
 from .binding import Binding, BindingConfig, bound_nouns

@@ -534,7 +534,7 @@ class TrainConfig:
     seed: int = option(0, "seed of the scenes and the initial weights", low=0, high=2**32 - 1)
 
     def __post_init__(self):
-        from ..models import checked_device
+        from ..devices import checked_device
 
         check(self)
         if self.family is None:
