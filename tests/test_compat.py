@@ -9,7 +9,6 @@ import torch
 
 import attnctl
 from attnctl import Capture, UsageError
-from attnctl.control import Session
 
 from conftest import call_kwargs, denoiser_of, run, tiny_pipe
 
@@ -40,7 +39,7 @@ def assert_same_maps(a, b):
 def test_nested_apply_is_refused_and_the_outer_session_keeps_working(disjoint):
     pipe = tiny_pipe("unet")
     before = pipeline_state(pipe.unet)
-    first, second = (s.name for s in Session(pipe, []).sites[:2])
+    first, second = (s.name for s in attnctl.sites_of(pipe)[:2])
     outer_sites, inner_sites = ([first], [second]) if disjoint else (None, None)
     image, maps = captured(pipe, Capture(["dog"], sites=outer_sites))
 
@@ -70,7 +69,7 @@ def test_attention_slicing_turned_on_inside_apply_is_an_error_and_stays_on(caplo
         processors = pipe.unet.attn_processors
         assert {type(p).__name__ for p in processors.values()} == {"SlicedAttnProcessor"}  # the user's change kept
         assert pipeline_state(pipe.unet)[1:] == before[1:]
-        assert f"{len(Session(pipe, []).sites)} site(s)" in caplog.text and "left as the user set them" in caplog.text
+        assert f"{len(attnctl.sites_of(pipe))} site(s)" in caplog.text and "left as the user set them" in caplog.text
     finally:
         pipe.unet.set_attn_processor(dict(before[0]))  # it empties the dict it is given
     assert pipeline_state(pipe.unet) == before
@@ -81,7 +80,7 @@ def test_a_processor_set_inside_apply_is_an_error_and_kept_while_the_others_are_
 
     pipe = tiny_pipe("unet")
     before = pipeline_state(pipe.unet)
-    site = Session(pipe, []).sites[3].name
+    site = attnctl.sites_of(pipe)[3].name
     custom = AttnProcessor2_0()
     try:
         expected = rf"1 attention site\(s\), e.g. {re.escape(site)} \(now AttnProcessor2_0\), got a new"
@@ -123,12 +122,12 @@ def refusal(pipe, install) -> str:
 def ip_adapter_on_first_site(pipe):  # the torch-1 variant (IPAdapterAttnProcessor2_0 is supported)
     from diffusers.models.attention_processor import IPAdapterAttnProcessor
 
-    site = pipe.unet.get_submodule(Session(pipe, []).sites[0].name)
+    site = pipe.unet.get_submodule(attnctl.sites_of(pipe)[0].name)
     site.set_processor(IPAdapterAttnProcessor(site.inner_dim, site.cross_attention_dim))
 
 
 def custom_on_first_site(pipe):
-    pipe.unet.get_submodule(Session(pipe, []).sites[0].name).set_processor(CustomProcessor())
+    pipe.unet.get_submodule(attnctl.sites_of(pipe)[0].name).set_processor(CustomProcessor())
 
 
 def xformers_everywhere(pipe):  # what enable_xformers_memory_efficient_attention sets, without needing xformers
@@ -159,7 +158,7 @@ KNOWN = "which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, Attn
 def test_refused_processors_are_named_with_what_puts_the_models_own_back(install, advice):
     pipe = tiny_pipe("unet")
     message = refusal(pipe, install)
-    assert message == f"{Session(pipe, []).sites[0].name} uses the attention processor {advice}"
+    assert message == f"{attnctl.sites_of(pipe)[0].name} uses the attention processor {advice}"
 
 
 # --- 4. torch.compile -------------------------------------------------------------------------------------------------
