@@ -118,10 +118,10 @@ class Request:
 
     def method_targets(self, config) -> list[str] | None:
         """The words a targets method acts on: those named, else those its config names, else its default choice
-        from the prompt (None where the config names its own words, as the binding method's groups)."""
+        from the prompt (None where the config names its words otherwise: `Method.config_words`)."""
         if self.targets is not None:
             return self.targets
-        if config.targets is not None or getattr(config, "groups", None):
+        if config.targets is not None or METHODS[self.method].words_of(config):
             return config.targets
         return default_targets(self.method, self.prompt)
 
@@ -133,8 +133,8 @@ class Request:
         if controller is None:
             return list(self.targets or []), True
         config = controller.config
-        if config.targets is None:  # the binding method's groups name the words themselves
-            return [w for g in config.groups for w in g.split()], True
+        if config.targets is None:  # the config names its words otherwise (the binding method's groups)
+            return METHODS[self.method].words_of(config), True
         return list(config.targets), self.targets is not None or self.options.get("targets") is not None
 
     def arguments(self, layout_file: str = "layout.json", out: str = "out") -> list[str]:

@@ -28,7 +28,8 @@ class Method:
     model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone; `tune_grid`
     the options `attnctl tune` searches by default (field name -> values); `choose_targets(prompt)` the target words
     of a targets method when none are named (default: the prompt's nouns); `seen` the seen eval category its options
-    are chosen on, where not the default."""
+    are chosen on, where not the default; `config_words(config)` the words a config names besides its targets (the
+    binding method's groups), which then stand for the targets (none: its default choice is used)."""
 
     name: str
     controller: type
@@ -41,6 +42,7 @@ class Method:
     tune_grid: dict = field(default_factory=dict)
     choose_targets: Callable[[str], list[str]] | None = None
     seen: str | None = None
+    config_words: Callable[[object], list[str]] | None = None
 
     @property
     def takes_layout(self) -> bool:
@@ -65,6 +67,10 @@ class Method:
 
         return self.choose_targets(prompt) if self.choose_targets else choose_targets(prompt, self.name)
 
+    def words_of(self, config) -> list[str]:
+        """The words `config` names besides its targets (`config_words`; none for most methods)."""
+        return self.config_words(config) if self.config_words else []
+
     def build(self, config, *, targets=None, layout=None):
         """The controller for `config` (a `self.config`), given the target words or the layout it takes."""
         if self.takes_layout:
@@ -88,7 +94,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "attribute binding (SynGen, NeurIPS 2023, with Attend-and-Excite's presence term): the latents moved so "
            "each modifier's attention lies on its noun's and off the other objects",
            tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}, choose_targets=bound_nouns,
-           seen="seen_triples"),
+           seen="seen_triples", config_words=lambda config: [w for g in config.groups or () for w in g.split()]),
     Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
            DEFAULT_JOINT_MODEL,
            "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "
