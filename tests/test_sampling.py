@@ -91,3 +91,24 @@ def test_the_request_renders_the_command_that_makes_it():
     again = request_of(build_parser(raise_errors=True).parse_args(words))
     assert (again.method, again.prompt, again.targets, again.options, again.sampling, again.maps, again.seed_grid) == (
         request.method, request.prompt, request.targets, request.options, request.sampling, True, 2)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(method=None), "--method None is not one of none, regulation"),
+    (dict(options=5), "options must map a method's option names to values"),
+    (dict(options={"strength": "x"}), "--strength must be a number, not 'x'"),
+    (dict(options={"nonsense": 1}), "unknown RegulationConfig option(s) nonsense"),
+    (dict(layout="layout.json"), "layout must be an attnctl.Layout"),
+    (dict(model=3), "model must be a model spec"),
+    (dict(maps="yes"), "maps must be True or False"),
+    (dict(seeds=[-1]), "seeds must be a list of 1 to 64 generator seeds"),
+    (dict(seeds=[]), "seeds must be a list of 1 to 64 generator seeds"),
+    (dict(sampling={"steps": 3}), "sampling must be a SamplingConfig, not dict"),
+    (dict(targets=5), "--targets must be a list of words of the prompt"),
+    (dict(seed_grid=2, method="none"), "--seed-grid compares a method with the plain pipeline"),
+    (dict(prompt=""), "--prompt is required with --method regulation"),
+])
+def test_a_request_checks_its_values_when_made(given, message):
+    with pytest.raises(UsageError) as caught:
+        Request(**{"prompt": "a cat", **given})
+    assert message in str(caught.value)

@@ -55,10 +55,27 @@ class Request:
     seeds: list[int] | None = None
 
     def __post_init__(self):
-        if self.method not in choices():
+        if not isinstance(self.method, str) or self.method not in choices():
             raise UsageError(f"--method {self.method!r} is not one of {', '.join(choices())}")
         if not isinstance(self.sampling, SamplingConfig):
             raise UsageError(f"sampling must be a SamplingConfig, not {type(self.sampling).__name__}")
+        if not (isinstance(self.options, dict) and all(isinstance(k, str) for k in self.options)):
+            raise UsageError(f"options must map a method's option names to values, such as {{\"strength\": 2.0}}, "
+                             f"not {self.options!r}")
+        if self.layout is not None and not isinstance(self.layout, Layout):
+            raise UsageError(f"layout must be an attnctl.Layout (Layout.load(path), Layout.from_dict(...)), not "
+                             f"{type(self.layout).__name__}")
+        if self.model is not None and not (isinstance(self.model, str) and self.model.strip()):
+            raise UsageError(f"model must be a model spec (builtin:NAME, a hub id, a folder), not {self.model!r}")
+        if not isinstance(self.maps, bool):
+            raise UsageError(f"maps must be True or False, not {self.maps!r}")
+        if self.seeds is not None:
+            seeds = list(self.seeds) if isinstance(self.seeds, (list, tuple, range)) else []
+            if not (0 < len(seeds) <= MAX_IMAGES and all(isinstance(x, int) and not isinstance(x, bool)
+                                                         and 0 <= x < 2**64 for x in seeds)):
+                raise UsageError(f"seeds must be a list of 1 to {MAX_IMAGES} generator seeds, whole numbers from 0 to "
+                                 f"2**64 - 1, not {self.seeds!r}")
+            self.seeds = seeds
         if isinstance(self.seed_grid, bool) or not isinstance(self.seed_grid, int) or not \
                 0 <= self.seed_grid <= MAX_IMAGES:
             raise UsageError(f"--seed-grid must be between 0 and {MAX_IMAGES} seeds, not {self.seed_grid!r}")
