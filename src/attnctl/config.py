@@ -1,6 +1,7 @@
 """Method options, defined once: each method has a documented `@dataclass` config whose fields are declared with
-`option(...)`. From those fields come the method's keywords (`build`), the command-line flags (`add_arguments`,
-`given_arguments`), and the names a model folder's `attnctl.json` uses to recommend settings.
+`option(...)`. From those fields come the method's keywords (`build`), the command-line flags (`cli.flags`:
+`add_arguments`, `given_arguments`), the page's fields, and the names a model folder's `attnctl.json` uses to
+recommend settings.
 
     @dataclass
     class MyConfig:
@@ -11,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -163,11 +163,6 @@ def _flag(field: dataclasses.Field, prefix: str) -> str:
     return flag if flag.startswith("--") else "--" + prefix + flag
 
 
-def _dest(field: dataclasses.Field, prefix: str) -> str:
-    # its own namespace: a field may share its name with another option of the command (Regulation's `seed`)
-    return "option" + _flag(field, prefix)
-
-
 def cli_fields(config_class) -> list[dataclasses.Field]:
     """The fields of `config_class` that have command-line flags (all but those with `cli=False`), in order."""
     return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True)]
@@ -214,48 +209,6 @@ def flag_words(flag: str, text: str) -> list[str]:
     return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
 
 
-def add_arguments(parser, config_class, title: str | None = None, only: tuple[str, ...] | None = None) -> None:
-    """One flag per field of `config_class` (`--PREFIXNAME`), with the field's meaning and default as help; `only`:
-    these fields' flags alone. Flags the user does not give are absent from the parsed namespace, so defaults and a
-    model's recommendations stay in the config (see `given_arguments`)."""
-    group = parser.add_argument_group(title) if title else parser
-    prefix = _prefix(config_class)
-    for field in cli_fields(config_class):
-        if only is not None and field.name not in only:
-            continue
-        meta, default = field.metadata, default_of(field)
-        shown = meta.get("shown_default") or default_text(field)
-        help_text = f"{meta['help']} (default: {shown}" + (f"; {meta['symbol']} in the paper)" if meta.get("symbol")
-                                                             else ")")
-        flag = _flag(field, prefix)
-        if flag in parser._option_string_actions:
-            continue  # shared with a method added before (--targets): one flag, read by both configs
-        kwargs: dict[str, Any] = dict(dest=_dest(field, prefix), default=argparse.SUPPRESS,
-                                      help=help_text.replace("%", "%%"))
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = argument_type(meta.get("parse") or (str if default is None else type(default)))
-            kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else \
-                flag[2:].upper().replace("-", "_")
-            if meta.get("choices"):
-                kwargs["choices"] = meta["choices"]
-        group.add_argument(flag, **kwargs)
-
-
-def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """`parse` for argparse: its UsageError becomes argparse's own error, with our message kept."""
-
-    def convert(text: str):
-        try:
-            return parse(text)
-        except UsageError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid int value"
-    return convert
-
-
 def parsed_value(flag: str, field: dataclasses.Field, text: str):
     """A flag's text as its field's value, parsed as the command line parses it; a UsageError naming the flag."""
     parse = field.metadata.get("parse") or type(default_of(field))
@@ -265,13 +218,6 @@ def parsed_value(flag: str, field: dataclasses.Field, text: str):
         raise UsageError(f"{flag}: {err}") from None
     except (ValueError, TypeError):
         raise UsageError(f"{flag}: invalid {getattr(parse, '__name__', 'value')} value: {text!r}") from None
-
-
-def given_arguments(config_class, args: argparse.Namespace) -> dict:
-    """The fields whose flags were given on the command line, by field name."""
-    prefix = _prefix(config_class)
-    return {f.name: getattr(args, _dest(f, prefix)) for f in cli_fields(config_class)
-            if hasattr(args, _dest(f, prefix))}
 
 
 def flag_of(config_class, name: str) -> str:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import argument_type
 from ..errors import UsageError
 from ..methods.capture import parse_steps
 from ..methods.registry import builtin_model
 from .common import add_method_options, add_model_options, given_method_flags, load, print_written, sampling_of
+from .flags import argument_type
 
 
 def register(sub) -> None:
@@ -28,11 +28,11 @@ def run(args) -> None:
     """Run the pipeline once with the observer (and AST with --with-ast); write hierarchy.csv, hierarchy.png and the
     image with its layout overlay to --out."""
     from ..analysis import Hierarchy
-    from ..config import given_arguments
     from ..layout import Layout
     from ..methods.ast import ASTConfig
     from ..run import Request, pipeline_call
     from ..viz import overlay
+    from .flags import given_arguments
 
     layout = Layout.load(args.layout)  # a bad layout fails before the model loads
     flags = given_method_flags(args, "ast")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..config import add_arguments, argument_type, comma_list
+from ..config import comma_list
 from ..errors import UsageError
 from ..methods.registry import choices
 from ..sampling import SamplingConfig
+from .flags import add_arguments, argument_type
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

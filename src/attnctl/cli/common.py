@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import add_arguments, build, flag_of, given_arguments
+from ..config import build, flag_of
 from ..defaults import DEFAULT_MODEL
 from ..errors import UsageError
 from ..methods.registry import METHODS
 from ..sampling import SamplingConfig
+from .flags import add_arguments, given_arguments
 
 
 def add_model_options(parser, default_model: str, only: tuple[str, ...] | None = None) -> None:

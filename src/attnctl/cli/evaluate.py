@@ -6,12 +6,13 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import add_arguments, argument_type, build, flag_of, given_arguments
+from ..config import build, flag_of
 from ..defaults import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
 from ..errors import UsageError
 from ..methods.registry import METHODS, PLAIN, choices, listing, methods_on
 from ..sampling import SamplingConfig
 from .common import add_method_options, bounded, check_out, sampling_of
+from .flags import add_arguments, argument_type, given_arguments
 
 
 def dosed_methods() -> tuple[str, ...]:

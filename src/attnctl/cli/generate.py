@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import given_arguments
 from ..errors import UsageError
 from ..methods.registry import METHODS, PLAIN, choices, layout_methods, listing
 from ..outputs import write
 from ..run import Request, generate
 from .common import add_method_options, add_model_options, check_out, given_method_flags, print_written, sampling_of
+from .flags import given_arguments
 
 
 def register(sub) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import add_arguments, build, given_arguments
+from ..config import build
 from ..errors import UsageError
 from ..methods.capture import Capture, CaptureConfig
 from ..outputs import save_images, write_maps
 from ..run import pipeline_call
 from .common import add_model_options, load, print_written, sampling_of
+from .flags import add_arguments, given_arguments
 
 
 def register(sub) -> None:

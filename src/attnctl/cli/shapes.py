@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_arguments, build, given_arguments
+from ..config import build
 from ..shapes.train import TrainConfig
+from .flags import add_arguments, given_arguments
 
 
 def register(sub) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import add_arguments, argument_type, cli_fields, comma_list, default_of
+from ..config import cli_fields, comma_list, default_of
 from ..errors import UsageError
 from ..methods.registry import METHODS, method
 from ..sampling import SamplingConfig
 from .common import bounded, check_out, sampling_of
+from .flags import add_arguments, argument_type
 
 
 def register(sub) -> None:
