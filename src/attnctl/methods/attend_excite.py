@@ -145,23 +145,14 @@ class AttendAndExcite(LatentGuidance):
         """`scale_factor` · sqrt(linspace(1, 0.5, num_steps)[index]), as in the reference pipeline."""
         return self.config.scale_factor * float(np.sqrt(np.linspace(1.0, 0.5, num_steps)[index]))
 
-    def move(self, latents: torch.Tensor, index: int, step) -> torch.Tensor:
-        """`LatentGuidance.move`; its call for step 0 (made by `prepare_call` before the run's first denoiser step,
-        once the run's step count is known) first refuses options that cannot act in the run (`check_steps`)."""
-        if index == 0:
-            self.check_steps(step.num_steps)
-        return super().move(latents, index, step)
-
     def check_steps(self, num_steps: int) -> None:
-        """A UsageError for a `max_iter_to_alter` above `num_steps` or a threshold step at or past it, each unless
-        the field has its default (see `AttendExciteConfig`)."""
-        c, fields = self.config, {f.name: f for f in dataclasses.fields(AttendExciteConfig)}
-        if c.max_iter_to_alter > num_steps and c.max_iter_to_alter != default_of(fields["max_iter_to_alter"]):
-            raise UsageError(f"max_iter_to_alter ({flag_of(AttendExciteConfig, 'max_iter_to_alter')}) is "
-                             f"{c.max_iter_to_alter}, more than this run's {num_steps} denoising steps; give at most "
-                             f"{num_steps} (every step moved) or more --steps (num_inference_steps)")
+        """`LatentGuidance.check_steps` (`max_iter_to_alter`), and a threshold step at or past `num_steps`, unless
+        the thresholds are the default (see `AttendExciteConfig`)."""
+        super().check_steps(num_steps)
+        c = self.config
         beyond = sorted(s for s in c.thresholds if s >= num_steps)
-        if beyond and c.thresholds != default_of(fields["thresholds"]):
+        default = default_of(next(f for f in dataclasses.fields(AttendExciteConfig) if f.name == "thresholds"))
+        if beyond and c.thresholds != default:
             raise UsageError(f"thresholds ({flag_of(AttendExciteConfig, 'thresholds')}) name step(s) "
                              f"{', '.join(map(str, beyond))}, which this run's {num_steps} denoising steps (0 to "
                              f"{num_steps - 1}) never reach; give threshold steps below {num_steps} or more --steps "

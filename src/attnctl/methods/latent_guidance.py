@@ -19,6 +19,7 @@ the forward stops at the last site it reads.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -26,6 +27,7 @@ import math
 import torch
 
 from ..attention import explicit_probs
+from ..config import default_of, flag_of
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 
@@ -154,8 +156,22 @@ class LatentGuidance(Controller):
             raise _MapsComplete
 
     # --- the moves ---------------------------------------------------------------------------------------------
+    def check_steps(self, num_steps: int) -> None:
+        """Before the run's first move, once its step count is known: a UsageError for an option the person set
+        that cannot act in `num_steps` steps (default: `max_iter_to_alter` above it, where the config has one;
+        values equal to the config's default are never refused, as they cover any step count)."""
+        field = next((f for f in dataclasses.fields(self.config) if f.name == "max_iter_to_alter"), None)
+        value = getattr(self.config, "max_iter_to_alter", None)
+        if field is not None and value > num_steps and value != default_of(field):
+            raise UsageError(f"max_iter_to_alter ({flag_of(type(self.config), 'max_iter_to_alter')}) is {value}, more "
+                             f"than this run's {num_steps} denoising steps; give at most {num_steps} (every step "
+                             "moved) or more --steps (num_inference_steps)")
+
     def move(self, latents: torch.Tensor, index: int, step: StepState) -> torch.Tensor:
-        """The latents of step `index` (one row per conditional image) after the step's moves."""
+        """The latents of step `index` (one row per conditional image) after the step's moves; before the first,
+        options that cannot act in the run are refused (`check_steps`)."""
+        if index == 0:
+            self.check_steps(step.num_steps)
         if not self.moves_at(index):
             return latents
         timesteps = self.session.pipe.scheduler.timesteps

@@ -177,6 +177,7 @@ class Regulation(Controller):
             raise UsageError("Attention Regulation edits text cross-attention (SD 1.x/2.x, SDXL, PixArt, Sana); this "
                              f"{session.family.name} model has no cross-attention sites")
         self._site_names = edited_sites(self.config, cross)
+        self._sites = {s.name: s for s in cross if s.name in self._site_names}
         if not session.prompts:
             raise UsageError("Regulation needs the prompt: pass prompt=... to attnctl.apply")
         per_prompt = self._targets_per_prompt(session.prompts)
@@ -200,8 +201,12 @@ class Regulation(Controller):
         self._best.clear()
 
     def begin_step(self, step: StepState) -> None:
-        """Edits the denoiser call when its step is an edit step, it has conditional rows and `strength` is above 0."""
+        """Edits the denoiser call when its step is an edit step, it has conditional rows and `strength` is above 0.
+        Where the person chose the layers or sigma and no chosen site can hold a basis, refused at the first edit
+        step (the run would be the plain image)."""
         edit = self._edit_set(step.num_steps)
+        if step.index == min(edit, default=-1) and (self.config.layers is not None or self.config.sigma is not None):
+            self._refuse_nothing_to_edit(step)
         self._editing = (step.index in edit and step.cond_rows.stop > step.cond_rows.start
                          and self.config.strength > 0)
 
@@ -296,6 +301,15 @@ class Regulation(Controller):
         max_sequence_length cut is an error (`PromptTokens.held`)."""
         return list(dict.fromkeys(p for positions in self._positions(prompt, n_text) for p in positions))
 
+    def _refuse_nothing_to_edit(self, step: StepState) -> None:
+        """A UsageError where every edited site's grid at this step is too small for the Gaussian basis."""
+        grids = {name: site.grid(step.token_grid) for name, site in self._sites.items()}
+        if grids and all(self._basis_for(h, w, "cpu")[0].shape[1] == 0 for h, w in grids.values()):
+            shown = ", ".join(f"{name} ({h}x{w})" for name, (h, w) in sorted(grids.items()))
+            raise UsageError(f"Regulation would edit nothing in this run: every chosen site is too small for its "
+                             f"Gaussian basis ({shown}); choose larger sites (--layers) or a smaller --sigma, or "
+                             "generate a larger image (--height/--width)")
+
     def _basis_for(self, h: int, w: int, device):
         key = (h, w, str(device))
         if key not in self._basis:
@@ -340,10 +354,10 @@ def _normalise_steps(edit_steps):
     if edit_steps is None:
         return None
     if isinstance(edit_steps, bool):
-        raise UsageError("edit_steps must be a number of steps or a collection of step indices")
+        raise UsageError("edit_steps (--edit-steps) must be a number of steps or a collection of step indices")
     if isinstance(edit_steps, numbers.Real):  # `check` has made sure it is a whole number
         if edit_steps < 0:
-            raise UsageError(f"edit_steps must be >= 0 (got {edit_steps})")
+            raise UsageError(f"edit_steps (--edit-steps) must be at least 0, not {edit_steps}")
         return int(edit_steps)
     return tuple(sorted(set(step_indices(edit_steps, "edit_steps (a number of steps or a collection of step "
                                                      "indices)"))))
