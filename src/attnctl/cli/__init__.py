@@ -15,19 +15,18 @@ from . import analyze, app, bench, evaluate, generate, maps, shapes, sites, tune
 SUBCOMMANDS = (sites, maps, generate, analyze, bench, evaluate, tune, shapes, app)
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    """A parser whose errors are UsageErrors (with argparse's message), not a usage text and an exit."""
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are UsageErrors (printed as one `attnctl: error:` line, exit 2), not a usage text and
+    an exit of its own."""
 
     def error(self, message):
-        raise UsageError(message)
+        raise UsageError(f"{message} (`{self.prog} --help` lists the options)")
 
 
-def build_parser(raise_errors: bool = False) -> argparse.ArgumentParser:
-    """The `attnctl` parser; with `raise_errors` a bad command line raises UsageError instead of exiting (for
-    callers that build command lines, such as the app)."""
-    parser_class = _RaisingParser if raise_errors else argparse.ArgumentParser
-    parser = parser_class(prog="attnctl", description="Training-free attention control for diffusers "
-                          "pipelines: Attention Regulation, AST, token maps, analysis.")
+def build_parser() -> argparse.ArgumentParser:
+    """The `attnctl` parser; a bad command line raises UsageError."""
+    parser = _Parser(prog="attnctl", description="Training-free attention control for diffusers pipelines: "
+                     "Attention Regulation, AST, token maps, analysis.")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(sub)
@@ -85,7 +84,7 @@ def _run(argv) -> int:
             raise UsageError(f"{alone[:-3]} needs a value, not '--' (which ends the options)")
         try:
             args = build_parser().parse_args(argv)
-        except SystemExit as exit:  # argparse has printed its usage message (or --help)
+        except SystemExit as exit:  # --help has printed the usage
             return int(exit.code or 0)
         args.command_line = "attnctl " + " ".join(argv)
         args.func(args)
