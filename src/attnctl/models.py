@@ -34,28 +34,42 @@ def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         pipe = attnctl.load_pipeline("builtin:shapes-unet")           # or a hub id, a folder, random:sd15-tiny
     """
     spec, dtype, seed = _checked_arguments(spec, device, dtype, seed)
+    options = check_spec(spec)
     if spec.startswith("random:"):
-        name, _, query = spec[len("random:"):].partition("?")
-        if name not in RANDOM_SPECS:
-            raise UsageError(f"unknown random model {name!r}; choose one of: "
-                             + ", ".join(f"random:{s}" for s in RANDOM_SPECS))
-        options = _random_options(name, query)
+        name = spec[len("random:"):].partition("?")[0]
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             pipe = _RANDOM_BUILDERS[name.removesuffix("-tiny")](tiny=name.endswith("-tiny"), **options)
-    elif spec.startswith("builtin:"):
-        folder = BUILTIN_DIR / spec[len("builtin:"):]
-        if not (folder / "model_index.json").exists():
-            known = sorted(p.name for p in BUILTIN_DIR.glob("*") if (p / "model_index.json").exists())
-            raise UsageError(f"no built-in model {spec!r}; built-in models: {', '.join(known) or 'none installed'}")
-        pipe = _from_pretrained(str(folder))
     else:
-        pipe = _from_pretrained(spec)
+        pipe = _from_pretrained(str(model_dir(spec)) if spec.startswith("builtin:") else spec)
     pipe.set_progress_bar_config(disable=not _show_progress())
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     return pipe
+
+
+def check_spec(spec: str) -> dict:
+    """What can be known of a model spec without loading it, each fault a UsageError: a random spec's name and
+    options (returned), a built-in model that exists, a local folder's model_index.json and attnctl.json (a hub id
+    cannot be checked without the network)."""
+    if spec.startswith("random:"):
+        name, _, query = spec[len("random:"):].partition("?")
+        if name not in RANDOM_SPECS:
+            raise UsageError(f"unknown random model {name!r}; choose one of: "
+                             + ", ".join(f"random:{s}" for s in RANDOM_SPECS))
+        return _random_options(name, query)
+    folder = model_dir(spec)
+    if spec.startswith("builtin:") and not exists(folder / "model_index.json", "file"):
+        known = sorted(p.name for p in BUILTIN_DIR.glob("*") if (p / "model_index.json").exists())
+        raise UsageError(f"no built-in model {spec!r}; built-in models: {', '.join(known) or 'none installed'}")
+    if exists(folder):
+        if not exists(folder / "model_index.json"):
+            raise UsageError(f"{spec} is not a diffusers pipeline folder (there is no model_index.json in it); give "
+                             "a folder saved by `pipe.save_pretrained(folder)`, a hub id or builtin:NAME")
+        _model_index(folder / "model_index.json")
+        _model_settings(spec)
+    return {}
 
 
 def _checked_arguments(spec, device, dtype, seed) -> tuple[str, torch.dtype, int]:
@@ -237,9 +251,7 @@ def _from_pretrained(spec: str):
     from diffusers import DiffusionPipeline
 
     local = model_dir(spec)
-    is_local = exists(local)
-    if is_local and not exists(local / "model_index.json"):
-        raise UsageError(f"{spec} is a folder but not a diffusers pipeline folder (it has no model_index.json)")
+    is_local = exists(local)  # a folder checked by `check_spec`
     # components saved as None (e.g. SD3 without T5) must be passed as None again, or diffusers refuses the folder
     index = _model_index(local / "model_index.json") if is_local else {}
     absent = {name: None for name, value in index.items() if isinstance(value, list) and value == [None, None]}

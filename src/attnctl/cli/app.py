@@ -34,6 +34,7 @@ def run(args) -> None:
     """Serve the page until Ctrl+C: on this machine only by default; beyond it, with the model a choice among
     --models."""
     from ..defaults import DEFAULT_JOINT_MODEL, DEFAULT_MODEL
+    from ..models import check_spec
     from .common import bounded, sampling_of
 
     bounded("--port", args.port, 1, 65535)
@@ -44,6 +45,8 @@ def run(args) -> None:
         models = list(dict.fromkeys([DEFAULT_MODEL, DEFAULT_JOINT_MODEL, *([args.model] if args.model else [])]))
     if models is not None and args.model and args.model not in models:
         raise UsageError(f"--model {args.model} is not among --models {','.join(models)}: add it there")
+    for spec in [*(models or []), *([args.model] if args.model else [])]:
+        check_spec(spec)  # a page that could never load its model must not start
     from ..app import CSS, Page  # after the cheap checks: Gradio takes a few seconds to import
 
     page = Page(model=args.model, method=args.method, device=sampling.device, dtype=sampling.dtype,

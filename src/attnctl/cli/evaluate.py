@@ -87,7 +87,7 @@ def _refuse_what_cannot_act(args, options: dict[str, dict]) -> None:
         raise UsageError("--strengths are the strengths of --dose: add --dose METHOD, or drop --strengths")
     if args.methods is not None and args.dose:
         raise UsageError("--dose sweeps one method against the plain model; --methods does not apply: drop it")
-    methods = args.methods or DEFAULT_METHODS
+    methods = DEFAULT_METHODS if args.methods is None else args.methods
     run = {args.dose} if args.dose else {m.strip() for m in methods.split(",")}
     for name, given in options.items():
         if given and name not in run:
@@ -154,7 +154,7 @@ def run(args) -> None:
         write_rows(rows, args.out / "dose.csv")
         print(json.dumps(summary, indent=2) if args.json else (args.out / "dose.md").read_text())
         return
-    args.methods = args.methods or DEFAULT_METHODS
+    args.methods = DEFAULT_METHODS if args.methods is None else args.methods
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in choices()]
     if unknown or not names:

@@ -30,8 +30,12 @@ def run(args) -> None:
     scale = getattr(pipe, "vae_scale_factor", 8)
     sample = getattr(session.denoiser.config, "sample_size", None) or 64  # absent or None in some configs
     height, width = args.height or sample * scale, args.width or sample * scale
-    patch = session.family.patch_size(session.denoiser)
-    grid = (height // scale // patch, width // scale // patch)
+    multiple = session.family.size_multiple(pipe, session.denoiser)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value % multiple:  # as generate refuses it: the model cannot make this size
+            raise UsageError(f"{flag} {value} must be a multiple of {multiple} for this model (its latent patch in "
+                             "pixels)")
+    grid = (height // multiple, width // multiple)
     print(f"{args.model}: {len(session.sites)} attention sites ({session.family.name}), token grids at "
           f"{height}x{width}")
     print(site_table(session.sites, grid))
