@@ -202,18 +202,26 @@ class _Hooked:
 
 
 class _TextHook(ModelHook):
-    """Gives the family the token ids of the first text-encoder call of each pipeline call (the prompts'), for
-    pipelines whose text sequence depends on a call argument the denoiser does not see (Sana's instruction)."""
+    """Keeps the arguments of the text encoder's calls of each pipeline call, which the family's check is given at
+    the run's first denoiser call (`judge`): the prompt's encoding, where the pipeline made one."""
 
     def __init__(self, check):
         super().__init__()
-        self.check, self.armed = check, True
+        self.check, self.armed, self.calls = check, True, []
 
     def pre_forward(self, module, *args, **kwargs):
-        if self.armed:
-            self.armed = False
-            self.check(args, kwargs)
+        if self.armed:  # the first encoder call after a denoiser call: a new pipeline call
+            self.armed, self.calls = False, []
+        self.calls.append((args, kwargs))
         return args, kwargs
+
+    def judge(self, pipe) -> None:
+        """Check the prompt's encoding: the first call, unless the only call was the negative prompt's (prompt
+        embeddings given under classifier-free guidance)."""
+        calls, self.calls = self.calls, []
+        if not calls or (len(calls) == 1 and getattr(pipe, "do_classifier_free_guidance", False)):
+            return
+        self.check(*calls[0])
 
 
 class _ContextState(BaseState):
@@ -418,6 +426,8 @@ class Session:
         new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
         self._timesteps = timesteps
         if new_run and self.prompts:
+            if self._text_hook is not None:
+                self._text_hook.judge(self.pipe)
             self.family.check_text_layout(args, kwargs, self.step, self.prompts)
         for c in self.controllers:
             if new_run:
