@@ -190,13 +190,14 @@ def request_for(arm: Arm, case: Case, seeds: list[int], steps: int, guidance: fl
     """The `run.Request` of one case of one arm: the case's samples (one image per sample seed, each as it would come
     alone), its shape words as targets or its boxes as the layout, the arm's options over the model's
     recommendations."""
-    from .methods.registry import layout_methods
+    from .methods.registry import PLAIN, layout_methods
     from .run import Request
     from .sampling import SamplingConfig
 
     layout = case_layout(case) if arm.method in layout_methods() else None
     return Request(method=arm.method, prompt=case.prompt, layout=layout,
-                   targets=None if layout is not None else [s for _, s in case.objects], options=dict(arm.options),
+                   targets=None if layout is not None or arm.method == PLAIN else [s for _, s in case.objects],
+                   options=dict(arm.options),
                    model=arm.model, sampling=SamplingConfig(steps=steps, guidance=guidance, device=device),
                    seeds=[sample_seed(case, s) for s in seeds])
 

@@ -83,6 +83,9 @@ class Request:
             raise UsageError("--seed-grid compares a method with the plain pipeline: name a --method")
         if self.targets is not None:
             self.targets = word_list(self.targets, "--targets")
+            if self.method == PLAIN and not self.maps:
+                raise UsageError(f"--targets with --method {PLAIN} names the words of the maps: add --maps, or drop "
+                                 "--targets")
         if self.method in layout_methods():
             if self.layout is None:
                 raise UsageError(f"--method {self.method} needs a layout: pass --layout L.json (prompt, background "

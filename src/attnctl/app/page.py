@@ -338,18 +338,24 @@ def _declare_progress_and_request(handler, n_inputs: int) -> None:
 
 
 def _whole(name: str, value) -> int:
-    if float(value) != int(value):
-        raise UsageError(f"{name} must be a whole number, not {value}")
-    return int(value)
+    """A whole-number field's value; a UsageError naming the field for anything else (text, NaN, 2.5)."""
+    try:
+        number = float(value)
+        if number.is_integer():
+            return int(number)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise UsageError(f"{name} must be a whole number, not {value!r}")
 
 
-def _guidance(text: str | None) -> float | None:
-    if not (text or "").strip():
+def _guidance(value) -> float | None:
+    """The guidance field (text; a number from the API) as a number, None when blank."""
+    if value is None or isinstance(value, str) and not value.strip():
         return None
     try:
-        return float(text)
-    except ValueError:
-        raise UsageError(f"guidance must be a number (1 or less turns guidance off), not {text.strip()!r}") from None
+        return float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise UsageError(f"guidance must be a number (1 or less turns guidance off), not {value!r}") from None
 
 
 def _composite(editor):

@@ -368,7 +368,8 @@ def train_denoiser(family: str, vae, out: str, minutes: float, device: str, seed
     stop = _stop_on_signal()
     try:
         last = min(total_steps, stop_at or total_steps)
-        while step < last and time.time() - t0 < budget and not stop:
+        first = step  # at least one step a run: a run that trains nothing would end "done" with nothing done
+        while step < last and (step == first or time.time() - t0 < budget) and not stop:
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * _cosine(step / total_steps))
             idx = torch.randint(0, len(mean), (batch,), generator=gen)
