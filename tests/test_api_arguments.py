@@ -54,3 +54,11 @@ def test_a_pipeline_called_with_another_prompt_than_applys_is_refused(family):
                                              "'a red cat'.*pass the same prompt to both"):
             pipe("a blue dog", **kwargs)
         pipe(["a red cat"], num_images_per_prompt=2, **kwargs)
+
+
+def test_prompt_embeddings_under_guidance_are_not_taken_for_another_prompt():
+    """With prompt_embeds the encoder only encodes the negative prompt: that is not the prompt, and runs."""
+    pipe = tiny_pipe("unet")
+    embeds = pipe.encode_prompt("a red cat", "cpu", 1, False)[0]
+    with attnctl.apply(pipe, attnctl.Capture(["cat"]), prompt="a red cat"):
+        pipe(prompt_embeds=embeds, num_inference_steps=1, height=64, width=64, output_type="latent")

@@ -350,7 +350,7 @@ def test_typed_values_stay_values_whatever_they_start_with():
     from attnctl.run import Request
 
     request = Request(method="regulation", prompt="-a red circle --steps 3", targets=["-circle"], model="--weird")
-    args = build_parser(raise_errors=True).parse_args(request.arguments("layout.json", "out"))
+    args = build_parser().parse_args(request.arguments("layout.json", "out"))
     assert (args.prompt, vars(args)["option--targets"], args.model, getattr(args, "option--steps", None)) == (
         "-a red circle --steps 3", ["-circle"], "--weird", None)
 

@@ -2,6 +2,7 @@
 the command line (generate, and eval/tune for the flags they take), the page, the Python API and a model folder's
 attnctl.json."""
 
+import html
 import json
 
 import pytest
@@ -88,7 +89,7 @@ def test_the_request_renders_the_command_that_makes_it():
     assert words == ["generate", "--method", "regulation", "--prompt=-a red cat", "--targets", "cat", "--seed", "3",
                      "--steps", "4", "--guidance", "2.5", "--strength", "2.0", "--maps", "--seed-grid", "2", "--out",
                      "o"]
-    again = request_of(build_parser(raise_errors=True).parse_args(words))
+    again = request_of(build_parser().parse_args(words))
     assert (again.method, again.prompt, again.targets, again.options, again.sampling, again.maps, again.seed_grid) == (
         request.method, request.prompt, request.targets, request.options, request.sampling, True, 2)
 
@@ -112,3 +113,24 @@ def test_a_request_checks_its_values_when_made(given, message):
     with pytest.raises(UsageError) as caught:
         Request(**{"prompt": "a cat", **given})
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("seed", "abc", "seed must be a whole number, not 'abc'"),
+    ("steps", float("nan"), "steps must be a whole number, not nan"),
+    ("steps", 2.5, "steps must be a whole number, not 2.5"),
+    ("guidance", "lots", "guidance must be a number (1 or less turns guidance off), not 'lots'"),
+])
+def test_the_page_shows_a_message_for_values_that_are_not_numbers(name, value, message):
+    from attnctl.app import Page
+
+    page = Page(method="none")
+    try:
+        values = {"method": "none", "prompt": "a cat", "targets": "", "model": "", "seed": 0, "steps": 0,
+                  "height": 0, "width": 0, "guidance": "", "sketch": None, "background": "", "boxes": "",
+                  "phrases": [""] * 8, name: value}
+        shown = page.check(values)[0]
+        assert message in html.unescape(shown), shown
+        assert page.check({**values, name: 3.0 if name == "guidance" else 1})[0].count("error") == 0
+    finally:
+        page.close()
