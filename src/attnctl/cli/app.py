@@ -55,10 +55,11 @@ def run(args) -> None:
         print(f"attnctl: warning: serving on {args.host}: anyone who can reach this machine can use the page; it "
               f"loads only {', '.join(models)}")
     print(f"attnctl: the page is at http://{args.host}:{args.port} (Ctrl+C stops it)")
-    try:
+    try:  # the upload limit in bytes: Gradio reads "10.0mb" as 10 of ".0MB"; show_error: Gradio's own errors with
+        # their text, not a bare "Error"
         page.blocks().queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=False, max_file_size=round(args.max_upload_mb * 2**20),
-            css=CSS, footer_links=[], quiet=True)  # the upload limit in bytes: Gradio reads "10.0mb" as 10 of ".0MB"
+            css=CSS, footer_links=[], quiet=True, show_error=True)
     except OSError as err:
         raise UsageError(f"cannot serve on {args.host}:{args.port} ({err}); pick another --port") from None
     finally:
