@@ -1,5 +1,5 @@
-"""What several sub-commands share: the model and sampling options, loading, generating, writing images and maps,
-and the methods' options (generated from their configs, with a model's recommendations)."""
+"""What several sub-commands share: the model and sampling flags (from `SamplingConfig`), the methods' flags (from
+their configs), the checks of --out, loading a model, and the list of files written."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from ..sampling import SamplingConfig
 from .flags import add_arguments, given_arguments
 
 
-def add_model_options(parser, default_model: str, only: tuple[str, ...] | None = None) -> None:
-    """--model and the sampling flags (`SamplingConfig`'s fields; `only`: these fields' flags alone)."""
+def add_model_options(parser, default_model: str) -> None:
+    """--model and the sampling flags (`SamplingConfig`'s fields)."""
     g = parser.add_argument_group("model and sampling")
     g.add_argument("--model", default=None,
                    help=f"builtin:NAME, a hub id or local diffusers folder, or random:SPEC (default: {default_model})")
-    add_arguments(g, SamplingConfig, only=only)
+    add_arguments(g, SamplingConfig)
 
 
 def sampling_of(args) -> SamplingConfig:
@@ -42,13 +42,6 @@ def check_out(out) -> None:
     if out is not None and (str(out) == "" or exists(out, what="--out") and not exists(out, "dir", "--out")):
         raise UsageError(f"--out {str(out)!r} must be a folder (it is created if missing), not an existing file "
                          "or an empty name")
-
-
-def check_device(name: str):
-    """The torch device `--device` names, if this machine has it (`devices.checked_device`)."""
-    from ..devices import checked_device
-
-    return checked_device(name, "--device")
 
 
 def add_method_options(parser, name: str) -> None:
