@@ -254,3 +254,15 @@ def test_cli_generate_writes_images_and_overlays(tmp_path, cli):
     assert "Traceback" not in err
     code, out, err = cli(*base, "--layout", bad, "--layers", "all", "--out", tmp_path / "x")
     assert code == 2 and "--layers belong to --method regulation" in err
+
+
+def test_auto_runs_flex_on_cuda_and_fast_elsewhere():
+    """The default implementation (issue 31): the fused flex kernel where it is compiled (CUDA), the fast path
+    elsewhere and for the approximate variant; a named implementation runs as named."""
+    from attnctl.methods.ast import ASTConfig, resolved_implementation
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ASTConfig().implementation == "auto"
+    assert (resolved_implementation(ASTConfig(), cuda), resolved_implementation(ASTConfig(), cpu)) == ("flex", "fast")
+    assert resolved_implementation(ASTConfig(approximate=True), cuda) == "fast"
+    assert resolved_implementation(ASTConfig(implementation="direct"), cuda) == "direct"

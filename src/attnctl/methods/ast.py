@@ -27,7 +27,8 @@ rasterisation and the role parser, in docs/methods.md §2.8):
   pixels get ρ = 1 in the instance-only and attribute blocks.
 - The reference also replaces the prompt embeddings of each phrase by those of the phrase encoded alone; the
   specification does not include this and neither do we (attention is the only thing AST changes here).
-- Computation: `implementation="fast"` (default) is exact with O(N) memory (two passes with the row LSE, query-chunked
+- Computation: `implementation="auto"` (default) runs flex on CUDA and fast elsewhere; `implementation="fast"` is
+  exact with O(N) memory (two passes with the row LSE, query-chunked
   with a budget proportional to q); `implementation="flex"` is exact too, one `flex_attention` pass whose
   `score_mod` adds the bias from per-token labels and the rows' LSE (compiled on CUDA, eager elsewhere; the GPU path
   of issue 10, not yet measured there); `implementation="direct"` is the formula chunk by chunk (memory chunk × N);
@@ -65,7 +66,7 @@ from .ast_attention import (
     row_lse,
 )
 
-IMPLEMENTATIONS = ("fast", "flex", "direct", "reference")
+IMPLEMENTATIONS = ("fast", "flex", "direct", "reference", "auto")
 _BAND_KEYS = {"from", "to", "blocks", "roles"}
 I2T_AREAS = ("region", "reference")
 
@@ -190,9 +191,9 @@ class ASTConfig:
         parse=str, shown_default="the reference's FLUX.1 schedule, by relative depth")
     strength: float = option(1.0, "scale of the three weights together (an attnctl extension for dose-response "
                              "studies: 1 is the specification's method, 0 tunes nothing)", low=0)
-    implementation: str = option("fast", "fast (exact, O(N) memory), flex (exact, one flex_attention kernel, "
-                                 "compiled on CUDA), direct (the formula, query-chunked) or reference (float64, for "
-                                 "tests)", choices=IMPLEMENTATIONS)
+    implementation: str = option("auto", "fast (exact, O(N) memory), flex (exact, one flex_attention kernel, "
+                                 "compiled on CUDA), direct (the formula, query-chunked), reference (float64, for "
+                                 "tests) or auto (flex on CUDA, fast elsewhere)", choices=IMPLEMENTATIONS)
     approximate: bool = option(False, "drop the −P term of the bias (one fused pass; not exact)")
     role_parser: str = option("auto", "how attribute words are found: auto (spaCy if installed, else the built-in "
                               "rules), spacy or rules", choices=ROLE_PARSERS)
@@ -205,8 +206,16 @@ class ASTConfig:
         check(self)
         self.tuned_steps = int(self.tuned_steps)
         self.schedule = parse_schedule(self.schedule)
-        if self.approximate and self.implementation != "fast":
+        if self.approximate and self.implementation not in ("fast", "auto"):
             raise UsageError("approximate=True is a variant of the fast implementation; use implementation='fast'")
+
+
+def resolved_implementation(config: ASTConfig, device: torch.device) -> str:
+    """The implementation that runs: the config's, or for "auto" flex on CUDA (one fused kernel) and fast elsewhere
+    (flex_attention is not compiled off CUDA and materialises the scores there); approximate is fast's variant."""
+    if config.implementation != "auto":
+        return config.implementation
+    return "flex" if device.type == "cuda" and not config.approximate else "fast"
 
 
 class AST(Controller):
@@ -290,14 +299,15 @@ class AST(Controller):
         batch = call.q.shape[0]
         partial = rows.stop - rows.start < batch
         q, k, v = call.q[rows], call.k[rows], call.v[rows]
-        if c.implementation == "fast":
+        implementation = resolved_implementation(c, q.device)
+        if implementation == "fast":
             lse = None if c.approximate or q.dtype == torch.float64 else call.lse()[rows]
             out, probs = fast_attention(q, k, v, call.scale, tables, lse=lse, want_text_probs=want_probs,
                                         approximate=c.approximate)
-        elif c.implementation == "flex":
+        elif implementation == "flex":
             lse = row_lse(q, k, v, call.scale, tables.key_bias) if q.dtype == torch.float64 else call.lse()[rows]
             out, probs = flex_attention_ast(q, k, v, call.scale, tables, lse, want_text_probs=want_probs)
-        elif c.implementation == "direct":
+        elif implementation == "direct":
             out, probs = direct_attention(q, k, v, call.scale, tables, want_text_probs=want_probs)
         else:
             out, probs = reference_attention(q, k, v, call.scale, tables)
