@@ -52,7 +52,8 @@ def build(config_class, config=None, /, **options):
     return dataclasses.replace(config, **options) if options else config
 
 
-def _number_kind(field: dataclasses.Field):
+def number_kind(field: dataclasses.Field):
+    """The kind of number a field holds (bool, int or float, from its default or its parser), or None."""
     default, parse = default_of(field), field.metadata.get("parse")
     if isinstance(default, bool):
         return bool
@@ -67,7 +68,7 @@ def check(config) -> None:
     config's `__post_init__`; a violation is a UsageError naming the option and its flag."""
     prefix = _prefix(config)
     for field in dataclasses.fields(config):
-        value, meta, kind = getattr(config, field.name), field.metadata, _number_kind(field)
+        value, meta, kind = getattr(config, field.name), field.metadata, number_kind(field)
         name = _named(field, prefix) if meta.get("cli", True) else field.name
         if value is None and default_of(field) is None:
             continue
@@ -209,9 +210,16 @@ def flag_words(flag: str, text: str) -> list[str]:
     return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
 
 
+def text_parser(field: dataclasses.Field):
+    """What turns a flag's text into the field's value: its declared `parse`, else the type of its default (text
+    where the default is None)."""
+    default = default_of(field)
+    return field.metadata.get("parse") or (str if default is None else type(default))
+
+
 def parsed_value(flag: str, field: dataclasses.Field, text: str):
     """A flag's text as its field's value, parsed as the command line parses it; a UsageError naming the flag."""
-    parse = field.metadata.get("parse") or type(default_of(field))
+    parse = text_parser(field)
     try:
         return parse(text)
     except UsageError as err:

@@ -26,7 +26,7 @@ from .config import as_arguments, build, describe, flag_words, word_list
 from .errors import BrokenImage, UsageError
 from .layout import Layout
 from .methods.registry import METHODS, PLAIN, builtin_model, choices, default_targets, layout_methods, listing
-from .sampling import MAX_IMAGES, SamplingConfig
+from .sampling import MAX_IMAGES, MAX_SEED, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ class Request:
         if self.seeds is not None:
             seeds = list(self.seeds) if isinstance(self.seeds, (list, tuple, range)) else []
             if not (0 < len(seeds) <= MAX_IMAGES and all(isinstance(x, int) and not isinstance(x, bool)
-                                                         and 0 <= x < 2**64 for x in seeds)):
+                                                         and 0 <= x <= MAX_SEED for x in seeds)):
                 raise UsageError(f"seeds must be a list of 1 to {MAX_IMAGES} generator seeds, whole numbers from 0 to "
-                                 f"2**64 - 1, not {self.seeds!r}")
+                                 f"{MAX_SEED}, not {self.seeds!r}")
             self.seeds = seeds
         if isinstance(self.seed_grid, bool) or not isinstance(self.seed_grid, int) or not \
                 0 <= self.seed_grid <= MAX_IMAGES:

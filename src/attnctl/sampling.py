@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .config import check, option
 from .devices import checked_device, parse_dtype
 
+MAX_SEED = 2**64 - 1  # a torch generator's seed is an unsigned 64-bit number
 MAX_STEPS = 1000  # a scheduler has 1000 training timesteps: more steps only repeat them
 MAX_SIDE = 4096  # beyond every supported model's resolution (FLUX.1 and SDXL are trained up to ~2048)
 MAX_TEXT = 512  # the longest T5 text SD3 and FLUX take
@@ -29,7 +30,7 @@ class SamplingConfig:
     cli_prefix = ""  # the flags are --seed, --steps, ...
 
     seed: int = option(0, "seed of the random generator (of the first image; a seed grid counts up from it)", low=0,
-                       high=2**64 - 1)
+                       high=MAX_SEED)
     steps: int | None = option(None, "denoising steps", parse=int, low=1, high=MAX_STEPS,
                                shown_default="the model's usual count")
     guidance: float | None = option(None, "guidance scale (1 or less turns guidance off)", parse=float, low=0.0,

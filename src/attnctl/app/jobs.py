@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import cli_fields, default_of, default_text, flag_of, parsed_value
+from ..config import cli_fields, default_of, default_text, flag_of, number_kind, parsed_value
 from ..layout import Layout
 from ..methods.registry import METHODS, PLAIN
 from ..outputs import write
@@ -46,7 +46,7 @@ def option_value(flag: str, f: dataclasses.Field, value):
     if isinstance(value, str):
         text = value.strip()
         return UNSET if text == default_text(f) else parsed_value(flag, f, text)
-    if isinstance(value, float) and value.is_integer() and (isinstance(default, int) or f.metadata.get("parse") is int):
+    if isinstance(value, float) and value.is_integer() and number_kind(f) is int:
         value = int(value)
     return UNSET if value == default else value
 

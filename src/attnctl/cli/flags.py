@@ -8,7 +8,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from ..config import cli_fields, default_of, default_text, flag_of
+from ..config import cli_fields, default_of, default_text, flag_of, text_parser
 from ..errors import UsageError
 
 
@@ -37,7 +37,7 @@ def add_arguments(parser, config_class, title: str | None = None, only: tuple[st
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = argument_type(meta.get("parse") or (str if default is None else type(default)))
+            kwargs["type"] = argument_type(text_parser(field))
             kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta.get("choices") else \
                 flag[2:].upper().replace("-", "_")
             if meta.get("choices"):

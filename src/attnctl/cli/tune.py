@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import cli_fields, comma_list, default_of
+from ..config import cli_fields, comma_list, default_of, text_parser
 from ..errors import UsageError
 from ..methods.registry import METHODS, method
 from ..sampling import SamplingConfig
@@ -52,8 +52,7 @@ def _grid(m, sets: list[str]) -> dict[str, list]:
         if name in grid:
             raise UsageError(f"--set names {name} twice; give all its values in one --set")
         f = fields[name]
-        default = default_of(f)
-        parse = _boolean if isinstance(default, bool) else f.metadata.get("parse") or type(default)
+        parse = _boolean if isinstance(default_of(f), bool) else text_parser(f)
         try:
             grid[name] = [argument_type(parse)(v) for v in comma_list(values)]
         except (ValueError, TypeError) as err:
