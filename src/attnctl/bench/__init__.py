@@ -7,6 +7,10 @@ the C allocator (glibc's mallinfo2, which counts torch's CPU tensors), sampled e
 call. Both are reported as the peak of everything held (weights included, `peak_memory_ratio`) and as the peak growth
 during the call (`working_memory_ratio`).
 
+The plain pipeline ("plain", a variant that attaches nothing) is called as it is, outside `attnctl.apply`: no step
+hook and no processor of attnctl in it. With `keep_going`, a method variant whose run raises is left out of the
+remaining runs and its error reported in its result (`{"error": ...}`) instead of raised.
+
 Progress: one bar per `compare` on stderr, a step per pipeline run, naming the model and the variant running (off
 with ATTNCTL_PROGRESS=0).
 """
@@ -19,6 +23,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -90,11 +95,13 @@ def _sync(device):
 
 
 def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict, repeats: int = 3,
-            device: str = "cpu", dtype=torch.float32, seed: int = 0, warmup: bool = True) -> dict:
+            device: str = "cpu", dtype=torch.float32, seed: int = 0, warmup: bool = True,
+            keep_going: bool = False) -> dict:
     """Run each variant of `variants` (one must be named "plain" and attach nothing) side by side.
 
     `model` is a spec for `load_pipeline` or a pipeline. Returns, per variant, median seconds, peak bytes held and
-    peak working bytes, and the ratios to "plain".
+    peak working bytes, and the ratios to "plain"; with `keep_going`, a method variant that raised has only
+    `{"error": "Type: message"}` and is not run again (an error of the plain pipeline is raised).
     """
     from tqdm import tqdm
 
@@ -105,16 +112,27 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
     names = list(variants)
     bar = tqdm(total=int(warmup) + len(names) * (1 + repeats), unit="run", disable=not _show_progress(),
                desc=f"bench {model if isinstance(model, str) else type(pipe).__name__}")
+    failed: dict[str, str] = {}
 
     def run(name, measure_memory=False):
         bar.set_postfix_str(name + (" (memory)" if measure_memory else ""))
-        result = measured(name, measure_memory)
-        bar.update()
-        return result
+        try:
+            return measured(name, measure_memory)
+        except Exception as e:
+            if not keep_going or name == "plain":
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory variant leaves the others room
+            return None
+        finally:
+            bar.update()
 
     def measured(name, measure_memory):
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        with apply(pipe, *variants[name](pipe, prompt), prompt=prompt):
+        controllers = variants[name](pipe, prompt)
+        # the plain pipeline as users call it: nothing of attnctl attached, not even the step hook
+        with apply(pipe, *controllers, prompt=prompt) if controllers else nullcontext():
             _sync(device)
             start = time.perf_counter()
             if measure_memory:
@@ -131,22 +149,28 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
         if warmup:  # one-time allocations and kernel selection stay out of the measurements
             run(names[0])
         for n in names:  # the sampling thread stays out of the timed runs
-            memory[n] = run(n, measure_memory=True)
+            if n not in failed:
+                memory[n] = run(n, measure_memory=True)
         for r in range(repeats):
             for n in names[r % len(names):] + names[: r % len(names)]:
-                times[n].append(run(n))
+                if n not in failed:
+                    times[n].append(run(n))
 
-    results = {}
+    results = {n: {"error": failed[n]} for n in names if n in failed}
     for n in names:
+        if n in failed:
+            continue
         before, peak = memory[n]
         results[n] = {"time_s": statistics.median(times[n]), "times_s": times[n], "peak_bytes": peak,
                       "working_bytes": peak - before}
     plain = results["plain"]
     for n in names:
+        if n in failed:
+            continue
         results[n]["time_ratio"] = results[n]["time_s"] / plain["time_s"]
         results[n]["peak_memory_ratio"] = results[n]["peak_bytes"] / plain["peak_bytes"]
         results[n]["working_memory_ratio"] = results[n]["working_bytes"] / max(1, plain["working_bytes"])
-    return results
+    return {n: results[n] for n in names}
 
 
 def plain(pipe, prompt) -> list:
