@@ -2,10 +2,13 @@
 
 - `builtin:shapes-unet`, `builtin:shapes-mmdit`: the small models trained on the shapes world, shipped in the package.
 - a hub id (`stabilityai/stable-diffusion-2-base`) or a local diffusers folder: `DiffusionPipeline.from_pretrained`.
-- `random:<family>-tiny` (sd15, sdxl, sd3, flux): tiny configs, seconds on a CPU, for tests.
-- `random:<family>`: the full-size denoiser architecture with random weights, for timing. Text encoders and VAE are
-  small (their cost is the same with or without attention control). Reduced depth: `random:flux?double=2&single=4`,
-  `random:sd3?layers=4`.
+- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage): tiny configs, seconds on a CPU, for
+  tests.
+- `random:<family>`: the full-size denoiser architecture with random weights, for timing (flux2: FLUX.2 [dev],
+  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image). Text encoders and VAE are small (their cost is the same with or
+  without attention control; the chat models' text encoders keep the layer count whose hidden states the pipeline
+  reads, with tiny layers). Reduced depth: `random:flux?double=2&single=4`, `random:flux2?double=2&single=4`,
+  `random:sd3?layers=4`, `random:zimage?layers=4`.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import torch
 from .defaults import DEFAULT_MODEL
 from .devices import DTYPES, checked_device, parse_dtype
 from .errors import UsageError
-from .offline_tokenizers import clip_tokenizer, t5_like_tokenizer
+from .offline_tokenizers import clip_tokenizer, mistral3_like_tokenizer, qwen3_like_tokenizer, t5_like_tokenizer
 from .sampling import FOLDER_SETTINGS, SamplingConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "sd15", "sdxl", "sd3", "flux")
+RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "flux2-tiny", "flux2-klein-tiny", "zimage-tiny",
+                "sd15", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "zimage")
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`.
@@ -175,7 +179,8 @@ def _check_method_settings(methods, where: str) -> None:
             raise UsageError(f"{where}: {name}: {e}") from None
 
 
-RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",)}
+RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",), "flux2": ("double", "single"),
+                  "flux2-klein": ("double", "single"), "zimage": ("layers",)}
 
 
 def _random_options(name: str, query: str) -> dict[str, int]:
@@ -417,4 +422,93 @@ def _flux(tiny: bool, double: int | None = None, single: int | None = None):
     )
 
 
-_RANDOM_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+def _mistral3_text(hidden: int, layers: int):
+    """A Mistral 3 encoder (FLUX.2 [dev]'s kind) of `layers` tiny layers (one head of 8) at width `hidden`, with a tiny
+    Pixtral vision tower, and its offline tokenizer."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = mistral3_like_tokenizer()
+    image_token = tokenizer.convert_tokens_to_ids("[IMG]")
+    text = dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16,
+                num_hidden_layers=layers, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(model_type="pixtral", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=8, image_size=32, patch_size=16)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=image_token)
+    return Mistral3ForConditionalGeneration(config).eval(), tokenizer
+
+
+def _qwen3_text(hidden: int, layers: int, causal_lm: bool):
+    """A Qwen3 encoder (FLUX.2 [klein]'s Qwen3ForCausalLM, Z-Image's Qwen3Model) of `layers` tiny layers at width
+    `hidden`, and its offline tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    tokenizer = qwen3_like_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=layers,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval(), tokenizer
+
+
+def _flux2(tiny: bool, double: int | None = None, single: int | None = None, klein: bool = False):
+    """FLUX.2 [dev] (Flux2Pipeline: Mistral 3 text, guidance embedded) or [klein] 4B (Flux2KleinPipeline: Qwen3 text,
+    classifier-free guidance as a second call)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Pipeline,
+        Flux2Transformer2DModel,
+    )
+
+    text_layers = 27 if klein else 30  # the pipelines read hidden states (9, 18, 27) and (10, 20, 30)
+    if tiny:
+        hidden, latent = 16, 4
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=latent * 4, num_layers=double or 2, num_single_layers=single or 2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=not klein)
+        vae = AutoencoderKLFlux2(block_out_channels=(8,) * 4, latent_channels=latent, layers_per_block=1,
+                                 norm_num_groups=8, sample_size=64)
+    else:  # FLUX.2 [dev]'s transformer (8 double, 48 single blocks), [klein] 4B's (5, 20)
+        hidden, latent = (2560 if klein else 5120), 32
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=latent * 4, num_layers=double or (5 if klein else 8),
+            num_single_layers=single or (20 if klein else 48), attention_head_dim=128,
+            num_attention_heads=24 if klein else 48, joint_attention_dim=3 * hidden, guidance_embeds=not klein)
+        vae = AutoencoderKLFlux2(block_out_channels=(8,) * 4, latent_channels=latent, layers_per_block=1,
+                                 norm_num_groups=8, sample_size=64)
+    if klein:
+        text, tokenizer = _qwen3_text(hidden, text_layers, causal_lm=True)
+    else:
+        text, tokenizer = _mistral3_text(hidden, text_layers)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    cls = Flux2KleinPipeline if klein else Flux2Pipeline
+    return cls(scheduler=scheduler, vae=vae.eval(), text_encoder=text, tokenizer=tokenizer,
+               transformer=transformer.eval())
+
+
+def _zimage(tiny: bool, layers: int | None = None):
+    """Z-Image (ZImagePipeline): Qwen3 text in a chat template, one single-stream DiT over [image; text]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    if tiny:
+        hidden, latent = 16, 4
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent, dim=32, n_layers=layers or 2,
+            n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=hidden, axes_dims=[4, 6, 6],
+            axes_lens=[1024, 64, 64])
+    else:  # Z-Image's transformer (30 layers of 3840)
+        hidden, latent = 2560, 16
+        transformer = ZImageTransformer2DModel(in_channels=latent, n_layers=layers or 30, cap_feat_dim=hidden)
+    text, tokenizer = _qwen3_text(hidden, 2, causal_lm=False)  # the pipeline reads the last layer's input
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(latent, shift_factor=0.1159,
+                                                                      scaling_factor=0.3611),
+        text_encoder=text, tokenizer=tokenizer, transformer=transformer.eval())
+
+
+_RANDOM_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2,
+                    "flux2-klein": lambda tiny, **options: _flux2(tiny, klein=True, **options), "zimage": _zimage}

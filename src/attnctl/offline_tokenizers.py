@@ -105,3 +105,93 @@ def t5_like_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
     )
+
+
+# --- chat tokenizers (FLUX.2, Z-Image): byte-level BPE with the chat template of the real one --------------------
+
+_CHAT_WORDS = _T5_WORDS + """user assistant system you are that reasons about image descriptions give structured
+responses focusing object relationships attribution actions speculation""".split()
+
+# Qwen3's chat template for the messages these pipelines send (one user message), with its `enable_thinking` switch
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+# Mistral Small 3's chat template for a system message and user messages (text blocks, or strings)
+MISTRAL3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{%- set system_message = messages[0]['content'] %}"
+    "{%- else %}{%- set system_message = messages[0]['content'][0]['text'] %}{%- endif %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- if system_message is defined %}{{- '[SYSTEM_PROMPT]' + system_message + '[/SYSTEM_PROMPT]' }}{%- endif %}"
+    "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if message['content'] is string %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST]' }}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}{%- else %}{{- '[IMG]' }}{%- endif %}{%- endfor %}"
+    "{{- '[/INST]' }}{%- endif %}{%- endif %}{%- endfor %}")
+
+
+def _byte_level_words(specials: list[str], added: list[str] = ()):
+    """A byte-level BPE `tokenizers.Tokenizer`: every byte a token, the chat word list whole (with and without a
+    leading space, matched before any merge as Llama 3's and Qwen's vocabularies match their words), `specials` and
+    `added` (plain added tokens, as Qwen3's <think>) after them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = byte_alphabet()
+    char = {b: alphabet[i] for i, b in enumerate(_byte_order())}
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for word in dict.fromkeys(_CHAT_WORDS):
+        for piece in (" " + word, word):
+            vocab.setdefault("".join(char[b] for b in piece.encode("utf-8")), len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(specials))
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in added])
+    return tokenizer
+
+
+def _byte_order() -> list[int]:
+    """The bytes in the order of `byte_alphabet`: printable ones first, then the others."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return printable + [b for b in range(256) if b not in printable]
+
+
+@lru_cache(maxsize=2)
+def qwen3_like_tokenizer():
+    """Stands in for Qwen3's tokenizer (Z-Image, FLUX.2 [klein]): byte-level BPE, Qwen's chat tokens
+    (<|endoftext|> pads, <|im_end|> ends), <think>/</think> as plain added tokens, Qwen3's chat template, padding
+    on the right. Built offline."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_words(specials, ["<think>", "</think>"]), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", additional_special_tokens=specials[1:], padding_side="right",
+        model_max_length=131072)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+@lru_cache(maxsize=4)
+def mistral3_like_tokenizer(padding_side: str = "left"):
+    """Stands in for Mistral Small 3's tokenizer (FLUX.2 [dev]): byte-level BPE, a start token <s> added to every
+    text it encodes with special tokens (its chat template writes <s> itself, and the chat path adds none), the
+    instruction tokens, Mistral 3's chat template, padding on `padding_side`. Built offline."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+    raw = _byte_level_words(specials)
+    bos = raw.token_to_id("<s>")
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=specials[4:], padding_side=padding_side, model_max_length=131072)
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+    return tokenizer

@@ -7,15 +7,17 @@ from ..errors import UsageError
 from .base import Family
 from .chroma import ChromaFamily
 from .flux import FluxFamily
+from .flux2 import Flux2Family
 from .pixart import PixArtFamily
 from .qwenimage import QwenImageFamily
 from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .zimage import ZImageFamily
 
 # every family attnctl knows, each declared once: a new family is its module plus one entry here
 FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily(), ChromaFamily(), QwenImageFamily(), PixArtFamily(),
-                           SanaFamily()]
+                           SanaFamily(), Flux2Family(), ZImageFamily()]
 SUPPORTED = ("supported: " + ", ".join(f"{f.denoiser_class} ({f.models})" for f in FAMILIES)
              + "; to ask for another, open an issue naming the pipeline class")
 
