@@ -274,7 +274,7 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
             warm.add(arm.model)
             pipe.set_progress_bar_config(disable=True)
             # one untimed call first: one-time costs (allocator, lazy initialisation) must not count for the first arm
-            pipe(cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance, output_type="latent")
+            pipe(prompt=cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance, output_type="latent")
         with state.split_between_processes(list(range(len(cases)))) as mine:
             for i in tqdm(mine, desc=arm.label, disable=not progress or not state.is_main_process):
                 case = cases[i]

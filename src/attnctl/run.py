@@ -305,7 +305,7 @@ def pipeline_call(pipe, prompt, sampling: SamplingConfig, model: str, controller
 
         kwargs["callback_on_step_end"] = step_end
     with apply(pipe, *controllers, prompt=prompt) as session:
-        arrays = session(prompt, generator=generator, **{**kwargs, "output_type": "np"}).images
+        arrays = session(prompt=prompt, generator=generator, **{**kwargs, "output_type": "np"}).images
     return finite_images(arrays)
 
 

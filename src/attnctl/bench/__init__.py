@@ -137,9 +137,9 @@ def compare(model, variants: dict[str, Variant], prompt: str, call_kwargs: dict,
             start = time.perf_counter()
             if measure_memory:
                 with PeakMemory(device) as mem:
-                    pipe(prompt, generator=generator, **call_kwargs)
+                    pipe(prompt=prompt, generator=generator, **call_kwargs)
                 return mem.before, mem.peak
-            pipe(prompt, generator=generator, **call_kwargs)
+            pipe(prompt=prompt, generator=generator, **call_kwargs)
             _sync(device)
             return time.perf_counter() - start
 
