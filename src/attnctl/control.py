@@ -296,6 +296,7 @@ class Session:
         self._hooks: list[_Hooked] = []
         self._text_hook: _TextHook | None = None
         self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
+        self._timestep_values: tuple[object, list] = (None, [])  # (timesteps, their values read back once per call)
         self._step_calls = (None, -1, 0)  # (timesteps, step index, denoiser calls made at that step so far)
         self.inputs: tuple[tuple, dict] | None = None  # the arguments of the last denoiser call of a run
         self._probing = False
@@ -447,13 +448,20 @@ class Session:
         return StepState(
             index=index,
             num_steps=len(timesteps),
-            timestep=float(timesteps[min(index, len(timesteps) - 1)]),
+            timestep=float(self._values_of(timesteps)[min(index, len(timesteps) - 1)]),
             batch_size=batch,
             cond_rows=cond,
             token_grid=self.family.token_grid(self.denoiser, args, kwargs),
             text_len=self.family.text_len(args, kwargs),
             images_per_prompt=max(1, n_cond // max(1, len(self.prompts))),
         )
+
+    def _values_of(self, timesteps) -> list:
+        """The scheduler's timesteps as numbers, read back from the device once per pipeline call (at its first
+        denoiser call): later steps read none."""
+        if self._timestep_values[0] is not timesteps:
+            self._timestep_values = (timesteps, timesteps.tolist())
+        return self._timestep_values[1]
 
     @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile
     def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:

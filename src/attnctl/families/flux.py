@@ -6,6 +6,8 @@ context tokens take part in attention as the model's own keys and queries, neith
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -131,7 +133,18 @@ class FluxFamily(Family):
 
     def token_grid(self, denoiser, args, kwargs):
         """FLUX's image token grid, read from `img_ids` (the generated image's ids only)."""
-        return self._grid(argument(args, kwargs, "img_ids", 4))
+        return self.ids_grid(argument(args, kwargs, "img_ids", 4))
+
+    _last_ids = (lambda: None, (0, 0))  # (weak reference to the last ids tensor read, its grid)
+
+    def ids_grid(self, ids) -> tuple[int, int]:
+        """The grid of the generated image's `ids`, read back from the device once per ids tensor: the pipeline
+        passes the same tensor at every step, so later steps read nothing back."""
+        seen, grid = self._last_ids
+        if seen() is not ids:
+            grid = self._grid(ids)
+            self._last_ids = (weakref.ref(ids), grid)
+        return grid
 
     @staticmethod
     def _grid(ids) -> tuple[int, int]:

@@ -89,8 +89,8 @@ def reference_attention(q, k, v, scale, tables: TuningTables):
         S = S + tables.key_bias.double()
     P = torch.softmax(S, dim=-1)
     batch, n = S.shape[0], S.shape[-1]
-    M = torch.zeros(batch, 1, n, n, dtype=torch.float64)
-    A = torch.zeros(batch, 1, n, n, dtype=torch.float64)
+    M = torch.zeros(batch, 1, n, n, dtype=torch.float64, device=q.device)
+    A = torch.zeros(batch, 1, n, n, dtype=torch.float64, device=q.device)
     for rows, blocks in tables.groups(q.shape[2]):
         for keys, alpha, q_lab, k_lab in blocks:
             M[:, 0, rows, keys] = (q_lab[:, :, None] == k_lab[:, None, :]).double()
@@ -247,7 +247,8 @@ def flex_attention_ast(q, k, v, scale, tables: TuningTables, lse, want_text_prob
     batch, heads, n, _ = q.shape
     dev = q.device
     kind = torch.zeros(n, dtype=torch.int8, device=dev)  # 1: image token, 2: text token, 0: other (context image)
-    kind[tables.image], kind[tables.text] = 1, 2
+    kind[tables.image].fill_(1)
+    kind[tables.text].fill_(2)
 
     def spread(values, where, fill):
         full = torch.full((batch, n), fill, dtype=values.dtype, device=dev)

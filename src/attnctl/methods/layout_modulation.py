@@ -226,8 +226,9 @@ class LayoutModulation(Controller):
                 img.append(labels)
                 txt.append(t)
                 size.append((1 - share) if self.config.size_weighted else torch.ones_like(share))
-            self._tables[key] = (torch.stack(img), torch.stack(txt), torch.stack(size).float())
+            self._tables[key] = tuple(t.to(call.q.device) for t in (torch.stack(img), torch.stack(txt),
+                                                                       torch.stack(size).float()))
         if self._tables[key] is None:
             return None
-        img, txt, size = (t.to(call.q.device) for t in self._tables[key])
+        img, txt, size = self._tables[key]
         return ModulationTables(img, txt, size * self._lam, self.config.hard_mask)
