@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -44,9 +45,13 @@ IMPLEMENTATIONS = ("fast", "direct")
 SELECTIONS = ("batch", "image")
 
 
+_DENORMAL = 1e-310  # a variable, so that the product below is computed when called, not folded when compiled
+
+
 def _flushing_denormals() -> bool:
-    """Whether the CPU currently flushes denormal floats to zero (torch has a setter but no getter)."""
-    return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
+    """Whether the CPU currently flushes denormal floats to zero (torch has a setter but no getter; its setter sets
+    the thread's flags, which Python's own float arithmetic obeys too, so no tensor is made or read back)."""
+    return _DENORMAL * 1.0 == 0.0
 
 
 @contextlib.contextmanager
@@ -78,12 +83,56 @@ def _small_ops(device: torch.device):
             torch.set_flush_denormal(False)
 
 
-class _Group:
-    """The conditional rows made from one prompt: their targets, and their start and end-of-text positions (the
-    special tokens whose probabilities are restored)."""
+class _Columns:
+    """The text positions one prompt's edit uses in a text sequence of a given length, as numbers and as index tensors
+    on the device (made once, so that an edited call makes none from Python data): the targets, the other columns
+    and the start and end-of-text positions whose probabilities are restored (`keep_index`; None: none restored)."""
 
-    def __init__(self, prompt: int, rows: list[int], targets: list[int], special: tuple[int, ...]):
-        self.prompt, self.rows, self.targets, self.special = prompt, rows, targets, special
+    def __init__(self, targets: list[int], n_text: int, keep: tuple[int, ...], device):
+        self.targets = targets
+        index = lambda positions: torch.tensor(positions, dtype=torch.long, device=device)  # noqa: E731
+        self.target_index = index(targets)
+        self.other_index = index([i for i in range(n_text) if i not in set(targets)])
+        self.keep_index = index(list(keep)) if keep else None
+
+
+class _Group:
+    """The conditional rows made from one prompt (a run of the batch) and the columns its edit uses."""
+
+    def __init__(self, prompt: int, rows: slice, columns: _Columns):
+        self.prompt, self.rows, self.columns = prompt, rows, columns
+
+
+class _Uniform:
+    """Uniform [0, 1) draws from a CPU generator (a seed gives the same initial weights on every device), handed out
+    in order. `draw_ahead(n, device)` draws the next n at once onto the device, so that taking them later neither
+    draws on the host nor copies: a CPU generator's uniform draws are one sequence whatever sizes they are drawn in
+    (tested), so what is taken is what drawing each request alone gives."""
+
+    def __init__(self, seed: int):
+        self.seed, self.generator = seed, torch.Generator()
+        self.restart()
+
+    def restart(self) -> None:
+        """Back to the seed's first draw, nothing drawn ahead."""
+        self.generator.manual_seed(self.seed)
+        self.taken = 0  # values handed out since the restart
+        self._ahead, self._next = None, 0
+
+    def draw_ahead(self, n: int, device) -> None:
+        """Draws the next `n` values now, onto `device` (after what is left of an earlier draw ahead)."""
+        rest = [] if self._ahead is None else [self._ahead[self._next:].to(device)]
+        self._ahead, self._next = torch.cat(rest + [torch.rand(n, generator=self.generator).to(device)]), 0
+
+    def take(self, shape: tuple[int, ...], device) -> torch.Tensor:
+        """The next values, in `shape`, on `device`."""
+        n = math.prod(shape)
+        self.taken += n
+        left = 0 if self._ahead is None else self._ahead.numel() - self._next
+        if n > left or self._ahead.device != torch.device(device):
+            self.draw_ahead(max(0, n - left), device)
+        self._next += n
+        return self._ahead[self._next - n : self._next].view(shape)
 
 
 @dataclass
@@ -184,11 +233,14 @@ class Regulation(Controller):
         self._positions = HeldWords(session.prompts, per_prompt)
         self._special = [tuple(p for p in (prompt.start_of_text, prompt.end_of_text) if p is not None)
                          for prompt in session.prompts]
-        self._generator = torch.Generator().manual_seed(self.config.seed)
+        self._uniform = _Uniform(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self._columns: dict[tuple, _Columns | None] = {}
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
         self._editing = False
         self._warned_small: set[str] = set()
+        self._counting: tuple[set[str], int] | None = None  # (sites not yet edited in this step, values taken before)
+        self._drawn_ahead = False
 
     def wants(self, site) -> bool:
         """The edited cross-attention sites (`edited_sites`)."""
@@ -197,8 +249,10 @@ class Regulation(Controller):
     def begin_run(self) -> None:
         """Each pipeline call starts afresh: the same random initial weights as the first (a rerun gives the same
         image) and no best field of the last call."""
-        self._generator.manual_seed(self.config.seed)
+        self._uniform.restart()
         self._best.clear()
+        self._counting = None
+        self._drawn_ahead = False
 
     def begin_step(self, step: StepState) -> None:
         """Edits the denoiser call when its step is an edit step, it has conditional rows and `strength` is above 0.
@@ -209,10 +263,22 @@ class Regulation(Controller):
             self._refuse_nothing_to_edit(step)
         self._editing = (step.index in edit and step.cond_rows.stop > step.cond_rows.start
                          and self.config.strength > 0)
+        if self._editing and not self._drawn_ahead:  # count what this step takes, to draw the later steps' at once
+            self._counting = (set(self._site_names), self._uniform.taken)
 
     def __call__(self, call: AttentionCall) -> None:
         if not self._editing:
             return
+        self._edit(call)
+        if self._counting is not None:
+            waiting, before = self._counting
+            waiting.discard(call.site.name)
+            if not waiting:  # every edited site has drawn in this step: draw what the later edit steps will take
+                later = sum(1 for i in self._edit_set(call.step.num_steps) if i > call.step.index)
+                self._uniform.draw_ahead(later * (self._uniform.taken - before), call.q.device)
+                self._counting, self._drawn_ahead = None, True
+
+    def _edit(self, call: AttentionCall) -> None:
         step = call.step
         q, k = call.q[:, :, call.image], call.k[:, :, call.text]
         h, w = call.grid
@@ -223,7 +289,7 @@ class Regulation(Controller):
                 self._warned_small.add(call.site.name)
                 warnings.warn(f"Regulation: {call.site.name} runs at {h}x{w}, too small for a Gaussian basis with "
                               f"sigma={sigma} (centres from {2 * sigma} every {2 * sigma} pixels); left unedited",
-                              stacklevel=2)
+                              stacklevel=3)
             return
         out = call.output().clone()  # the plain attention; its rows outside the conditional half are kept
         with _small_ops(device):
@@ -231,13 +297,12 @@ class Regulation(Controller):
             if call.key_bias is not None:  # padding text tokens stay masked (PixArt's T5 mask)
                 logits = logits + call.key_bias[..., call.text].float()
             heads = q.shape[1]
-            groups = self._groups(step, logits.shape[-1])
+            groups = self._groups(step, logits.shape[-1], device)
             trajectories = []
             for g in groups:
                 g_logits = logits[g.rows].flatten(0, 1)  # (images · heads, N, L), batch-major like the reference
-                w0 = torch.rand((g_logits.shape[0], basis.shape[1], len(g.targets)), generator=self._generator)
-                w0 = w0.to(device)
-                trajectories.append((g_logits, w0, self._optimise(g_logits, g.targets, basis, w0)))
+                w0 = self._uniform.take((g_logits.shape[0], basis.shape[1], len(g.columns.targets)), device)
+                trajectories.append((g_logits, w0, self._optimise(g_logits, g.columns, basis, w0)))
             chosen = self._choose([t for _, _, t in trajectories], heads)
             probs = torch.softmax(logits, dim=-1)
             for g, (g_logits, w0, traj), pick in zip(groups, trajectories, chosen):
@@ -250,12 +315,11 @@ class Regulation(Controller):
                 self._best[key] = best
                 c = self.config
                 applied = (c.smoothing * previous + (1.0 - c.smoothing) * best) * (c.decay**step.index * c.strength)
-                keep = g.special if c.restore_special else ()
-                targets = torch.tensor(g.targets, device=device)
-                edited = regulation_math.edited_probs(g_logits, targets, applied, keep)
-                edited = edited.unflatten(0, (len(g.rows), heads))
-                v = call.v[g.rows][:, :, call.text]
-                out[g.rows] = (edited @ v.float()).to(out.dtype)
+                keep = g.columns.keep_index
+                edited = regulation_math.edited_probs(g_logits, g.columns.target_index, applied,
+                                                      () if keep is None else keep)
+                edited = edited.unflatten(0, (-1, heads))
+                out[g.rows] = (edited @ call.v[g.rows][:, :, call.text].float()).to(out.dtype)
                 probs[g.rows] = edited
                 if self.record_history:
                     self.history.append({"site": call.site.name, "step": step.index, "prompt": g.prompt,
@@ -263,11 +327,10 @@ class Regulation(Controller):
         call.set_output(out, text_probs=probs)
 
     # --- pieces -------------------------------------------------------------------------------------------------
-    def _optimise(self, logits, targets, basis, w0) -> regulation_math.Trajectory:
+    def _optimise(self, logits, columns: _Columns, basis, w0) -> regulation_math.Trajectory:
         if self.config.implementation == "direct":
-            return regulation_math.optimise_direct(logits, torch.tensor(targets, device=logits.device), basis, w0,
-                                                   self.config)
-        target_logits, rest = regulation_math.split_logits(logits, targets)
+            return regulation_math.optimise_direct(logits, columns.target_index, basis, w0, self.config)
+        target_logits, rest = regulation_math.split_logits(logits, columns.target_index, columns.other_index)
         return regulation_math.optimise_fast(target_logits, rest, basis, w0, self.config)
 
     def _choose(self, trajectories: list[regulation_math.Trajectory], heads: int) -> list[torch.Tensor]:
@@ -284,17 +347,27 @@ class Regulation(Controller):
             picks.append(torch.argmin(per_image, dim=0).repeat_interleave(heads))
         return picks
 
-    def _groups(self, step: StepState, n_text: int) -> list[_Group]:
+    def _groups(self, step: StepState, n_text: int, device) -> list[_Group]:
         cond = step.cond_rows
         by_prompt: dict[int, list[int]] = {}
         for r in range(cond.stop - cond.start):
             by_prompt.setdefault(min(step.prompt_of_row(r), len(self._special) - 1), []).append(cond.start + r)
         groups = []
-        for prompt, rows in by_prompt.items():
-            targets = self._targets(prompt, n_text)
-            if targets:
-                groups.append(_Group(prompt, rows, targets, tuple(p for p in self._special[prompt] if p < n_text)))
+        for prompt, rows in by_prompt.items():  # the prompt of a row never decreases: each prompt's rows are a run
+            columns = self._columns_for(prompt, n_text, device)
+            if columns is not None:
+                groups.append(_Group(prompt, slice(rows[0], rows[-1] + 1), columns))
         return groups
+
+    def _columns_for(self, prompt: int, n_text: int, device) -> _Columns | None:
+        """The columns of `prompt`'s edit in a text sequence of `n_text` tokens on `device` (None: no target there),
+        made at the first edited call that needs them and kept while attached."""
+        key = (prompt, n_text, str(device))
+        if key not in self._columns:
+            targets = self._targets(prompt, n_text)
+            keep = tuple(p for p in self._special[prompt] if p < n_text) if self.config.restore_special else ()
+            self._columns[key] = _Columns(targets, n_text, keep, device) if targets else None
+        return self._columns[key]
 
     def _targets(self, prompt: int, n_text: int) -> list[int]:
         """The target positions a text sequence of `n_text` tokens holds, each once; a target word the call's

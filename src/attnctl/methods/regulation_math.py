@@ -6,11 +6,12 @@ One optimisation, two implementations that compute the same thing:
   (rows, pixels, text tokens) logits, takes the softmax over all text tokens, scores the target columns with
   `torch.quantile` and gets the gradient from autograd; the update is w ← w − (rows · step size) · ∂L/∂w with L the
   one loss over the batch, as in the reference.
-- `optimise_fast`: the same iterates from (rows, targets, pixels) tensors only. The softmax denominator of a pixel
+- `optimise_fast`: the same iterates from (targets, rows, pixels) tensors only. The softmax denominator of a pixel
   is exp(rest) + Σ_t exp(s_t + A_t), where `rest` (the log-sum-exp of the untouched columns) is computed once per
-  call; the gradient is written out analytically. The loss is a mean over rows of per-row terms, so the gradient of
-  the batch loss for row r is ∂L_r/∂w_r / rows and the reference's step (rows · step size) is step size · ∂L_r/∂w_r:
-  every row follows its own trajectory and only the choice of the best iterate ties rows together.
+  call, so the target columns are a softmax over k + 1 values per pixel; the gradient is written out analytically.
+  The loss is a mean over rows of per-row terms, so the gradient of the batch loss for row r is ∂L_r/∂w_r / rows
+  and the reference's step (rows · step size) is step size · ∂L_r/∂w_r: every row follows its own trajectory and
+  only the choice of the best iterate ties rows together.
 
 Shapes: rows = conditional images × heads; N = H·W pixels; L = text tokens; k targets; K basis centres.
 """
@@ -71,60 +72,88 @@ def _quantile_ranks(n: int, q: float) -> tuple[int, int, float]:
     return lo, hi, pos - lo
 
 
-def split_logits(logits: torch.Tensor, targets) -> tuple[torch.Tensor, torch.Tensor]:
+def split_logits(logits: torch.Tensor, targets, others: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, N, L) logits → target logits (rows, N, k) and the log-sum-exp of all other columns (rows, N): the
-    untouched part of every softmax denominator, computed once. `targets`: positions (a list, or a tensor)."""
-    targets = targets.tolist() if torch.is_tensor(targets) else [int(t) for t in targets]
-    others = [i for i in range(logits.shape[-1]) if i not in set(targets)]
-    picked = logits[..., torch.tensor(targets, device=logits.device)]
-    if not others:
+    untouched part of every softmax denominator, computed once. `targets`: positions (a list, or a tensor); `others`:
+    the other positions as an index tensor on the logits' device, where the caller keeps one (then nothing is read
+    back or made from Python data)."""
+    if others is None:
+        positions = targets.tolist() if torch.is_tensor(targets) else [int(t) for t in targets]
+        others = torch.tensor([i for i in range(logits.shape[-1]) if i not in set(positions)], dtype=torch.long,
+                              device=logits.device)
+        targets = torch.tensor(positions, dtype=torch.long, device=logits.device)
+    picked = logits[..., targets]
+    if others.numel() == 0:
         return picked, logits.new_full(logits.shape[:-1], -math.inf)
-    return picked, torch.logsumexp(logits[..., torch.tensor(others, device=logits.device)], dim=-1)
+    return picked, torch.logsumexp(logits[..., others], dim=-1)
 
 
 def optimise_fast(target_logits: torch.Tensor, rest_lse: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
                   settings: RegulationConfig) -> Trajectory:
-    """The optimisation on (rows, k, N) tensors with an analytic gradient. `target_logits` (rows, N, k),
-    `rest_lse` (rows, N), `basis` (N, K), `w0` (rows, K, k); all in one float dtype (float32 in use)."""
+    """The optimisation on (k, rows, N) tensors with an analytic gradient, in few operators (a GPU launches a kernel
+    per operator): an iteration is 11 (the last 6), most writing into buffers made once per call, and the losses
+    are computed after the loop from the gaps each iteration kept. `target_logits` (rows, N, k), `rest_lse`
+    (rows, N), `basis` (N, K), `w0` (rows, K, k); all in one float dtype (float32 in use)."""
     rows, n, k = target_logits.shape
     n_centres = basis.shape[1]
-    s = target_logits.transpose(1, 2).contiguous()  # (rows, k, N)
-    rest = rest_lse.unsqueeze(1)  # (rows, 1, N)
-    basis_t = basis.t().contiguous()  # (K, N)
-    w = w0.transpose(1, 2).contiguous()  # (rows, k, K)
     lo, hi, frac = _quantile_ranks(n, settings.quantile)
     n_top = n - lo  # the values at sorted positions ≥ lo, largest first: position lo is the last, hi the one before
     at_lo, at_hi = n_top - 1, n_top - 1 - (hi - lo)
     share = settings.theta(k) / k
     c_q, c_mu = 2.0 * settings.gamma / k, 2.0 * settings.delta / (k * n)
     c_w = 2.0 * settings.epsilon / (n_centres * k)
-    losses, iterates = [], []
+    like = dict(dtype=target_logits.dtype, device=target_logits.device)
+    # The target columns and the untouched rest as one softmax over k + 1 rows per pixel, target-major so that the
+    # targets' part is one (k · rows, N) matrix: A = S + W·Gᵀ is written into it by one addmm.
+    z = torch.empty(k + 1, rows, n, **like)
+    z[k] = rest_lse
+    z_targets = z.view((k + 1) * rows, n)[: k * rows]
+    s = target_logits.permute(2, 0, 1).reshape(k * rows, n)
+    basis_t = basis.t()
+    m_all = torch.empty_like(z)
+    m = m_all[:k]  # (k, rows, N): the target columns of the softmax over all tokens
+    # ∂L_r/∂m over all k + 1 rows divided by c_mu (its factor moves to the step): mean(m) on every pixel, the
+    # quantile term on its two order statistics, and share (θ/k) on the untouched row. The softmax's gradient is
+    # the same for any constant added to all its rows, so this is mean(m) − share on the targets and 0 on the rest.
+    scale = c_mu if c_mu else 1.0
+    g_all = torch.empty_like(z)
+    g_all[k].fill_(share if c_mu else 0.0)
+    g = g_all[:k]
+    ga = torch.empty_like(z)  # ∂L_r/∂A / c_mu
+    ga_rows = ga.view((k + 1) * rows, n)[: k * rows]
+    top = torch.empty(k, rows, n_top, **like)
+    order = torch.empty(k, rows, n_top, dtype=torch.long, device=like["device"])
+    v_lo, v_hi, at_both = top[..., at_lo:], top[..., at_hi : at_hi + 1], order[..., at_hi:]
+    # the quantile term's weight on the order statistics at_hi..at_lo: frac on hi, 1 − frac on lo
+    weights = torch.linspace(frac if hi > lo else 1.0 - frac, 1.0 - frac, at_lo - at_hi + 1, **like) * (c_q / scale)
+    w = w0.permute(2, 0, 1).reshape(k * rows, n_centres)
+    iterates, quantile_gaps, means = [w], [], []
     for it in range(settings.iterations):
-        a = torch.addmm(s.view(-1, n), w.view(-1, n_centres), basis_t).view(rows, k, n)
-        lse = torch.logaddexp(rest, torch.logsumexp(a, dim=1, keepdim=True))
-        m = torch.exp(a - lse)  # (rows, k, N): the target columns of softmax over all tokens
-        top, idx = torch.topk(m, n_top, dim=-1)
-        v_lo, v_hi = top[..., at_lo], top[..., at_hi]
-        dq = v_lo + frac * (v_hi - v_lo) - settings.quantile_target  # (rows, k)
-        dmu = m.mean(dim=-1) - share
-        row_loss = (settings.gamma * (dq * dq).mean(-1) + settings.delta * (dmu * dmu).mean(-1)
-                    + settings.epsilon * (w * w).mean(dim=(-2, -1)))
-        losses.append(row_loss)
-        iterates.append(w)
+        torch.addmm(s, w, basis_t, out=z_targets)
+        torch.softmax(z, dim=0, out=m_all)
+        torch.topk(m, n_top, dim=-1, out=(top, order))
+        dq = torch.lerp(v_lo, v_hi, frac).sub_(settings.quantile_target)  # (k, rows, 1): q90(m) − 0.9
+        mean = m.mean(dim=-1, keepdim=True)  # (k, rows, 1)
+        quantile_gaps.append(dq)
+        means.append(mean)
         if it == settings.iterations - 1:
             break
-        # ∂L_r/∂m: the mean term on every pixel, the quantile term on its two order statistics
-        g = (c_mu * dmu).unsqueeze(-1).expand(rows, k, n).contiguous()
-        gq = c_q * dq
-        g.scatter_add_(-1, idx[..., at_lo : at_lo + 1], (gq * (1.0 - frac)).unsqueeze(-1))
-        if frac != 0.0:
-            g.scatter_add_(-1, idx[..., at_hi : at_hi + 1], (gq * frac).unsqueeze(-1))
-        # through the softmax (the untouched columns do not depend on w), then the basis
-        ga = m * (g - (g * m).sum(dim=1, keepdim=True))
-        # w ← w − step · (c_w · w + ∂L/∂A · G), in one fused op
-        w = torch.addmm(w.view(-1, n_centres), ga.view(-1, n), basis, beta=1.0 - settings.step_size * c_w,
-                        alpha=-settings.step_size).view(rows, k, n_centres)
-    return Trajectory(torch.stack(losses), torch.stack(iterates).transpose(-1, -2))
+        # then through the softmax and the basis: w ← w − step · (c_w · w + ∂L/∂A · G)
+        if c_mu:
+            g.copy_(mean)
+        else:
+            g.zero_()
+        g.scatter_add_(-1, at_both, dq * weights)
+        torch.ops.aten._softmax_backward_data.out(g_all, m_all, 0, g.dtype, grad_input=ga)
+        w = torch.addmm(w, ga_rows, basis, beta=1.0 - settings.step_size * c_w, alpha=-settings.step_size * scale)
+        iterates.append(w)
+    weights_t = torch.stack(iterates).view(-1, k, rows, n_centres)  # (iterations, k, rows, K)
+    dq = torch.stack(quantile_gaps).squeeze(-1)  # (iterations, k, rows)
+    dmu = torch.stack(means).squeeze(-1).sub_(share)
+    row_losses = (settings.gamma * (dq * dq).mean(1) + settings.delta * (dmu * dmu).mean(1)
+                  + settings.epsilon * (weights_t * weights_t).mean(dim=(1, 3)))
+    return Trajectory(row_losses, weights_t.permute(0, 2, 3, 1))
 
 
 def optimise_direct(logits: torch.Tensor, targets: torch.Tensor, basis: torch.Tensor, w0: torch.Tensor,
@@ -165,11 +194,13 @@ def field_of(basis: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def edited_probs(logits: torch.Tensor, targets: torch.Tensor, field: torch.Tensor, keep=()) -> torch.Tensor:
     """softmax(S + A on the target columns) over all tokens, then the columns in `keep` (start and end-of-text
-    tokens) reset to their unedited probabilities, without renormalising: (rows, N, L)."""
+    tokens: positions, or an index tensor on the logits' device of positions within L) reset to their unedited
+    probabilities, without renormalising: (rows, N, L)."""
     edited = logits.index_add(-1, targets, field)
     probs = torch.softmax(edited, dim=-1)
-    keep = [int(i) for i in keep if i is not None and 0 <= int(i) < logits.shape[-1]]
-    if keep:
-        cols = torch.tensor(keep, device=logits.device)
-        probs[..., cols] = torch.softmax(logits, dim=-1)[..., cols]
+    if not torch.is_tensor(keep):
+        keep = [int(i) for i in keep if i is not None and 0 <= int(i) < logits.shape[-1]]
+        keep = torch.tensor(keep, dtype=torch.long, device=logits.device) if keep else None
+    if keep is not None and keep.numel():
+        probs[..., keep] = torch.softmax(logits, dim=-1)[..., keep]
     return probs
