@@ -63,6 +63,10 @@ ARMS = {
     "mask-100": ("layout-modulation", {"hard_mask": True, "power": 0.0, "steps_fraction": 1.0}),
     "regions-20": ("regional-mask", {"power": 0.0, "steps_fraction": 0.2}),
     "regions-40": ("regional-mask", {"power": 0.0, "steps_fraction": 0.4}),
+    "relocate-08": ("relocation", {"read_fraction": 0.08}),
+    "relocate-16": ("relocation", {"read_fraction": 0.16}),
+    "relocate-24": ("relocation", {"read_fraction": 0.24}),
+    "relocate-32": ("relocation", {"read_fraction": 0.32}),
 }
 COLUMNS = ("placed", "present", "bound")
 
@@ -75,6 +79,7 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--category", default="seen_placed_pairs")
     parser.add_argument("--out", type=Path, default=Path("out/placement"))
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention measurements (faster)")
     args = parser.parse_args()
     model = MODELS[args.model]
     out = args.out / args.model
@@ -92,7 +97,7 @@ def main() -> None:
             if method == "ast" and args.model == "unet":
                 continue
             arm = Arm(method, model, options, label=f"{'none' if method == 'none' else label} ({args.model})")
-            write_rows(run_suite([arm], cases, list(range(args.seeds))), path)
+            write_rows(run_suite([arm], cases, list(range(args.seeds)), measure=not args.no_attention), path)
         with open(path) as f:
             rows += [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
     lines = [f"Placement on {model}, {args.category}: {len(cases)} prompts x {args.seeds} seeds, paired with plain.",
@@ -102,7 +107,8 @@ def main() -> None:
     for label in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == label]
         rate = {c: sum(r[c] for r in mine) / len(mine) for c in COLUMNS}
-        shares = [r["share_instance"] for r in mine if r.get("share_instance") == r.get("share_instance")]
+        shares = [r["share_instance"] for r in mine if r.get("share_instance") not in (None, "")
+                  and r["share_instance"] == r["share_instance"]]
         p = paired.get((label, args.category))
         pair = f"{p['fixed']} | {p['broken']} | {p['mcnemar_p']:.3g}" if p else "— | — | —"
         share = f"{sum(shares) / len(shares):.3f}" if shares else "—"

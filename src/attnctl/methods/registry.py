@@ -16,6 +16,7 @@ from .attend_excite import AttendAndExcite, AttendExciteConfig
 from .binding import Binding, BindingConfig, bound_nouns
 from .layout_modulation import LayoutModulation, LayoutModulationConfig
 from .regulation import Regulation, RegulationConfig
+from .relocation import Relocation, RelocationConfig
 
 PLAIN = "none"  # the plain pipeline: no method, the arm every method is paired with
 
@@ -101,6 +102,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "phrase",
            # the published decay, and short, strong and constant (what moved objects in the probes of issue 28)
            tune_grid={"weight": [1.0, 25.0], "power": [5.0, 0.0], "steps_fraction": [0.2, 0.4]}),
+    Method("relocation", Relocation, RelocationConfig, "layout", ("cross", "joint"), DEFAULT_MODEL,
+           "relocation (attnctl): each object moved into its box by permuting the latents early in the run, "
+           "found where its words are attended", tune_grid={"read_fraction": [0.16, 0.24, 0.32, 0.4]}),
 )}
 
 

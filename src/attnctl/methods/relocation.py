@@ -1,0 +1,267 @@
+"""Relocation: each object moved into its box by permuting the latents early in the run (an attnctl method for
+issue 28; no published counterpart).
+
+    with attnctl.apply(pipe, Relocation(layout)) as session:
+        image = session(layout.prompt).images[0]        # through the session, not pipe(...)
+
+Why: on the built-in models the position of an object is decided by the starting noise, not by where its words are
+attended (BENCHMARKS.md, issue 28: a hard image→text mask at every step places no more objects than the plain model),
+and an object forms from what the noise holds where it forms. So this method lets the model start as it would, reads
+where each instance word is attended over the first `read_fraction` of the steps (the model's own signal: its
+image→text attention, cross-attention on UNets, the image→text part of joint attention on MMDiTs), and at the end
+of the last read step moves the latent cells of the window where each object is forming onto the cells of its box,
+the same size. The cells the move vacates get the content the boxes held, so the latents are only permuted: their
+distribution (and that of the noise they still hold) is unchanged. The rest of the run denoises the moved latents as
+it would any others.
+
+Where the object forms: the window of its box's size, on the latent grid, holding the most of its instance words'
+attention (summed over the sites and read steps, each site's map resized to the latent grid); objects are taken in
+order of their peak and a window never overlaps an earlier object's. Only conditional rows are read; the move applies
+to each image of the batch with its own windows.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import build, check, option
+from ..control import AttentionCall, Controller
+from ..errors import UsageError
+from ..layout import Layout, load_layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RelocationConfig:
+    """Every option of relocation (docs/methods.md)."""
+
+    read_fraction: float = option(0.32, "read the instance words' attention over this first fraction of the steps, "
+                                  "then move each object's window onto its box", low=0, high=1)
+
+    restart: bool = option(False, "move the initial latents instead and start the run again from them (the read "
+                           "steps run twice)")
+
+    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-restart
+
+    def __post_init__(self):
+        check(self)
+
+
+class Relocation(Controller):
+    """Relocation as a controller: `Relocation(layout, config=None, **options)` with the fields of
+    `RelocationConfig`. Run the pipeline through the session (`session(prompt, ...)`): the move replaces the
+    latents between two steps, through the pipeline's step-end callback. `moves` holds, per image of the last run,
+    each object's window (top, left on the latent grid) and its box's."""
+
+    name = "relocation"
+
+    def __init__(self, layout, config: RelocationConfig | None = None, **options):
+        self.layout: Layout = load_layout(layout)
+        self.prompt = self.layout.prompt
+        self.config = build(RelocationConfig, config, **options)
+        self.moves: list[list[dict]] = []
+
+    def attach(self, session) -> None:
+        """Binds the layout to each prompt's tokens (the instance words of each region); a UsageError without a
+        prompt or without text cross-attention or joint attention."""
+        if not session.prompts:
+            raise UsageError("relocation needs the prompt: pass prompt=... to attnctl.apply")
+        if not any(self.wants(s) for s in session.sites):
+            raise UsageError(f"relocation reads text cross-attention or joint attention; this {session.family.name} "
+                             "model has neither")
+        self._instances = [[r.instance for r in self.layout.bind(tokens, "rules").regions]
+                           for tokens in session.prompts]
+        self.session = session
+        self._selectors: dict = {}
+        self._prepared = self._restarting = False
+
+    def wants(self, site) -> bool:
+        """The text cross-attention and joint attention sites."""
+        return site.kind in ("cross", "joint")
+
+    def begin_run(self) -> None:
+        """Refuses a pipeline call made without the session; clears the maps."""
+        if not self._prepared:
+            raise UsageError("relocation moves the latents between denoising steps, which a plain pipeline call gives "
+                             "it no way to do: call the pipeline through the session, `with attnctl.apply(pipe, "
+                             "method) as session: session(prompt, ...)`, instead of `pipe(prompt, ...)`")
+        self._prepared = False
+        self._reading = not self._restarting  # the run after a restart reads nothing
+        self._restarting = False
+        self._maps: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _last_read_step(self, num_steps: int) -> int:
+        return max(1, round(self.config.read_fraction * num_steps)) - 1
+
+    def __call__(self, call: AttentionCall) -> None:
+        step = call.step
+        rows = step.cond_rows
+        if not self._reading or rows.stop == rows.start or step.index > self._last_read_step(step.num_steps):
+            return
+        probs = call.text_probs()[rows].mean(dim=1)  # (images, image tokens, text tokens)
+        prompts = tuple(min(step.prompt_of_row(r), len(self._instances) - 1) for r in range(probs.shape[0]))
+        chosen = self._selector(prompts, probs.shape[-1], probs.device)
+        maps = (probs @ chosen).transpose(1, 2).unflatten(-1, call.grid)  # (images, objects, h, w)
+        grid = tuple(call.grid)
+        self._maps[grid] = maps if grid not in self._maps else self._maps[grid] + maps
+
+    def _selector(self, prompts: tuple[int, ...], n_text: int, device) -> torch.Tensor:
+        """(images, text tokens, objects): 1 where a text token is one of the object's instance words; built once
+        per (prompts, text length, device)."""
+        key = (prompts, n_text, str(device))
+        if key not in self._selectors:
+            chosen = torch.zeros(len(prompts), n_text, len(self.layout.regions))
+            for image, prompt in enumerate(prompts):
+                for region, positions in enumerate(self._instances[prompt]):
+                    chosen[image, [p for p in positions if p < n_text], region] = 1.0
+            self._selectors[key] = chosen.to(device)
+        return self._selectors[key]
+
+    def prepare_call(self, session, args, kwargs) -> dict:
+        """The call's arguments with a step-end callback that moves the latents at the end of the last read step,
+        around the caller's own callback; with `restart`, the initial latents moved instead (after a first run of
+        the read steps)."""
+        if "callback_on_step_end" not in inspect_parameters(session.pipe):
+            raise UsageError(f"relocation moves the latents through the pipeline's callback_on_step_end argument, "
+                             f"which {type(session.pipe).__name__} does not take")
+        if self.config.restart:
+            return self._restarted(session, args, kwargs)
+        user_callback = kwargs.get("callback_on_step_end")
+        names = list(getattr(user_callback, "tensor_inputs", None) or kwargs.get("callback_on_step_end_tensor_inputs")
+                     or ["latents"])
+
+        def on_step_end(pipe, i, t, tensors):
+            out = dict(user_callback(pipe, i, t, tensors) or {}) if user_callback is not None else {}
+            if i == self._last_read_step(len(pipe.scheduler.timesteps)) and self._maps:
+                out["latents"] = self.move(out.get("latents", tensors["latents"]))
+                self._reading = False
+            return out
+
+        self._prepared = True
+        return {**kwargs, "callback_on_step_end": on_step_end,
+                "callback_on_step_end_tensor_inputs": names + [n for n in ["latents"] if n not in names]}
+
+    def _restarted(self, session, args, kwargs) -> dict:
+        """Runs the read steps from the run's own initial latents, then returns the call's arguments with those
+        latents moved: the run starts again from them and reads nothing."""
+        latents = initial_latents(session, args, kwargs)
+
+        def stop(pipe, i, t, tensors):
+            if i == self._last_read_step(len(pipe.scheduler.timesteps)):
+                raise _ReadDone
+            return {}
+
+        self._prepared = True
+        try:
+            session.pipe(*args, **{**kwargs, "latents": latents, "callback_on_step_end": stop,
+                                   "callback_on_step_end_tensor_inputs": ["latents"], "output_type": "latent"})
+        except _ReadDone:
+            pass
+        moved = self.move(latents)
+        self._prepared, self._restarting = True, True
+        return {**kwargs, "latents": moved}
+
+    def move(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latents (images first) with each image's object windows moved onto their boxes."""
+        self._grid = h, w = latent_grid(latents, self.session.step.token_grid)
+        maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in self._maps.values())
+        boxes = [box_cells(r.box, (h, w)) for r in self.layout.regions]
+        packed = latents.dim() == 3  # (images, tokens, channels): one token per grid cell
+        cells = latents if packed else latents.flatten(2).transpose(1, 2)  # (images, cells, channels)
+        moved = cells.clone()
+        self.moves = []
+        for image in range(cells.shape[0]):
+            sources = object_windows(maps[image], boxes)
+            order = cell_permutation(sources, boxes, (h, w))
+            moved[image] = cells[image, order.to(cells.device)]
+            self.moves.append([{"window": s, "box": b[:2]} for s, b in zip(sources, boxes)])
+        log.debug("relocation: %s", self.moves)
+        return moved if packed else moved.transpose(1, 2).reshape(latents.shape)
+
+
+class _ReadDone(Exception):
+    """Ends the first run of a restart once its read steps are done."""
+
+
+def initial_latents(session, args, kwargs) -> torch.Tensor:
+    """The initial latents the run would draw, as the pipeline's `latents` argument (its generator advanced as the
+    run's own draw advances it)."""
+    first_args, first_kwargs, step = session.first_denoiser_call(args, kwargs)
+    scheduler = session.pipe.scheduler
+    sample = session.family.latents(first_args, first_kwargs)[step.cond_rows]
+    if hasattr(scheduler, "scale_model_input"):
+        ones = torch.ones_like(sample[:1])
+        sample = sample / copy.deepcopy(scheduler).scale_model_input(ones, scheduler.timesteps[0])
+    return sample / getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def inspect_parameters(pipe) -> set[str]:
+    """The names of the pipeline call's parameters."""
+    import inspect
+
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def latent_grid(sample: torch.Tensor, token_grid) -> tuple[int, int]:
+    """The grid of cells a move permutes: a 4-D latent's (H, W), a packed latent's token grid."""
+    if sample.dim() == 4:
+        return tuple(sample.shape[-2:])
+    if token_grid is None or token_grid[0] * token_grid[1] != sample.shape[1]:
+        raise UsageError("relocation needs the latents as a grid: this pipeline's latents are neither (batch, "
+                         "channels, height, width) nor one token per cell of the denoiser's grid")
+    return tuple(token_grid)
+
+
+def box_cells(box, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box (x0, y0, x1, y1 as fractions) as cells of the grid: (top, left, height, width), at least one cell."""
+    h, w = grid
+    x0, y0, x1, y1 = box
+    top, left = min(h - 1, round(y0 * h)), min(w - 1, round(x0 * w))
+    return top, left, max(1, min(h - top, round((y1 - y0) * h))), max(1, min(w - left, round((x1 - x0) * w)))
+
+
+def object_windows(maps: torch.Tensor, boxes) -> list[tuple[int, int]]:
+    """For each object (maps: objects × H × W), the (top, left) of the window of its box's size holding the most of
+    its attention, objects in order of their peak, no window overlapping an earlier object's."""
+    taken = torch.zeros(maps.shape[-2:], dtype=torch.bool)
+    windows: list[tuple[int, int] | None] = [None] * len(boxes)
+    for i in sorted(range(len(boxes)), key=lambda j: -float(maps[j].max())):
+        _, _, bh, bw = boxes[i]
+        mass = F.avg_pool2d(maps[i][None, None], (bh, bw), stride=1)[0, 0]
+        clash = F.max_pool2d(taken[None, None].float(), (bh, bw), stride=1)[0, 0] > 0
+        mass = mass.masked_fill(clash, float("-inf"))
+        if torch.isinf(mass).all():  # no free window: the object stays where it is
+            top, left = boxes[i][:2]
+        else:
+            top, left = divmod(int(mass.flatten().argmax()), mass.shape[1])
+        windows[i] = (top, left)
+        taken[top:top + bh, left:left + bw] = True
+    return windows
+
+
+def cell_permutation(sources, boxes, grid: tuple[int, int]) -> torch.Tensor:
+    """`order` with new[cell] = old[order[cell]]: each box's cells take the cells of its object's window (same
+    offsets); cells in no box keep their content where it was not taken, and the vacated cells take the content the
+    boxes held, in order. A permutation of the cells."""
+    h, w = grid
+    order = torch.full((h * w,), -1, dtype=torch.long)
+    used = torch.zeros(h * w, dtype=torch.bool)
+    for (top, left), (btop, bleft, bh, bw) in zip(sources, boxes):
+        for dy in range(bh):
+            for dx in range(bw):
+                target, source = (btop + dy) * w + bleft + dx, (top + dy) * w + left + dx
+                if order[target] < 0 and not used[source]:
+                    order[target] = source
+                    used[source] = True
+    free = order < 0
+    keep = free & ~used
+    order[keep] = torch.nonzero(keep).flatten()
+    used |= keep
+    order[order < 0] = torch.nonzero(~used).flatten()
+    return order

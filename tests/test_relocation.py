@@ -1,0 +1,146 @@
+"""Relocation: the window search against a brute-force search, the permutation of the cells, and the controller on
+every tiny family: the steps it reads are the plain run's, and the move is exactly that permutation of the plain
+run's latents."""
+
+import itertools
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import UsageError
+from attnctl.methods.relocation import Relocation, box_cells, cell_permutation, object_windows
+
+from conftest import call_kwargs, run, tiny_pipe
+
+LAYOUT = {"prompt": "a red cat and a blue dog",
+          "regions": [{"phrase": "a red cat", "box": [0.55, 0.1, 0.95, 0.5]},
+                      {"phrase": "a blue dog", "box": [0.05, 0.5, 0.45, 0.9]}]}
+
+
+def brute_force_windows(maps, boxes):
+    taken = torch.zeros(maps.shape[-2:], dtype=torch.bool)
+    out = [None] * len(boxes)
+    for i in sorted(range(len(boxes)), key=lambda j: -float(maps[j].max())):
+        _, _, bh, bw = boxes[i]
+        best, where = -1.0, None
+        for top, left in itertools.product(range(maps.shape[1] - bh + 1), range(maps.shape[2] - bw + 1)):
+            if taken[top:top + bh, left:left + bw].any():
+                continue
+            mass = float(maps[i, top:top + bh, left:left + bw].double().sum())
+            if mass > best + 1e-9:
+                best, where = mass, (top, left)
+        out[i] = where
+        taken[where[0]:where[0] + bh, where[1]:where[1] + bw] = True
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_windows_are_the_brute_force_search(seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(3, 12, 10, generator=g, dtype=torch.float64) ** 4
+    boxes = [(0, 0, 4, 3), (6, 5, 3, 4), (2, 6, 5, 2)]
+    assert object_windows(maps.float(), boxes) == brute_force_windows(maps, boxes)
+
+
+def test_the_permutation_moves_each_window_onto_its_box_and_keeps_the_rest():
+    grid = (8, 9)
+    boxes = [(1, 5, 3, 3), (5, 0, 2, 4)]
+    sources = [(4, 2), (0, 0)]  # the first window overlaps the second box's rows; the second overlaps nothing
+    order = cell_permutation(sources, boxes, grid)
+    assert sorted(order.tolist()) == list(range(72))  # a permutation: the latents' distribution is unchanged
+    cells = torch.arange(72).view(8, 9)
+    for (top, left), (btop, bleft, bh, bw) in zip(sources, boxes):
+        assert torch.equal(order.view(8, 9)[btop:btop + bh, bleft:bleft + bw], cells[top:top + bh, left:left + bw])
+    in_box = torch.zeros(8, 9, dtype=torch.bool)
+    in_window = torch.zeros(8, 9, dtype=torch.bool)
+    for (top, left), (btop, bleft, bh, bw) in zip(sources, boxes):
+        in_box[btop:btop + bh, bleft:bleft + bw] = True
+        in_window[top:top + bh, left:left + bw] = True
+    untouched = ~in_box & ~in_window
+    assert torch.equal(order.view(8, 9)[untouched], cells[untouched])
+    vacated = ~in_box & in_window  # they take what the boxes held and no window took
+    assert set(order.view(8, 9)[vacated].tolist()) == set(cells[in_box & ~in_window].tolist())
+
+
+def test_box_cells_round_to_the_grid_and_keep_a_cell():
+    assert box_cells((0.5, 0.25, 1.0, 0.75), (16, 16)) == (4, 8, 8, 8)
+    assert box_cells((0.0, 0.0, 0.01, 0.01), (8, 8)) == (0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("name", ["unet", "sd3", "flux"])
+def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name):
+    """The steps read are the plain run's bit for bit; the latents the denoiser gets after the move are exactly the
+    plain latents of that step with their cells permuted as `moves` says."""
+    pipe = tiny_pipe(name)
+    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    kwargs = call_kwargs(name, steps=4)
+    plain = []
+    run(pipe, LAYOUT["prompt"], callback_on_step_end=lambda p, i, t, x: plain.append(x["latents"].clone()) or {},
+        **kwargs)
+    inputs = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
+    method = Relocation(LAYOUT, read_fraction=0.5)  # reads steps 0 and 1, moves at the end of step 1
+    try:
+        with attnctl.apply(pipe, method) as session:
+            images = session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    finally:
+        handle.remove()
+    step2 = inputs[2][:1]  # one denoiser call per step; under guidance the rows repeat the latents
+    grid = method._grid
+    boxes = [box_cells(r.box, grid) for r in method.layout.regions]
+    order = cell_permutation([m["window"] for m in method.moves[0]], boxes, grid)
+    assert order.tolist() != list(range(len(order)))  # something moved
+    if plain[1].dim() == 3:  # packed: one token per cell
+        expected = plain[1][:, order]
+    else:
+        expected = plain[1].flatten(2)[:, :, order].view_as(plain[1])
+    assert torch.equal(step2.to(expected.dtype), expected)
+    assert torch.equal(inputs[1][:1].to(plain[0].dtype), plain[0])  # step 1's input: the plain run's
+    assert images.shape == run(pipe, LAYOUT["prompt"], **kwargs).shape
+
+
+def test_a_plain_pipeline_call_is_refused():
+    pipe = tiny_pipe("sd3")
+    with attnctl.apply(pipe, Relocation(LAYOUT)):
+        with pytest.raises(UsageError, match="through the session"):
+            run(pipe, LAYOUT["prompt"], **call_kwargs("sd3", steps=2))
+
+
+def test_a_read_fraction_out_of_range_names_the_flag():
+    with pytest.raises(UsageError, match="read_fraction|--rl-read-fraction"):
+        Relocation(LAYOUT, read_fraction=1.5)
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_a_restart_starts_from_the_moved_initial_latents(name):
+    """With `restart`, the read steps run from the plain run's initial latents, and the run proper starts from those
+    latents permuted as `moves` says."""
+    pipe = tiny_pipe(name)
+    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    kwargs = call_kwargs(name, steps=4)
+    inputs = []
+
+    def record(module, args, kw):
+        inputs.append((args[0] if args else kw["hidden_states"]).clone())
+
+    handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run(pipe, LAYOUT["prompt"], **kwargs)
+        plain_start = inputs[0][:1]
+        inputs.clear()
+        method = Relocation(LAYOUT, read_fraction=0.5, restart=True)
+        with attnctl.apply(pipe, method) as session:
+            session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
+    finally:
+        handle.remove()
+    # the session's first call (stopped), the two read steps, then the four steps of the run proper
+    assert len(inputs) == 1 + 2 + 4
+    assert torch.equal(inputs[1][:1], plain_start)
+    grid = method._grid
+    order = cell_permutation([m["window"] for m in method.moves[0]],
+                             [box_cells(r.box, grid) for r in method.layout.regions], grid)
+    expected = plain_start[:, order] if plain_start.dim() == 3 else \
+        plain_start.flatten(2)[:, :, order].view_as(plain_start)
+    assert torch.equal(inputs[3][:1], expected)
