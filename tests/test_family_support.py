@@ -291,9 +291,9 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("FLUX.1 Kontext", kontext, "capture ast layout-modulation relocation"),
     ("Kandinsky 2.2", kandinsky22, ""),
     ("PixArt-Σ", pixart, "capture regulation"),
-    ("Sana", sana, "capture regulation"),
-    ("Sana Sprint", sana_sprint, "capture regulation"),
-    ("Chroma", chroma, "capture ast"),
+    ("Sana", sana, "capture regulation relocation"),
+    ("Sana Sprint", sana_sprint, "capture regulation relocation"),
+    ("Chroma", chroma, "capture ast relocation"),
     ("Qwen-Image", qwen_image, JOINT),
     ("FLUX.2 [dev]", flux2_dev, "capture ast layout-modulation relocation"),
     ("FLUX.2 [klein]", flux2_klein, "capture ast layout-modulation relocation"),
@@ -307,7 +307,7 @@ BUGS = {
     ("PixArt-Σ", "layout-modulation"): UNCHANGED,
     ("Chroma", "binding"): NO_MAP,
     **{(f, m): NO_MAP for f in ("Sana", "Sana Sprint") for m in ("attend-excite", "binding")},
-    **{(f, m): UNCHANGED for f in ("Sana", "Sana Sprint", "Chroma") for m in ("layout-modulation", "relocation")},
+    **{(f, "layout-modulation"): UNCHANGED for f in ("Sana", "Sana Sprint", "Chroma")},
 }
 COLUMNS = ("capture", *METHODS)  # capture, then every method of the registry
 PROMPT = "a red dog and a grey cat"

@@ -60,6 +60,7 @@ class Relocation(Controller):
     each object's window (top, left on the latent grid) and its box's."""
 
     name = "relocation"
+    handles_key_mask = True  # it only reads `text_probs`, which give masked keys 0
 
     def __init__(self, layout, config: RelocationConfig | None = None, **options):
         self.layout: Layout = load_layout(layout)
