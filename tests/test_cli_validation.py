@@ -9,7 +9,7 @@ import pytest
 
 from attnctl.config import cli_fields, default_of, flag_of
 from attnctl.methods.ast import ASTConfig
-from attnctl.methods.registry import METHODS
+from attnctl.methods.registry import METHODS, layout_methods, listing
 from attnctl.methods.regulation import RegulationConfig
 
 LAYOUT = Path(__file__).resolve().parent.parent / "examples" / "two_animals.json"
@@ -22,6 +22,7 @@ BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:
                               str(LAYOUT)],
         "binding": ["generate", "--method", "binding", "--model", "random:sd15-tiny", "--prompt",
                     "a red cat and a blue dog"],
+        "relocation": ["generate", "--method", "relocation", "--model", "random:sd15-tiny", "--layout", str(LAYOUT)],
         "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
 
 SAMPLING = [
@@ -132,7 +133,8 @@ OTHER = [
      "--prompt does not apply to --method layout-modulation"),
     (["generate", "--method", "layout-modulation", "--model", "random:sd3-tiny"],
      "--method layout-modulation needs a layout"),
-    (BASE["attend-excite"] + ["--layout", str(LAYOUT)], "--layout applies to --method ast and layout-modulation"),
+    (BASE["attend-excite"] + ["--layout", str(LAYOUT)],
+     f"--layout applies to --method {listing(layout_methods())} only"),
     (BASE["binding"][:-1] + ["a cat and a dog"], "found no noun with a modifier in 'a cat and a dog'"),
     (BASE["binding"] + ["--targets", "cat,mouse"], "no modifier found for 'mouse'"),
     (BASE["binding"] + ["--bind-groups", "green cat"], "binding group 'green cat' is not a part of the prompt"),

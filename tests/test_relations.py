@@ -5,6 +5,7 @@ import pytest
 
 from attnctl.errors import UsageError
 from attnctl.layout import Layout
+from attnctl.methods.registry import layout_methods, listing
 from attnctl.relations import boxes_from_prompt
 
 L, R, T, B = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
@@ -59,7 +60,7 @@ def test_auto_layout_on_the_command_line(cli, tmp_path):
              "cannot read a layout from the prompt 'a red circle and a blue square': the patterns understood are"),
             (["--method", "ast", "--auto-layout"], "--auto-layout reads the layout from --prompt"),
             (["--method", "regulation", "--auto-layout", "--prompt", prompt],
-             "--auto-layout applies to --method ast and layout-modulation only, not --method regulation"),
+             f"--auto-layout applies to --method {listing(layout_methods())} only, not --method regulation"),
             (["--method", "ast", "--prompt", prompt], "or pass --auto-layout to read the layout from the prompt")):
         code, _, err = cli("generate", *args, "--out", tmp_path / "x")
         assert code == 2 and message in err and "Traceback" not in err, err
