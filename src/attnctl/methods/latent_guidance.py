@@ -114,14 +114,8 @@ class LatentGuidance(Controller):
         if missing:
             raise UsageError(f"{self.name} moves the latents through the pipeline's {' and '.join(missing)} "
                              f"argument(s), which {type(session.pipe).__name__} does not take")
-        first_args, first_kwargs, step = session.first_denoiser_call(args, kwargs)
+        latents, first_args, first_kwargs, step = initial_latents(session, args, kwargs)
         scheduler = session.pipe.scheduler
-        sample = session.family.latents(first_args, first_kwargs)
-        rows = step.cond_rows
-        scale = torch.ones_like(sample[:1])
-        if hasattr(scheduler, "scale_model_input"):
-            scale = copy.deepcopy(scheduler).scale_model_input(scale, scheduler.timesteps[0])
-        latents = sample[rows] / scale
         self._inputs = self._conditioning(first_args, first_kwargs, step)
         self._timestep_scale = self._denoiser_timestep_scale(self._inputs[0], scheduler.timesteps[0])
         self._choose_sites(step.token_grid)
@@ -261,6 +255,20 @@ class LatentGuidance(Controller):
                              f"the sides here are {', '.join(map(str, sides))} (--{self.config.cli_prefix}resolution)")
         self._grid = grids[chosen[0]]
         self._sites = set(chosen)
+
+
+def initial_latents(session, args, kwargs) -> tuple[torch.Tensor, tuple, dict, StepState]:
+    """The run's initial latents as its first denoiser call gets them (the conditional rows, the scheduler's input
+    scaling undone), with that call's arguments and batch layout. The pipeline is started and stopped at its first
+    denoiser call, so a generator advances as the run's own draw advances it; pass the latents back as the
+    pipeline's `latents` divided by the scheduler's `init_noise_sigma`."""
+    first_args, first_kwargs, step = session.first_denoiser_call(args, kwargs)
+    scheduler = session.pipe.scheduler
+    sample = session.family.latents(first_args, first_kwargs)
+    scale = torch.ones_like(sample[:1])
+    if hasattr(scheduler, "scale_model_input"):
+        scale = copy.deepcopy(scheduler).scale_model_input(scale, scheduler.timesteps[0])
+    return sample[step.cond_rows] / scale, first_args, first_kwargs, step
 
 
 def _stepped(z, grad, loss, alpha: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ to each image of the batch with its own windows.
 
 from __future__ import annotations
 
-import copy
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -33,6 +33,7 @@ from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
+from .latent_guidance import initial_latents
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class Relocation(Controller):
     def _restarted(self, session, args, kwargs) -> dict:
         """Runs the read steps from the run's own initial latents, then returns the call's arguments with those
         latents moved: the run starts again from them and reads nothing."""
-        latents = initial_latents(session, args, kwargs)
+        latents = initial_latents(session, args, kwargs)[0] / getattr(session.pipe.scheduler, "init_noise_sigma", 1.0)
 
         def stop(pipe, i, t, tensors):
             if i == self._last_read_step(len(pipe.scheduler.timesteps)):
@@ -190,22 +191,8 @@ class _ReadDone(Exception):
     """Ends the first run of a restart once its read steps are done."""
 
 
-def initial_latents(session, args, kwargs) -> torch.Tensor:
-    """The initial latents the run would draw, as the pipeline's `latents` argument (its generator advanced as the
-    run's own draw advances it)."""
-    first_args, first_kwargs, step = session.first_denoiser_call(args, kwargs)
-    scheduler = session.pipe.scheduler
-    sample = session.family.latents(first_args, first_kwargs)[step.cond_rows]
-    if hasattr(scheduler, "scale_model_input"):
-        ones = torch.ones_like(sample[:1])
-        sample = sample / copy.deepcopy(scheduler).scale_model_input(ones, scheduler.timesteps[0])
-    return sample / getattr(scheduler, "init_noise_sigma", 1.0)
-
-
 def inspect_parameters(pipe) -> set[str]:
     """The names of the pipeline call's parameters."""
-    import inspect
-
     return set(inspect.signature(pipe.__call__).parameters)
 
 
