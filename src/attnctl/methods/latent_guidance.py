@@ -109,33 +109,23 @@ class LatentGuidance(Controller):
     def prepare_call(self, session, args, kwargs) -> dict:
         """The call's arguments with step 0's moved initial latents (from a run stopped at its first denoiser call)
         and a step-end callback that moves the later steps' latents, around the caller's own callback."""
-        accepted = inspect.signature(session.pipe.__call__).parameters
-        missing = [name for name in ("latents", "callback_on_step_end") if name not in accepted]
-        if missing:
-            raise UsageError(f"{self.name} moves the latents through the pipeline's {' and '.join(missing)} "
-                             f"argument(s), which {type(session.pipe).__name__} does not take")
+        require_call_parameters(session.pipe, self.name, ("latents", "callback_on_step_end"))
         latents, first_args, first_kwargs, step = initial_latents(session, args, kwargs)
         scheduler = session.pipe.scheduler
         self._inputs = self._conditioning(first_args, first_kwargs, step)
         self._timestep_scale = self._denoiser_timestep_scale(self._inputs[0], scheduler.timesteps[0])
         self._choose_sites(step.token_grid)
         latents = self.move(latents, 0, step)
-        user_callback = kwargs.get("callback_on_step_end")
-        names = list(getattr(user_callback, "tensor_inputs", None) or kwargs.get("callback_on_step_end_tensor_inputs")
-                     or ["latents"])
 
-        def on_step_end(pipe, i, t, tensors):
-            out = dict(user_callback(pipe, i, t, tensors) or {}) if user_callback is not None else {}
+        def move_next(pipe, i, current):
             nxt = i + 1
             if nxt < len(pipe.scheduler.timesteps) and self.moves_at(nxt):
                 self._inputs = self._conditioning(*session.inputs, session.step)
-                out["latents"] = self.move(out.get("latents", tensors["latents"]), nxt, session.step)
-            return out
+                return self.move(current, nxt, session.step)
+            return None
 
         self._prepared = True
-        return {**kwargs, "latents": latents / getattr(scheduler, "init_noise_sigma", 1.0),
-                "callback_on_step_end": on_step_end,
-                "callback_on_step_end_tensor_inputs": names + [n for n in ["latents"] if n not in names]}
+        return {**moving_latents(kwargs, move_next), "latents": latents / getattr(scheduler, "init_noise_sigma", 1.0)}
 
     def exclusive_call(self, call: AttentionCall) -> None:
         """In a gradient forward: adds a read site's image→text probabilities, summed over heads, to the maps; ends the
@@ -255,6 +245,33 @@ class LatentGuidance(Controller):
                              f"the sides here are {', '.join(map(str, sides))} (--{self.config.cli_prefix}resolution)")
         self._grid = grids[chosen[0]]
         self._sites = set(chosen)
+
+
+def require_call_parameters(pipe, who: str, names) -> None:
+    """A UsageError naming the parameters among `names` the pipeline's call does not take (`who` moves the latents
+    through them)."""
+    missing = [name for name in names if name not in inspect.signature(pipe.__call__).parameters]
+    if missing:
+        raise UsageError(f"{who} moves the latents through the pipeline's {' and '.join(missing)} argument(s), "
+                         f"which {type(pipe).__name__} does not take")
+
+
+def moving_latents(kwargs: dict, move) -> dict:
+    """The call's keyword arguments with a step-end callback that runs the caller's own callback first, then
+    replaces the latents with `move(pipe, step index, latents)` where that returns a tensor (None: unchanged)."""
+    user_callback = kwargs.get("callback_on_step_end")
+    names = list(getattr(user_callback, "tensor_inputs", None) or kwargs.get("callback_on_step_end_tensor_inputs")
+                 or ["latents"])
+
+    def on_step_end(pipe, i, t, tensors):
+        out = dict(user_callback(pipe, i, t, tensors) or {}) if user_callback is not None else {}
+        moved = move(pipe, i, out.get("latents", tensors["latents"]))
+        if moved is not None:
+            out["latents"] = moved
+        return out
+
+    return {**kwargs, "callback_on_step_end": on_step_end,
+            "callback_on_step_end_tensor_inputs": names + [n for n in ["latents"] if n not in names]}
 
 
 def initial_latents(session, args, kwargs) -> tuple[torch.Tensor, tuple, dict, StepState]:

@@ -22,7 +22,6 @@ to each image of the batch with its own windows.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
-from .latent_guidance import initial_latents
+from .latent_guidance import initial_latents, moving_latents, require_call_parameters
 
 log = logging.getLogger(__name__)
 
@@ -129,25 +128,18 @@ class Relocation(Controller):
         """The call's arguments with a step-end callback that moves the latents at the end of the last read step,
         around the caller's own callback; with `restart`, the initial latents moved instead (after a first run of
         the read steps)."""
-        if "callback_on_step_end" not in inspect_parameters(session.pipe):
-            raise UsageError(f"relocation moves the latents through the pipeline's callback_on_step_end argument, "
-                             f"which {type(session.pipe).__name__} does not take")
+        require_call_parameters(session.pipe, self.name, ("callback_on_step_end",))
         if self.config.restart:
             return self._restarted(session, args, kwargs)
-        user_callback = kwargs.get("callback_on_step_end")
-        names = list(getattr(user_callback, "tensor_inputs", None) or kwargs.get("callback_on_step_end_tensor_inputs")
-                     or ["latents"])
 
-        def on_step_end(pipe, i, t, tensors):
-            out = dict(user_callback(pipe, i, t, tensors) or {}) if user_callback is not None else {}
-            if i == self._last_read_step(len(pipe.scheduler.timesteps)) and self._maps:
-                out["latents"] = self.move(out.get("latents", tensors["latents"]))
-                self._reading = False
-            return out
+        def move_after_reading(pipe, i, current):
+            if i != self._last_read_step(len(pipe.scheduler.timesteps)) or not self._maps:
+                return None
+            self._reading = False
+            return self.move(current)
 
         self._prepared = True
-        return {**kwargs, "callback_on_step_end": on_step_end,
-                "callback_on_step_end_tensor_inputs": names + [n for n in ["latents"] if n not in names]}
+        return moving_latents(kwargs, move_after_reading)
 
     def _restarted(self, session, args, kwargs) -> dict:
         """Runs the read steps from the run's own initial latents, then returns the call's arguments with those
@@ -189,11 +181,6 @@ class Relocation(Controller):
 
 class _ReadDone(Exception):
     """Ends the first run of a restart once its read steps are done."""
-
-
-def inspect_parameters(pipe) -> set[str]:
-    """The names of the pipeline call's parameters."""
-    return set(inspect.signature(pipe.__call__).parameters)
 
 
 def latent_grid(sample: torch.Tensor, token_grid) -> tuple[int, int]:
