@@ -27,7 +27,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils.torch_utils import unwrap_module
 
-from .attention import attention, attention_with_lse, chunked_lse, default_scale, key_probs
+from .attention import attention, attention_with_lse, chunked_lse, default_scale, key_probs, rows_lse
 from .errors import UsageError
 from .families import Family, family_of, refuse_without_sites
 from .sites import AttentionSite, downsampled
@@ -115,6 +115,28 @@ class AttentionCall:
             bias = None if self.key_bias is None else self.key_bias[..., self.text]
             self._text_probs = key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale, bias)
         return self._text_probs
+
+    def kept_text_probs(self, rows: slice, columns: torch.Tensor) -> torch.Tensor:
+        """`text_probs()[rows][..., columns]` (float32, (rows, heads, image tokens, columns)) computed for just those
+        rows and text positions (`columns`, a device index tensor into the text tokens): exp(q·k·scale − lse) with
+        the rows' full log-sum-exp, so the normaliser still runs over every key.
+
+        Probabilities a method set (or an earlier reader computed) are read, not recomputed. The LSE is this call's
+        own where it is known or comes with the output the call needs anyway (no key mask, no output yet: one fused
+        pass of the kernel plain SDPA uses); else that of the kept rows' image queries alone (`rows_lse`)."""
+        if self._text_probs is not None:
+            return self._text_probs[rows].index_select(-1, columns)
+        q = self.q[rows][:, :, self.image]
+        k = self.k[rows][:, :, self.text].index_select(2, columns)
+        bias = self.key_bias
+        if bias is not None:
+            bias = bias[rows] if bias.shape[0] > 1 else bias
+        if self._lse is not None or (bias is None and self._out is None):
+            lse = self.lse()[rows][:, :, self.image]
+        else:
+            lse = rows_lse(q, self.k[rows], self.v[rows], self.scale, bias)
+        kept_bias = None if bias is None else bias[..., self.text].index_select(-1, columns)
+        return key_probs(q, k, lse, self.scale, kept_bias)
 
     def set_output(self, out: torch.Tensor, text_probs: torch.Tensor | None = None) -> None:
         """Replace the attention output; `text_probs` are the image→text probabilities that produced it. Under a

@@ -2,9 +2,9 @@
 
 The probabilities come from the attention's row log-sum-exp (one fused pass, the one that computes the output) and
 one small matmul of the conditional rows' image queries with the words' keys: nothing is computed for the
-unconditional rows or for the text tokens no word uses (`kept_text_probs`). A word's map is the sum over its
-sub-tokens of the probability a pixel gives to them (so it stays in [0, 1]); maps are averaged over heads and over the
-captured steps, per site.
+unconditional rows or for the text tokens no word uses (`AttentionCall.kept_text_probs`). A word's map is the sum
+over its sub-tokens of the probability a pixel gives to them (so it stays in [0, 1]); maps are averaged over heads and
+over the captured steps, per site.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..attention import key_probs, rows_lse
 from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
@@ -121,7 +120,7 @@ class Capture(Controller):
             return
         prompts = tuple(call.step.prompt_of_row(r) for r in range(rows.stop - rows.start))
         columns, selector = self._selector(prompts, call.k[:, :, call.text].shape[2], call.q.device)
-        probs = kept_text_probs(call, rows, columns).mean(dim=1)  # (cond rows, image tokens, columns), float32
+        probs = call.kept_text_probs(rows, columns).mean(dim=1)  # (cond rows, image tokens, columns), float32
         maps = probs @ selector  # (cond rows, image tokens, words)
         maps = maps.transpose(1, 2).reshape(maps.shape[0], len(self.words), *call.grid)
         # summed on the device in float32 and read back once, by maps(): no copy or sync inside a denoising step
@@ -157,25 +156,3 @@ class Capture(Controller):
         # largest grid first (UNet resolutions), then by label (depth bands in order)
         return dict(sorted(out.items(), key=lambda kv: (-kv[1].shape[-2] * kv[1].shape[-1], kv[0])))
 
-
-def kept_text_probs(call: AttentionCall, rows: slice, columns: torch.Tensor) -> torch.Tensor:
-    """`call.text_probs()[rows][..., columns]` (float32, (rows, heads, image tokens, columns)) computed for just those
-    rows and text positions (`columns`, a device index tensor into the text tokens): exp(q·k·scale − lse) with the
-    rows' full log-sum-exp, so the normaliser still runs over every key.
-
-    The probabilities a method set (or an earlier observer computed) are read, not recomputed. The LSE is the call's
-    own where it is known or comes with the output the call needs anyway (no key mask, no output yet: one fused pass
-    of the kernel plain SDPA uses); else that of the kept rows' image queries alone (`rows_lse`)."""
-    # AttentionCall keeps what it has computed in _text_probs, _lse and _out; reading them here spares a second pass
-    if call._text_probs is not None:
-        return call._text_probs[rows].index_select(-1, columns)
-    q = call.q[rows][:, :, call.image]
-    k = call.k[rows][:, :, call.text].index_select(2, columns)
-    bias = call.key_bias
-    if bias is not None:
-        bias = bias[rows] if bias.shape[0] > 1 else bias
-    if call._lse is not None or (bias is None and call._out is None):
-        lse = call.lse()[rows][:, :, call.image]
-    else:
-        lse = rows_lse(q, call.k[rows], call.v[rows], call.scale, bias)
-    return key_probs(q, k, lse, call.scale, None if bias is None else bias[..., call.text].index_select(-1, columns))
