@@ -128,7 +128,8 @@ class Relocation(Controller):
         """The call's arguments with a step-end callback that moves the latents at the end of the last read step,
         around the caller's own callback; with `restart`, the initial latents moved instead (after a first run of
         the read steps)."""
-        require_call_parameters(session.pipe, self.name, ("callback_on_step_end",))
+        needed = ("latents", "callback_on_step_end") if self.config.restart else ("callback_on_step_end",)
+        require_call_parameters(session.pipe, self.name, needed)
         if self.config.restart:
             return self._restarted(session, args, kwargs)
 
