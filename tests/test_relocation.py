@@ -9,7 +9,7 @@ import torch
 
 import attnctl
 from attnctl.errors import UsageError
-from attnctl.methods.relocation import Relocation, box_cells, cell_permutation, object_windows
+from attnctl.methods.relocation import Relocation, box_cells, cell_permutation, centred_window, object_windows
 
 from conftest import call_kwargs, run, tiny_pipe
 
@@ -68,8 +68,15 @@ def test_box_cells_round_to_the_grid_and_keep_a_cell():
     assert box_cells((0.0, 0.0, 0.01, 0.01), (8, 8)) == (0, 0, 1, 1)
 
 
-@pytest.mark.parametrize("name", ["unet", "sd3", "flux"])
-def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name):
+def test_the_window_is_at_most_the_given_side_and_centred_in_its_box():
+    assert centred_window((3, 4, 6, 7), 1.0, (16, 16)) == (3, 4, 6, 7)  # 1: the whole box
+    assert centred_window((3, 4, 6, 7), 0.25, (16, 16)) == (4, 5, 4, 4)  # 4 of 16 cells, centred (rounded down)
+    assert centred_window((0, 0, 16, 8), 0.4, (16, 16)) == (5, 1, 6, 6)  # a half: a square in its middle
+    assert centred_window((2, 2, 3, 3), 0.0, (8, 8)) == (3, 3, 1, 1)  # at least one cell
+
+
+@pytest.mark.parametrize("name, window", [("unet", 1.0), ("sd3", 1.0), ("flux", 1.0), ("unet", 0.2)])
+def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name, window):
     """The steps read are the plain run's bit for bit; the latents the denoiser gets after the move are exactly the
     plain latents of that step with their cells permuted as `moves` says."""
     pipe = tiny_pipe(name)
@@ -81,7 +88,7 @@ def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name):
     inputs = []
     handle = denoiser.register_forward_pre_hook(
         lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
-    method = Relocation(LAYOUT, read_fraction=0.5)  # reads steps 0 and 1, moves at the end of step 1
+    method = Relocation(LAYOUT, read_fraction=0.5, window=window)  # reads steps 0 and 1, moves after step 1
     try:
         with attnctl.apply(pipe, method) as session:
             images = session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -89,7 +96,8 @@ def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name):
         handle.remove()
     step2 = inputs[2][:1]  # one denoiser call per step; under guidance the rows repeat the latents
     grid = method._grid
-    boxes = [box_cells(r.box, grid) for r in method.layout.regions]
+    boxes = [centred_window(box_cells(r.box, grid), window, grid) for r in method.layout.regions]
+    assert [m["box"] for m in method.moves[0]] == [b[:2] for b in boxes]
     order = cell_permutation([m["window"] for m in method.moves[0]], boxes, grid)
     assert order.tolist() != list(range(len(order)))  # something moved
     if plain[1].dim() == 3:  # packed: one token per cell

@@ -9,14 +9,15 @@ attended (BENCHMARKS.md, issue 28: a hard image→text mask at every step places
 and an object forms from what the noise holds where it forms. So this method lets the model start as it would, reads
 where each instance word is attended over the first `read_fraction` of the steps (the model's own signal: its
 image→text attention, cross-attention on UNets, the image→text part of joint attention on MMDiTs), and at the end
-of the last read step moves the latent cells of the window where each object is forming onto the cells of its box,
-the same size. The cells the move vacates get the content the boxes held, so the latents are only permuted: their
+of the last read step moves the latent cells of the window where each object is forming onto the centre of its box.
+The cells the move vacates get the content the target cells held, so the latents are only permuted: their
 distribution (and that of the noise they still hold) is unchanged. The rest of the run denoises the moved latents as
 it would any others.
 
-Where the object forms: the window of its box's size, on the latent grid, holding the most of its instance words'
-attention (summed over the sites and read steps, each site's map resized to the latent grid); objects are taken in
-order of their peak and a window never overlaps an earlier object's. Only conditional rows are read; the move applies
+The window: at most `window` of the image on each side and at most the box (so an object's start is moved, not half
+the image with the other objects' starts), placed where it holds the most of the object's instance words' attention
+(summed over the sites and read steps, each site's map resized to the latent grid); objects are taken in order of
+their peak and a window never overlaps an earlier object's. Only conditional rows are read; the move applies
 to each image of the batch with its own windows.
 """
 
@@ -44,10 +45,13 @@ class RelocationConfig:
     read_fraction: float = option(0.32, "read the instance words' attention over this first fraction of the steps, "
                                   "then move each object's window onto its box", low=0, high=1)
 
+    window: float = option(0.4, "the side of the window moved, as a fraction of the image, at most its box's: the "
+                           "object's window goes to the centre of its box (1: the whole box)", low=0, high=1)
+
     restart: bool = option(False, "move the initial latents instead and start the run again from them (the read "
                            "steps run twice)")
 
-    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-restart
+    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-window, --rl-restart
 
     def __post_init__(self):
         check(self)
@@ -166,7 +170,7 @@ class Relocation(Controller):
         """The latents (images first) with each image's object windows moved onto their boxes."""
         self._grid = h, w = latent_grid(latents, self.session.step.token_grid)
         maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in self._maps.values())
-        boxes = [box_cells(r.box, (h, w)) for r in self.layout.regions]
+        boxes = [centred_window(box_cells(r.box, (h, w)), self.config.window, (h, w)) for r in self.layout.regions]
         packed = latents.dim() == 3  # (images, tokens, channels): one token per grid cell
         cells = latents if packed else latents.flatten(2).transpose(1, 2)  # (images, cells, channels)
         moved = cells.clone()
@@ -202,9 +206,18 @@ def box_cells(box, grid: tuple[int, int]) -> tuple[int, int, int, int]:
     return top, left, max(1, min(h - top, round((y1 - y0) * h))), max(1, min(w - left, round((x1 - x0) * w)))
 
 
+def centred_window(cells, side: float, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The window of at most `side` (a fraction of the grid) in each dimension at the centre of `cells` (top, left,
+    height, width): the cells an object's window is moved onto."""
+    top, left, bh, bw = cells
+    wh, ww = min(bh, max(1, round(side * grid[0]))), min(bw, max(1, round(side * grid[1])))
+    return top + (bh - wh) // 2, left + (bw - ww) // 2, wh, ww
+
+
 def object_windows(maps: torch.Tensor, boxes) -> list[tuple[int, int]]:
-    """For each object (maps: objects × H × W), the (top, left) of the window of its box's size holding the most of
-    its attention, objects in order of their peak, no window overlapping an earlier object's."""
+    """For each object (maps: objects × H × W), the (top, left) of the window of its target's size (`boxes`: top,
+    left, height, width in cells) holding the most of its attention, objects in order of their peak, no window
+    overlapping an earlier object's."""
     taken = torch.zeros(maps.shape[-2:], dtype=torch.bool)
     windows: list[tuple[int, int] | None] = [None] * len(boxes)
     for i in sorted(range(len(boxes)), key=lambda j: -float(maps[j].max())):
