@@ -150,3 +150,21 @@ def test_a_prompt_is_judged_in_words():
     assert scorer.judged(img, [("red", "square"), ("blue", "circle")], [left, right]) == "all placed"
     assert scorer.judged(img, [("red", "square"), ("blue", "circle")], [right, left]) == \
         "outside its box: red square, blue circle"
+
+
+def test_a_seed_grid_with_a_layout_is_judged_by_its_regions_phrases():
+    """A relation prompt ("... to the left of ...") is no "a X and a Y" prompt: the grid's verdicts come from the
+    layout's phrases and boxes (they were blank)."""
+    from attnctl.layout import Layout
+    from attnctl.run import Request, _judged
+
+    img = data.render(data.Scene((data.ShapeObject("red", "square", (4, 20, 26, 42)),
+                                  data.ShapeObject("blue", "circle", (36, 20, 58, 42))))).image
+    prompt = "a red square to the left of a blue circle"
+    request = Request(method="relocation", layout=Layout.from_prompt(prompt), model="builtin:shapes-unet")
+    assert _judged(request, {"plain": [img], "relocation": [img[:, ::-1]]}, [0]) == {
+        "plain": ["all placed"], "relocation": ["outside its box: red square, blue circle"]}
+    flipped = Request(method="relocation", layout=Layout.from_prompt("a blue circle to the left of a red square"),
+                      model="builtin:shapes-unet")
+    assert _judged(flipped, {"plain": [img], "relocation": [img]}, [0])["plain"] == [
+        "outside its box: blue circle, red square"]

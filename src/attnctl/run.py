@@ -270,11 +270,14 @@ def generate(request: Request, pipelines: Pipelines | None = None,
 
 def _judged(request: Request, grid: dict, seeds: list[int]) -> dict:
     """Each seed grid image's verdict by the shapes world's exact scorer, where the model and the prompt are the
-    shapes world's (a built-in model, "a COLOUR SHAPE" phrases); blank captions elsewhere."""
+    shapes world's (a built-in model, "a COLOUR SHAPE" phrases: the prompt's, or with a layout its regions', so a
+    relation prompt is judged too); blank captions elsewhere."""
     from .shapes.scorer import judged, objects_of_prompt
 
-    objects = objects_of_prompt(request.prompt) if request.model_spec.startswith("builtin:") else None
-    boxes = [r.box for r in request.layout.regions] if request.layout is not None else None
+    regions = request.layout.regions if request.layout is not None else None
+    named = request.prompt if regions is None else " and ".join(r.phrase for r in regions)
+    objects = objects_of_prompt(named) if request.model_spec.startswith("builtin:") else None
+    boxes = [r.box for r in regions] if regions is not None and all(r.box for r in regions) else None
     captions = {label: [judged(image, objects, boxes) if objects else "" for image in images]
                 for label, images in grid.items()}
     if objects:
