@@ -2,13 +2,13 @@
 
 - `builtin:shapes-unet`, `builtin:shapes-mmdit`: the small models trained on the shapes world, shipped in the package.
 - a hub id (`stabilityai/stable-diffusion-2-base`) or a local diffusers folder: `DiffusionPipeline.from_pretrained`.
-- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage): tiny configs, seconds on a CPU, for
-  tests.
+- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage, lumina2): tiny configs, seconds on a
+  CPU, for tests.
 - `random:<family>`: the full-size denoiser architecture with random weights, for timing (flux2: FLUX.2 [dev],
-  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image). Text encoders and VAE are small (their cost is the same with or
-  without attention control; the chat models' text encoders keep the layer count whose hidden states the pipeline
-  reads, with tiny layers). Reduced depth: `random:flux?double=2&single=4`, `random:flux2?double=2&single=4`,
-  `random:sd3?layers=4`, `random:zimage?layers=4`.
+  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image, lumina2: Lumina-Image 2.0). Text encoders and VAE are small
+  (their cost is the same with or without attention control; the chat models' text encoders keep the layer count
+  whose hidden states the pipeline reads, with tiny layers). Reduced depth: `random:flux?double=2&single=4`,
+  `random:flux2?double=2&single=4`, `random:sd3?layers=4`, `random:zimage?layers=4`, `random:lumina2?layers=4`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,18 @@ import torch
 from .defaults import DEFAULT_MODEL
 from .devices import DTYPES, checked_device, parse_dtype
 from .errors import UsageError
-from .offline_tokenizers import clip_tokenizer, mistral3_like_tokenizer, qwen3_like_tokenizer, t5_like_tokenizer
+from .offline_tokenizers import (
+    clip_tokenizer,
+    gemma_like_tokenizer,
+    mistral3_like_tokenizer,
+    qwen3_like_tokenizer,
+    t5_like_tokenizer,
+)
 from .sampling import FOLDER_SETTINGS, SamplingConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "flux2-tiny", "flux2-klein-tiny", "zimage-tiny",
-                "sd15", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "zimage")
+                "lumina2-tiny", "sd15", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "zimage", "lumina2")
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`.
@@ -180,7 +186,7 @@ def _check_method_settings(methods, where: str) -> None:
 
 
 RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",), "flux2": ("double", "single"),
-                  "flux2-klein": ("double", "single"), "zimage": ("layers",)}
+                  "flux2-klein": ("double", "single"), "zimage": ("layers",), "lumina2": ("layers",)}
 
 
 def _random_options(name: str, query: str) -> dict[str, int]:
@@ -490,6 +496,39 @@ def _flux2(tiny: bool, double: int | None = None, single: int | None = None, kle
                transformer=transformer.eval())
 
 
+def _gemma2_text(hidden: int, layers: int):
+    """A Gemma 2 encoder (Lumina-Image 2.0's kind) of `layers` tiny layers (one key/value head of 8) at width `hidden`,
+    and its offline tokenizer."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = gemma_like_tokenizer()
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    return Gemma2Model(config).eval(), tokenizer
+
+
+def _lumina2(tiny: bool, layers: int | None = None):
+    """Lumina-Image 2.0 (Lumina2Pipeline): Gemma 2 text after a system prompt, one single-stream DiT over
+    [caption; image]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    if tiny:
+        hidden, latent = 16, 4
+        transformer = Lumina2Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=latent, hidden_size=32, num_layers=layers or 2,
+            num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6),
+            axes_lens=(300, 32, 32), cap_feat_dim=hidden)
+    else:  # Lumina-Image 2.0's transformer (26 layers of 2304, 24 query and 8 key/value heads; Gemma-2-2B's width)
+        hidden, latent = 2304, 16
+        transformer = Lumina2Transformer2DModel(in_channels=latent, num_layers=layers or 26, cap_feat_dim=hidden)
+    text, tokenizer = _gemma2_text(hidden, 2)  # the pipeline reads the second-to-last hidden states
+    return Lumina2Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(latent, shift_factor=0.1159, scaling_factor=0.3611), text_encoder=text, tokenizer=tokenizer)
+
+
 def _zimage(tiny: bool, layers: int | None = None):
     """Z-Image (ZImagePipeline): Qwen3 text in a chat template, one single-stream DiT over [image; text]."""
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
@@ -511,4 +550,5 @@ def _zimage(tiny: bool, layers: int | None = None):
 
 
 _RANDOM_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2,
-                    "flux2-klein": lambda tiny, **options: _flux2(tiny, klein=True, **options), "zimage": _zimage}
+                    "flux2-klein": lambda tiny, **options: _flux2(tiny, klein=True, **options), "zimage": _zimage,
+                    "lumina2": _lumina2}

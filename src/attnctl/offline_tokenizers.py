@@ -195,3 +195,33 @@ def mistral3_like_tokenizer(padding_side: str = "left"):
         additional_special_tokens=specials[4:], padding_side=padding_side, model_max_length=131072)
     tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
     return tokenizer
+
+
+# --- Gemma (Lumina-Image 2.0): SentencePiece pieces marked with ▁, a start token, no end token ----------------------
+
+_GEMMA_WORDS = _CHAT_WORDS + """designed generate superior degree text alignment based textual prompts prompt
+start""".split()
+
+
+@lru_cache(maxsize=2)
+def gemma_like_tokenizer(padding_side: str = "left"):
+    """Stands in for Gemma 2's tokenizer (Lumina-Image 2.0's text encoder): SentencePiece pieces with ▁ marking a
+    space and no space added before the text (Gemma's "a red dog" is `a ▁red ▁dog`), a fixed word list as whole
+    pieces and characters for everything else, Gemma's special tokens (<pad>=0, <eos>=1, <bos>=2, <unk>=3), <bos>
+    added before every text it encodes and no end token, padding on `padding_side` (Gemma's own is the left; the
+    Lumina pipeline sets the right). Built offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-#\"()<>/"
+    pieces = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for word in dict.fromkeys(_GEMMA_WORDS):
+        pieces += [("\u2581" + word, -1.0), (word, -1.5)]
+    pieces += [(c, -8.0) for c in chars] + [("\u2581" + c, -8.0) for c in chars]
+    tok = Tokenizer(models.Unigram(list(dict.fromkeys(pieces)), unk_id=3))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")  # Gemma's: every space a ▁, none added in front
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " ")])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>", padding_side=padding_side, model_max_length=8192)
