@@ -152,3 +152,108 @@ def test_a_restart_starts_from_the_moved_initial_latents(name):
     expected = plain_start[:, order] if plain_start.dim() == 3 else \
         plain_start.flatten(2)[:, :, order].view_as(plain_start)
     assert torch.equal(inputs[3][:1], expected)
+
+
+# --- the contrast locator ---------------------------------------------------------------------------------------
+from attnctl.methods.contrast_locator import prompt_without  # noqa: E402
+
+
+def test_a_prompt_without_an_object_drops_its_phrase_and_one_connector():
+    pair, triple = "a red circle and a blue square", "a red circle, a blue square and a green triangle"
+    assert prompt_without(pair, (0, 12)) == "a blue square"
+    assert prompt_without(pair, (17, 30)) == "a red circle"
+    assert prompt_without(triple, (14, 27)) == "a red circle, a green triangle"
+    assert prompt_without(triple, (32, 48)) == "a red circle, a blue square"
+    relation = "a red circle to the left of a blue square"
+    assert prompt_without(relation, (0, 12)) == "to the left of a blue square"
+    assert prompt_without("a cat and a dog on a sofa", (10, 15)) == "a cat on a sofa"
+
+
+def _reference_prediction(pipe, name, text, x, t):
+    """The denoiser's conditional prediction for `text` at latents `x`, in float64, from the pipeline's own encoder."""
+    import copy
+
+    if name == "unet":
+        embeds = pipe.encode_prompt(text, "cpu", 1, False)[0]
+        unet = copy.deepcopy(pipe.unet).double()
+        with torch.no_grad():
+            return unet(x.double(), t, encoder_hidden_states=embeds.double()).sample
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=text, prompt_2=text, prompt_3=text, device="cpu",
+                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
+    transformer = copy.deepcopy(pipe.transformer).double()
+    with torch.no_grad():
+        return transformer(hidden_states=x.double(), timestep=t.expand(1).double(),
+                           encoder_hidden_states=embeds.double(), pooled_projections=pooled.double(),
+                           return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", ["unet", "sd3"])
+def test_the_contrast_maps_are_the_prediction_differences(name):
+    """Object i's map is |prediction(prompt) − prediction(prompt without i)| over channels at the latents after the
+    last read step and the next timestep, against a float64 computation from the pipeline's own encoder; the read
+    steps are the plain run's (the probes for the edited prompts draw nothing from the caller's generator)."""
+    pipe = tiny_pipe(name)
+    kwargs = call_kwargs(name, steps=4)
+    plain = []
+    run(pipe, LAYOUT["prompt"], callback_on_step_end=lambda p, i, t, x: plain.append(x["latents"].clone()) or {},
+        **kwargs)
+    method = Relocation(LAYOUT, read_fraction=0.5, locator="contrast")  # reads to step 1
+    with attnctl.apply(pipe, method) as session:
+        session(prompt=LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert method._contrast.edited == ["a blue dog", "a red cat"]
+    x, t = plain[1], pipe.scheduler.timesteps[2]
+    full = _reference_prediction(pipe, name, LAYOUT["prompt"], x, t)
+    expected = torch.stack([(full - _reference_prediction(pipe, name, text, x, t)).norm(dim=1)
+                            for text in method._contrast.edited], 1)
+    assert method._located.shape == expected.shape
+    # float32 predictions round at about 1e-7 of their size, and a map is a difference of two of them
+    scale = float(full.detach().abs().max())
+    torch.testing.assert_close(method._located.double(), expected.detach(), rtol=1e-4, atol=1e-5 * scale)
+    assert float(expected.max()) > 10 * 1e-5 * scale  # the maps lie well above that tolerance
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_with_the_contrast_locator_the_read_steps_are_plain_and_the_move_is_the_permutation(name):
+    pipe = tiny_pipe(name)
+    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    kwargs = call_kwargs(name, steps=4)
+    plain = []
+    run(pipe, LAYOUT["prompt"], callback_on_step_end=lambda p, i, t, x: plain.append(x["latents"].clone()) or {},
+        **kwargs)
+    inputs = []
+    handle = denoiser.register_forward_pre_hook(
+        lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
+    method = Relocation(LAYOUT, read_fraction=0.5, locator="contrast")
+    try:
+        with attnctl.apply(pipe, method) as session:
+            session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
+    finally:
+        handle.remove()
+    # two probes' first calls (stopped), steps 0-1, the 1 + 2 contrast forwards, steps 2-3
+    assert len(inputs) == 2 + 2 + 3 + 2
+    assert torch.equal(inputs[3][:1].to(plain[0].dtype), plain[0])
+    grid = method._grid
+    boxes = [centred_window(box_cells(r.box, grid), 0.4, grid) for r in method.layout.regions]
+    order = cell_permutation([m["window"] for m in method.moves[0]], boxes, grid)
+    expected = plain[1][:, order] if plain[1].dim() == 3 else plain[1].flatten(2)[:, :, order].view_as(plain[1])
+    assert torch.equal(inputs[7][:1].to(expected.dtype), expected)
+
+
+def test_the_contrast_locator_refuses_what_it_cannot_edit_before_any_step():
+    pipe = tiny_pipe("sd3")
+    kwargs = call_kwargs("sd3", steps=2)
+    embeds = pipe.encode_prompt(prompt=LAYOUT["prompt"], prompt_2=None, prompt_3=None, device="cpu")
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with attnctl.apply(pipe, Relocation(LAYOUT, locator="contrast"), prompt=LAYOUT["prompt"]) as session:
+            with pytest.raises(UsageError, match="prompt as one string.*--rl-locator attention"):
+                session(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], pooled_prompt_embeds=embeds[2],
+                        negative_pooled_prompt_embeds=embeds[3], **kwargs)
+            with pytest.raises(UsageError, match="prompt_2 differs"):
+                session(prompt=LAYOUT["prompt"], prompt_2="a cat", **kwargs)
+    finally:
+        handle.remove()
+    assert not calls
+    with pytest.raises(UsageError, match="locator.*attention, contrast"):
+        Relocation(LAYOUT, locator="x-ray")

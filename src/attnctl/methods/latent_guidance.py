@@ -113,7 +113,7 @@ class LatentGuidance(Controller):
         latents, first_args, first_kwargs, step = initial_latents(session, args, kwargs)
         scheduler = session.pipe.scheduler
         self._inputs = self._conditioning(first_args, first_kwargs, step)
-        self._timestep_scale = self._denoiser_timestep_scale(self._inputs[0], scheduler.timesteps[0])
+        self._timestep_scale = timestep_scale(self._inputs[0], scheduler.timesteps[0])
         self._choose_sites(step.token_grid)
         latents = self.move(latents, 0, step)
 
@@ -185,19 +185,7 @@ class LatentGuidance(Controller):
 
     def _conditioning(self, args, kwargs, step: StepState) -> tuple[dict, StepState]:
         """A pipeline denoiser call's arguments by name, less the latents (the step's gradient forwards reuse them)."""
-        denoiser = self.session.denoiser
-        named = inspect.signature(type(denoiser).forward).bind_partial(denoiser, *args, **kwargs).arguments
-        named.pop("self", None)
-        named.pop(self.session.family.latents_name, None)
-        return named, step
-
-    @staticmethod
-    def _denoiser_timestep_scale(named: dict, t0: torch.Tensor) -> float:
-        """What the pipeline multiplies the scheduler's timestep by before the denoiser sees it (FLUX: 1/1000)."""
-        given = named.get("timestep")
-        if not isinstance(given, torch.Tensor) or float(t0) == 0:
-            return 1.0
-        return float(given.flatten()[0]) / float(t0)
+        return denoiser_arguments(self.session, args, kwargs), step
 
     def _loss_and_grad(self, z, t, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's loss at latents `z` (the images `images` of the batch) and its gradient with respect to its
@@ -205,12 +193,7 @@ class LatentGuidance(Controller):
         named, step = self._inputs
         denoiser = self.session.denoiser
         rows = [step.cond_rows.start + int(i) for i in images]
-        inputs = _rows_of(named, rows, step.batch_size)
-        given = named.get("timestep")
-        timestep = t if self._timestep_scale == 1.0 else t * self._timestep_scale
-        if isinstance(given, torch.Tensor) and given.dim() > 0:
-            timestep = timestep.to(given.dtype).expand(len(rows))
-        inputs.update(timestep=timestep, return_dict=False)
+        inputs = row_inputs(named, step, rows, t, self._timestep_scale)
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             self._sum, self._heads, self._seen = None, 0, 0
@@ -245,6 +228,37 @@ class LatentGuidance(Controller):
                              f"the sides here are {', '.join(map(str, sides))} (--{self.config.cli_prefix}resolution)")
         self._grid = grids[chosen[0]]
         self._sites = set(chosen)
+
+
+def denoiser_arguments(session, args, kwargs) -> dict:
+    """A pipeline denoiser call's arguments by name, less the latents: the conditioning that extra forwards of the
+    same step reuse."""
+    denoiser = session.denoiser
+    named = inspect.signature(type(denoiser).forward).bind_partial(denoiser, *args, **kwargs).arguments
+    named.pop("self", None)
+    named.pop(session.family.latents_name, None)
+    return named
+
+
+def timestep_scale(named: dict, t: torch.Tensor) -> float:
+    """What the pipeline multiplies the scheduler's timestep `t` by before the denoiser sees it (FLUX: 1/1000), from
+    the arguments of a denoiser call at `t`."""
+    given = named.get("timestep")
+    if not isinstance(given, torch.Tensor) or float(t) == 0:
+        return 1.0
+    return float(given.flatten()[0]) / float(t)
+
+
+def row_inputs(named: dict, step: StepState, rows: list[int], t, scale: float) -> dict:
+    """The arguments `named` cut to the batch rows `rows`, at scheduler timestep `t` (times `scale`), for a forward
+    that returns a tuple."""
+    inputs = _rows_of(named, rows, step.batch_size)
+    given = named.get("timestep")
+    timestep = t if scale == 1.0 else t * scale
+    if isinstance(given, torch.Tensor) and given.dim() > 0:
+        timestep = timestep.to(given.dtype).expand(len(rows))
+    inputs.update(timestep=timestep, return_dict=False)
+    return inputs
 
 
 def require_call_parameters(pipe, who: str, names) -> None:

@@ -104,7 +104,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            tune_grid={"weight": [1.0, 25.0], "power": [5.0, 0.0], "steps_fraction": [0.2, 0.4]}),
     Method("relocation", Relocation, RelocationConfig, "layout", ("cross", "joint"), DEFAULT_MODEL,
            "relocation (attnctl): each object moved into its box by permuting the latents early in the run, "
-           "found where its words are attended", tune_grid={"read_fraction": [0.16, 0.24, 0.32, 0.4]}),
+           "found where its words are attended or where the prompt without it predicts otherwise",
+           tune_grid={"read_fraction": [0.16, 0.24, 0.32, 0.4]}),
 )}
 
 

@@ -33,6 +33,7 @@ from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
+from .contrast_locator import ContrastLocator
 from .latent_guidance import initial_latents, moving_latents, require_call_parameters
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,15 @@ class RelocationConfig:
     window: float = option(0.4, "the side of the window moved, as a fraction of the image, at most its box's: the "
                            "object's window goes to the centre of its box (1: the whole box)", low=0, high=1)
 
+    locator: str = option("attention", "where an object is forming: 'attention' (its instance words' attention "
+                          "over the read steps) or 'contrast' (at the last read step, the denoiser's prediction for "
+                          "the prompt against the prompt without the object: 1 + objects extra forwards)",
+                          choices=("attention", "contrast"))
+
     restart: bool = option(False, "move the initial latents instead and start the run again from them (the read "
                            "steps run twice)")
 
-    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-window, --rl-restart
+    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-window, --rl-locator, --rl-restart
 
     def __post_init__(self):
         check(self)
@@ -80,8 +86,9 @@ class Relocation(Controller):
         if not any(self.wants(s) for s in session.sites):
             raise UsageError(f"relocation reads text cross-attention or joint attention; this {session.family.name} "
                              "model has neither")
-        self._instances = [[r.instance for r in self.layout.bind(tokens, "rules").regions]
-                           for tokens in session.prompts]
+        bound = [self.layout.bind(tokens, "rules") for tokens in session.prompts]
+        self._instances = [[r.instance for r in b.regions] for b in bound]
+        self._spans = bound[0].spans
         self.session = session
         self._selectors: dict = {}
         self._prepared = self._restarting = False
@@ -97,9 +104,11 @@ class Relocation(Controller):
                              "it no way to do: call the pipeline through the session, `with attnctl.apply(pipe, "
                              "method) as session: session(prompt, ...)`, instead of `pipe(prompt, ...)`")
         self._prepared = False
-        self._reading = not self._restarting  # the run after a restart reads nothing
+        # the run after a restart reads nothing; the contrast locator reads no attention
+        self._reading = not self._restarting and self.config.locator == "attention"
         self._restarting = False
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
+        self._located: torch.Tensor | None = None
 
     def _last_read_step(self, num_steps: int) -> int:
         return max(1, round(self.config.read_fraction * num_steps)) - 1
@@ -134,14 +143,18 @@ class Relocation(Controller):
         the read steps)."""
         needed = ("latents", "callback_on_step_end") if self.config.restart else ("callback_on_step_end",)
         require_call_parameters(session.pipe, self.name, needed)
+        self._contrast = None
+        if self.config.locator == "contrast":
+            self._contrast = ContrastLocator(session, self, args, kwargs, self._spans)
         if self.config.restart:
             return self._restarted(session, args, kwargs)
 
         def move_after_reading(pipe, i, current):
-            if i != self._last_read_step(len(pipe.scheduler.timesteps)) or not self._maps:
+            if i != self._last_read_step(len(pipe.scheduler.timesteps)):
                 return None
             self._reading = False
-            return self.move(current)
+            self._locate(current, i)
+            return self.move(current) if self._maps or self._located is not None else None
 
         self._prepared = True
         return moving_latents(kwargs, move_after_reading)
@@ -153,6 +166,7 @@ class Relocation(Controller):
 
         def stop(pipe, i, t, tensors):
             if i == self._last_read_step(len(pipe.scheduler.timesteps)):
+                self._locate(tensors["latents"], i)
                 raise _ReadDone
             return {}
 
@@ -166,10 +180,19 @@ class Relocation(Controller):
         self._prepared, self._restarting = True, True
         return {**kwargs, "latents": moved}
 
+    def _locate(self, latents: torch.Tensor, index: int) -> None:
+        """With the contrast locator, the objects' maps at the latents after step `index`."""
+        if self._contrast is not None:
+            self._located = self._contrast.maps(latents, index)
+
     def move(self, latents: torch.Tensor) -> torch.Tensor:
         """The latents (images first) with each image's object windows moved onto their boxes."""
         self._grid = h, w = latent_grid(latents, self.session.step.token_grid)
-        maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False) for m in self._maps.values())
+        if self._located is not None:
+            maps = self._located
+        else:
+            maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+                       for m in self._maps.values())
         boxes = [centred_window(box_cells(r.box, (h, w)), self.config.window, (h, w)) for r in self.layout.regions]
         packed = latents.dim() == 3  # (images, tokens, channels): one token per grid cell
         cells = latents if packed else latents.flatten(2).transpose(1, 2)  # (images, cells, channels)
