@@ -121,8 +121,8 @@ def test_a_read_fraction_out_of_range_names_the_flag():
         Relocation(LAYOUT, read_fraction=1.5)
 
 
-@pytest.mark.parametrize("name", ["unet", "flux"])
-def test_a_restart_starts_from_the_moved_initial_latents(name):
+@pytest.mark.parametrize("name, locator", [("unet", "attention"), ("flux", "attention"), ("unet", "contrast")])
+def test_a_restart_starts_from_the_moved_initial_latents(name, locator):
     """With `restart`, the read steps run from the plain run's initial latents, and the run proper starts from those
     latents permuted as `moves` says."""
     pipe = tiny_pipe(name)
@@ -138,20 +138,22 @@ def test_a_restart_starts_from_the_moved_initial_latents(name):
         run(pipe, LAYOUT["prompt"], **kwargs)
         plain_start = inputs[0][:1]
         inputs.clear()
-        method = Relocation(LAYOUT, read_fraction=0.5, restart=True)
+        method = Relocation(LAYOUT, read_fraction=0.5, restart=True, locator=locator)
         with attnctl.apply(pipe, method) as session:
             session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
     finally:
         handle.remove()
-    # the session's first call (stopped), the two read steps, then the four steps of the run proper
-    assert len(inputs) == 1 + 2 + 4
-    assert torch.equal(inputs[1][:1], plain_start)
+    # (contrast: the two edited prompts' first calls, stopped), the session's first call (stopped), the two read
+    # steps, (contrast: its three forwards), then the four steps of the run proper
+    probes, forwards = (2, 3) if locator == "contrast" else (0, 0)
+    assert len(inputs) == probes + 1 + 2 + forwards + 4
+    assert torch.equal(inputs[probes + 1][:1], plain_start)
     grid = method._grid
     order = cell_permutation([m["window"] for m in method.moves[0]],
                              [box_cells(r.box, grid) for r in method.layout.regions], grid)
     expected = plain_start[:, order] if plain_start.dim() == 3 else \
         plain_start.flatten(2)[:, :, order].view_as(plain_start)
-    assert torch.equal(inputs[3][:1], expected)
+    assert torch.equal(inputs[probes + 3 + forwards][:1], expected)
 
 
 # --- the contrast locator ---------------------------------------------------------------------------------------
