@@ -38,8 +38,8 @@ class Page:
     """One app: its pipelines (loaded once, reused), the requests' folders, and the cancel switch per browser
     session."""
 
-    def __init__(self, model: str | None = None, method: str = "ast", device: str = "cpu", dtype: str = "float32",
-                 models: tuple[str, ...] | None = None):
+    def __init__(self, model: str | None = None, method: str = "relocation", device: str = "cpu",
+                 dtype: str = "float32", models: tuple[str, ...] | None = None):
         """`models`: the only models the page may load, offered as a choice (no path typed on the page is opened);
         None: the model field takes any spec (a page on this machine only)."""
         if method not in choices():

@@ -16,8 +16,8 @@ def register(sub) -> None:
     p = sub.add_parser("app", help="a web page: paint a layout, generate with every method, see the maps")
     p.add_argument("--model", default=None,
                    help="the model the page starts with (default: the built-in model that fits the method)")
-    p.add_argument("--method", choices=choices(), default="ast",
-                   help="the method the page starts with (default: ast)")
+    p.add_argument("--method", choices=choices(), default="relocation",
+                   help="the method the page starts with (default: relocation, which places the sketch's objects)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--models", type=argument_type(comma_list), default=None,
