@@ -19,6 +19,10 @@ the image with the other objects' starts), placed where it holds the most of the
 (summed over the sites and read steps, each site's map resized to the latent grid); objects are taken in order of
 their peak and a window never overlaps an earlier object's. Only conditional rows are read; the move applies
 to each image of the batch with its own windows.
+
+Where a model's attention does not show where its objects form (the built-in MMDiT), `locator="contrast"` finds each
+object instead where the denoiser's prediction for the prompt differs from its prediction for the prompt without
+the object, at the latents after the read steps (`contrast_locator.py`).
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ log = logging.getLogger(__name__)
 class RelocationConfig:
     """Every option of relocation (docs/methods.md)."""
 
-    read_fraction: float = option(0.32, "read the instance words' attention over this first fraction of the steps, "
-                                  "then move each object's window onto its box", low=0, high=1)
+    read_fraction: float = option(0.32, "let this first fraction of the steps run (the attention locator reads "
+                                  "them), then find each object and move its window onto its box", low=0, high=1)
 
     window: float = option(0.4, "the side of the window moved, as a fraction of the image, at most its box's: the "
                            "object's window goes to the centre of its box (1: the whole box)", low=0, high=1)
