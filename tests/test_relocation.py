@@ -3,6 +3,7 @@ every tiny family: the steps it reads are the plain run's, and the move is exact
 run's latents."""
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from attnctl.methods.relocation import Relocation, box_cells, cell_permutation, 
 
 from conftest import call_kwargs, run, tiny_pipe
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 LAYOUT = {"prompt": "a red cat and a blue dog",
           "regions": [{"phrase": "a red cat", "box": [0.55, 0.1, 0.95, 0.5]},
                       {"phrase": "a blue dog", "box": [0.05, 0.5, 0.45, 0.9]}]}
@@ -259,3 +261,22 @@ def test_the_contrast_locator_refuses_what_it_cannot_edit_before_any_step():
     assert not calls
     with pytest.raises(UsageError, match="locator.*attention, contrast"):
         Relocation(LAYOUT, locator="x-ray")
+
+
+def test_a_sketch_layout_moves_each_object_onto_its_regions_bounding_box():
+    """Colour (and mask) regions have no box: the target is the centre of the region's bounding box (a sketch
+    crashed the app's relocation before)."""
+    from attnctl.layout import Layout
+
+    layout = Layout.load(EXAMPLES / "sketch_layout.json")
+    red = layout.regions[0]
+    x0, y0, x1, y1 = red.extent()
+    ys, xs = red.mask.nonzero()
+    assert (x0 * red.mask.shape[1], y1 * red.mask.shape[0]) == (xs.min(), ys.max() + 1)
+    pipe = tiny_pipe("unet")
+    method = Relocation(layout, read_fraction=0.5)
+    with attnctl.apply(pipe, method) as session:
+        session(layout.prompt, generator=torch.Generator().manual_seed(0), **call_kwargs("unet", steps=4))
+    grid = method._grid
+    assert [m["box"] for m in method.moves[0]] == [
+        centred_window(box_cells(r.extent(), grid), 0.4, grid)[:2] for r in layout.regions]

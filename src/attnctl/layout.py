@@ -58,6 +58,14 @@ class Region:
     attribute: str | list[str] | None = None  # None: found by the role parser
     occurrence: int | None = None
 
+    def extent(self) -> tuple[float, float, float, float]:
+        """The region's box, or the bounding box of its mask, as fractions of the image (x0, y0, x1, y1)."""
+        if self.box is not None:
+            return tuple(self.box)
+        ys, xs = np.nonzero(self.mask)
+        h, w = self.mask.shape
+        return xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h
+
     def coverage(self, grid: tuple[int, int]) -> torch.Tensor:
         """Fraction of each cell of an h×w grid that lies inside the region, float64 (h, w)."""
         h, w = grid

@@ -233,7 +233,7 @@ class Page:
                                                         info="blank: the pipeline's")
                     panels = {}
                     for method in METHODS:
-                        with gr.Accordion(f"{method} options (published defaults)", open=False,
+                        with gr.Accordion(f"{method} options (a default left: the model's recommendation)", open=False,
                                           visible=method == self.method, elem_id=f"options-{method}") as panel:
                             panels[method] = panel
                             for flag, f in jobs.method_fields(method):

@@ -197,7 +197,8 @@ class Relocation(Controller):
         else:
             maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
                        for m in self._maps.values())
-        boxes = [centred_window(box_cells(r.box, (h, w)), self.config.window, (h, w)) for r in self.layout.regions]
+        boxes = [centred_window(box_cells(r.extent(), (h, w)), self.config.window, (h, w))
+                 for r in self.layout.regions]  # a sketch's or mask's region: its bounding box
         packed = latents.dim() == 3  # (images, tokens, channels): one token per grid cell
         cells = latents if packed else latents.flatten(2).transpose(1, 2)  # (images, cells, channels)
         moved = cells.clone()
