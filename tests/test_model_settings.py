@@ -69,3 +69,19 @@ def test_a_malformed_pipeline_folder_is_refused_naming_the_problem(content, mess
     code, out, err = cli("sites", "--model", tmp_path)
     assert code == 2 and message in err, err
     assert "Traceback" not in out + err
+
+
+def test_a_models_recommendations_are_logged_once_not_per_request(caplog):
+    """An evaluation builds one request per case: the recommendations in use are said once, not once per case."""
+    import logging
+
+    from attnctl.layout import Layout
+    from attnctl.run import Request, _say_recommended
+
+    layout = Layout.from_prompt("a red circle to the left of a blue square")
+    _say_recommended.cache_clear()  # an earlier test in this process may have said it
+    with caplog.at_level(logging.INFO, logger="attnctl.run"):
+        for _ in range(3):
+            Request(method="relocation", layout=layout, model="builtin:shapes-mmdit").config()
+    said = [r.getMessage() for r in caplog.records if "recommends" in r.getMessage()]
+    assert len(said) == 1 and "locator=contrast" in said[0]

@@ -168,3 +168,4 @@ def test_a_seed_grid_with_a_layout_is_judged_by_its_regions_phrases():
                       model="builtin:shapes-unet")
     assert _judged(flipped, {"plain": [img], "relocation": [img]}, [0])["plain"] == [
         "outside its box: blue circle, red square"]
+

@@ -14,6 +14,7 @@ folder's recommendations (`attnctl.json`), then the method's config defaults, as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shlex
 import threading
@@ -120,8 +121,7 @@ class Request:
         recommended = {k: v for k, v in recommended_options(self.model_spec, self.method).items()
                        if k not in self.options}
         if recommended:
-            log.info("%s: %s recommends %s (flags override them)", self.method, self.model_spec,
-                     describe(recommended))
+            _say_recommended(self.method, self.model_spec, describe(recommended))
         batch = entry.batch_options if self.seeds is not None else {}
         return build(entry.config, None, **{**batch, **recommended, **self.options})
 
@@ -266,6 +266,12 @@ def generate(request: Request, pipelines: Pipelines | None = None,
                        request.method: run(request.method, [request.controller()], seeds=output.grid_seeds)}
         output.captions = _judged(request, output.grid, output.grid_seeds)
     return output
+
+
+@functools.cache
+def _say_recommended(method: str, model: str, options: str) -> None:
+    """Log a model's recommendations in use once per process (an evaluation builds a request per case)."""
+    log.info("%s: %s recommends %s (flags override them)", method, model, options)
 
 
 def _judged(request: Request, grid: dict, seeds: list[int]) -> dict:
