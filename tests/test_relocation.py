@@ -77,26 +77,38 @@ def test_the_window_is_at_most_the_given_side_and_centred_in_its_box():
     assert centred_window((2, 2, 3, 3), 0.0, (8, 8)) == (3, 3, 1, 1)  # at least one cell
 
 
-@pytest.mark.parametrize("name, window", [("unet", 1.0), ("sd3", 1.0), ("flux", 1.0), ("unet", 0.2)])
-def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name, window):
-    """The steps read are the plain run's bit for bit; the latents the denoiser gets after the move are exactly the
-    plain latents of that step with their cells permuted as `moves` says."""
-    pipe = tiny_pipe(name)
-    denoiser = pipe.unet if name == "unet" else pipe.transformer
-    kwargs = call_kwargs(name, steps=4)
+def plain_latents(pipe, kwargs) -> list:
+    """The plain run's latents after each step."""
     plain = []
     run(pipe, LAYOUT["prompt"], callback_on_step_end=lambda p, i, t, x: plain.append(x["latents"].clone()) or {},
         **kwargs)
+    return plain
+
+
+@pytest.mark.parametrize("name, window, locator", [
+    ("unet", 1.0, "attention"), ("sd3", 1.0, "attention"), ("flux", 1.0, "attention"), ("unet", 0.2, "attention"),
+    ("unet", 0.4, "contrast"), ("flux", 0.4, "contrast")])
+def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name, window, locator):
+    """The steps read are the plain run's bit for bit; the latents the denoiser gets after the move are exactly the
+    plain latents of that step with their cells permuted as `moves` says (with the contrast locator too: its probes
+    of the edited prompts draw nothing from the caller's generator)."""
+    pipe = tiny_pipe(name)
+    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    kwargs = call_kwargs(name, steps=4)
+    plain = plain_latents(pipe, kwargs)
     inputs = []
     handle = denoiser.register_forward_pre_hook(
         lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
-    method = Relocation(LAYOUT, read_fraction=0.5, window=window)  # reads steps 0 and 1, moves after step 1
+    method = Relocation(LAYOUT, read_fraction=0.5, window=window, locator=locator)  # reads steps 0-1, moves after 1
     try:
         with attnctl.apply(pipe, method) as session:
             images = session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
     finally:
         handle.remove()
-    step2 = inputs[2][:1]  # one denoiser call per step; under guidance the rows repeat the latents
+    # (contrast: the two edited prompts' first calls, stopped), steps 0-1, (contrast: its 1 + 2 forwards), steps 2-3;
+    # one denoiser call per step, under guidance the rows repeat the latents
+    probes, forwards = (2, 3) if locator == "contrast" else (0, 0)
+    assert len(inputs) == probes + 2 + forwards + 2
     grid = method._grid
     boxes = [centred_window(box_cells(r.box, grid), window, grid) for r in method.layout.regions]
     assert [m["box"] for m in method.moves[0]] == [b[:2] for b in boxes]
@@ -106,8 +118,8 @@ def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name, window):
         expected = plain[1][:, order]
     else:
         expected = plain[1].flatten(2)[:, :, order].view_as(plain[1])
-    assert torch.equal(step2.to(expected.dtype), expected)
-    assert torch.equal(inputs[1][:1].to(plain[0].dtype), plain[0])  # step 1's input: the plain run's
+    assert torch.equal(inputs[probes + 2 + forwards][:1].to(expected.dtype), expected)
+    assert torch.equal(inputs[probes + 1][:1].to(plain[0].dtype), plain[0])  # step 1's input: the plain run's
     assert images.shape == run(pipe, LAYOUT["prompt"], **kwargs).shape
 
 
@@ -198,9 +210,7 @@ def test_the_contrast_maps_are_the_prediction_differences(name):
     steps are the plain run's (the probes for the edited prompts draw nothing from the caller's generator)."""
     pipe = tiny_pipe(name)
     kwargs = call_kwargs(name, steps=4)
-    plain = []
-    run(pipe, LAYOUT["prompt"], callback_on_step_end=lambda p, i, t, x: plain.append(x["latents"].clone()) or {},
-        **kwargs)
+    plain = plain_latents(pipe, kwargs)
     method = Relocation(LAYOUT, read_fraction=0.5, locator="contrast")  # reads to step 1
     with attnctl.apply(pipe, method) as session:
         session(prompt=LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
@@ -214,33 +224,6 @@ def test_the_contrast_maps_are_the_prediction_differences(name):
     scale = float(full.detach().abs().max())
     torch.testing.assert_close(method._located.double(), expected.detach(), rtol=1e-4, atol=1e-5 * scale)
     assert float(expected.max()) > 10 * 1e-5 * scale  # the maps lie well above that tolerance
-
-
-@pytest.mark.parametrize("name", ["unet", "flux"])
-def test_with_the_contrast_locator_the_read_steps_are_plain_and_the_move_is_the_permutation(name):
-    pipe = tiny_pipe(name)
-    denoiser = pipe.unet if name == "unet" else pipe.transformer
-    kwargs = call_kwargs(name, steps=4)
-    plain = []
-    run(pipe, LAYOUT["prompt"], callback_on_step_end=lambda p, i, t, x: plain.append(x["latents"].clone()) or {},
-        **kwargs)
-    inputs = []
-    handle = denoiser.register_forward_pre_hook(
-        lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
-    method = Relocation(LAYOUT, read_fraction=0.5, locator="contrast")
-    try:
-        with attnctl.apply(pipe, method) as session:
-            session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
-    finally:
-        handle.remove()
-    # two probes' first calls (stopped), steps 0-1, the 1 + 2 contrast forwards, steps 2-3
-    assert len(inputs) == 2 + 2 + 3 + 2
-    assert torch.equal(inputs[3][:1].to(plain[0].dtype), plain[0])
-    grid = method._grid
-    boxes = [centred_window(box_cells(r.box, grid), 0.4, grid) for r in method.layout.regions]
-    order = cell_permutation([m["window"] for m in method.moves[0]], boxes, grid)
-    expected = plain[1][:, order] if plain[1].dim() == 3 else plain[1].flatten(2)[:, :, order].view_as(plain[1])
-    assert torch.equal(inputs[7][:1].to(expected.dtype), expected)
 
 
 def test_the_contrast_locator_refuses_what_it_cannot_edit_before_any_step():
