@@ -67,58 +67,56 @@ def prediction(pipe, x, t, prompt):
                             pooled_projections=pooled, return_dict=False)[0]
 
 
+def call_of(case, seeds, sampling) -> dict:
+    """The pipeline call's arguments for `case`: one image per seed, each seed's own generator."""
+    return dict(num_inference_steps=sampling.get("num_inference_steps", 25),
+                guidance_scale=sampling.get("guidance_scale", 5.0), num_images_per_prompt=len(seeds),
+                generator=[torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds])
+
+
+def moved(z, maps, case, window):
+    """The latents `z` with each image's object windows (found in `maps`) moved onto the case's boxes."""
+    h, w = z.shape[-2:]
+    boxes = [centred_window(box_cells(b, (h, w)), window, (h, w)) for b in case.boxes]
+    cells = cells_of(z)
+    out = cells.clone()
+    for j in range(cells.shape[0]):
+        out[j] = cells[j, cell_permutation(object_windows(maps[j], boxes), boxes, (h, w))]
+    return out.transpose(1, 2).reshape(z.shape)
+
+
+def read_step(args, sampling) -> int:
+    return max(1, round(args.read * sampling.get("num_inference_steps", 25))) - 1
+
+
 def run_onestep(pipe, case, seeds, sampling, args, window):
     """The same move, located by one step's counterfactual: at the latents after step k, the prediction for the
     prompt against that for the prompt without object i."""
-    steps = sampling.get("num_inference_steps", 25)
-    k = max(1, round(args.read * steps)) - 1
-
-    def kw():
-        return dict(num_inference_steps=steps, guidance_scale=sampling.get("guidance_scale", 5.0),
-                    generator=[torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds],
-                    num_images_per_prompt=len(seeds))
+    k = read_step(args, sampling)
 
     def cb(p, i, t, x):
         if i != k:
             return {}
         z = x["latents"]
-        h, w = z.shape[-2:]
         t_next = p.scheduler.timesteps[k + 1]
         with torch.no_grad():
             full = prediction(p, z, t_next, case.prompt)
             maps = torch.stack([(full - prediction(p, z, t_next, without(case.prompt, ph))).norm(dim=1)
                                 for ph in case.phrases], 1)
-        boxes = [centred_window(box_cells(b, (h, w)), window, (h, w)) for b in case.boxes]
-        cells = cells_of(z)
-        moved = cells.clone()
-        for j in range(cells.shape[0]):
-            moved[j] = cells[j, cell_permutation(object_windows(maps[j], boxes), boxes, (h, w))]
-        return {"latents": moved.transpose(1, 2).reshape(z.shape)}
-    return pipe(case.prompt, **kw(), callback_on_step_end=cb).images
+        return {"latents": moved(z, maps, case, window)}
+    return pipe(case.prompt, **call_of(case, seeds, sampling), callback_on_step_end=cb).images
 
 
 def run_case(pipe, case, seeds, sampling, args, window):
-    steps = sampling.get("num_inference_steps", 25)
-    k = max(1, round(args.read * steps)) - 1
-
-    def kw():
-        return dict(num_inference_steps=steps, guidance_scale=sampling.get("guidance_scale", 5.0),
-                    generator=[torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds],
-                    num_images_per_prompt=len(seeds))
-    full = latents_after(pipe, case.prompt, k, kw())
-    h, w = full.shape[-2:]
-    maps = torch.stack([(full - latents_after(pipe, without(case.prompt, ph), k, kw())).norm(dim=1)
-                        for ph in case.phrases], 1)  # (images, objects, h, w)
-    boxes = [centred_window(box_cells(b, (h, w)), window, (h, w)) for b in case.boxes]
-    cells = cells_of(full)
-    moved = cells.clone()
-    for i in range(cells.shape[0]):
-        moved[i] = cells[i, cell_permutation(object_windows(maps[i], boxes), boxes, (h, w))]
-    moved = moved.transpose(1, 2).reshape(full.shape)
+    k = read_step(args, sampling)
+    full = latents_after(pipe, case.prompt, k, call_of(case, seeds, sampling))
+    maps = torch.stack([(full - latents_after(pipe, without(case.prompt, ph), k, call_of(case, seeds, sampling)))
+                        .norm(dim=1) for ph in case.phrases], 1)  # (images, objects, h, w)
+    start = moved(full, maps, case, window)
 
     def cb(p, i, t, x):
-        return {"latents": moved} if i == k else {}
-    return pipe(case.prompt, **kw(), callback_on_step_end=cb).images
+        return {"latents": start} if i == k else {}
+    return pipe(case.prompt, **call_of(case, seeds, sampling), callback_on_step_end=cb).images
 
 
 def main():
@@ -148,9 +146,7 @@ def main():
             rows = []
             for n, case in enumerate(cases):
                 if arm == "plain":
-                    images = pipe(case.prompt, num_inference_steps=sampling.get("num_inference_steps", 25),
-                                  guidance_scale=sampling.get("guidance_scale", 5.0), num_images_per_prompt=len(seeds),
-                                  generator=[torch.Generator().manual_seed(sample_seed(case, s)) for s in seeds]).images
+                    images = pipe(case.prompt, **call_of(case, seeds, sampling)).images
                 else:
                     run = run_onestep if args.onestep else run_case
                     images = run(pipe, case, seeds, sampling, args, args.window)
