@@ -12,11 +12,11 @@ Placed = every object present and inside its box (the suite's scorer, used only 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 from pathlib import Path
 
 import torch
+from probe_rows import arm_rows, fixed_broken
 
 from attnctl.eval import build_suite, mcnemar, sample_seed, score_case
 from attnctl.methods.relocation import box_cells, cell_permutation, centred_window, object_windows
@@ -119,6 +119,23 @@ def run_case(pipe, case, seeds, sampling, args, window):
     return pipe(case.prompt, **call_of(case, seeds, sampling), callback_on_step_end=cb).images
 
 
+def run_arm(pipe, arm, cases, seeds, sampling, args) -> list[dict]:
+    """Each case's images of one arm, scored."""
+    rows = []
+    for n, case in enumerate(cases):
+        if arm == "plain":
+            images = pipe(case.prompt, **call_of(case, seeds, sampling)).images
+        else:
+            run = run_onestep if args.onestep else run_case
+            images = run(pipe, case, seeds, sampling, args, args.window)
+        for seed, image in zip(seeds, images):
+            s = score_case(case, image)
+            rows.append({"prompt": case.prompt, "seed": seed, "present": int(s["present"]),
+                         "placed": int(s["present"] and s["inside"]), "bound": int(s["bound"])})
+        print(f"{arm} {n + 1}/{len(cases)}", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=MODELS, default="mmdit")
@@ -141,32 +158,13 @@ def main():
     results = {}
     kind = "onestep" if args.onestep else "contrast"
     for arm in ("plain", f"{kind}-r{args.read}-w{args.window}"):
-        path = out / f"{arm}.csv"
-        if not path.exists():
-            rows = []
-            for n, case in enumerate(cases):
-                if arm == "plain":
-                    images = pipe(case.prompt, **call_of(case, seeds, sampling)).images
-                else:
-                    run = run_onestep if args.onestep else run_case
-                    images = run(pipe, case, seeds, sampling, args, args.window)
-                for seed, image in zip(seeds, images):
-                    s = score_case(case, image)
-                    rows.append({"prompt": case.prompt, "seed": seed, "present": int(s["present"]),
-                                 "placed": int(s["present"] and s["inside"]), "bound": int(s["bound"])})
-                print(f"{arm} {n + 1}/{len(cases)}", flush=True)
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        results[arm] = {(r["prompt"], r["seed"]): r for r in csv.DictReader(path.open())}
+        results[arm] = arm_rows(out / f"{arm}.csv", lambda arm=arm: run_arm(pipe, arm, cases, seeds, sampling, args))
     plain = results["plain"]
     lines = ["| arm | placed | present | fixed | broken | p |", "|---|---|---|---|---|---|"]
     for arm, rows in results.items():
         placed = sum(int(r["placed"]) for r in rows.values())
         present = sum(int(r["present"]) for r in rows.values())
-        fixed = sum(int(r["placed"]) and not int(plain[k]["placed"]) for k, r in rows.items())
-        broken = sum(not int(r["placed"]) and int(plain[k]["placed"]) for k, r in rows.items())
+        fixed, broken = fixed_broken(rows, plain, "placed")
         lines.append(f"| {arm} | {placed}/{len(rows)} | {present}/{len(rows)} | {fixed} | {broken} | "
                      f"{mcnemar(fixed, broken):.3g} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

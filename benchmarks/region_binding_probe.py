@@ -12,11 +12,11 @@ again); the table to OUT/results.md."""
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from probe_rows import arm_rows, fixed_broken
 
 import attnctl
 from attnctl.control import Controller
@@ -128,20 +128,14 @@ def main():
     results = {}
     for arm in args.arms.split(","):
         path = out / f"{arm}-r{args.read}-t{args.threshold}.csv" if arm != "plain" else out / "plain.csv"
-        if not path.exists():
-            rows = run_arm(pipe, arm, cases, seeds, sampling_defaults(model), args)
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        results[path.stem] = {(r["prompt"], r["seed"]): r for r in csv.DictReader(path.open())}
+        results[path.stem] = arm_rows(path, lambda arm=arm: run_arm(pipe, arm, cases, seeds, sampling_defaults(model),
+                                                                     args))
     plain = results["plain"]
     lines = ["| arm | bound | present | fixed | broken | p |", "|---|---|---|---|---|---|"]
     for arm, rows in results.items():
         bound = sum(int(r["bound"]) for r in rows.values())
         present = sum(int(r["present"]) for r in rows.values())
-        fixed = sum(int(r["bound"]) and not int(plain[k]["bound"]) for k, r in rows.items())
-        broken = sum(not int(r["bound"]) and int(plain[k]["bound"]) for k, r in rows.items())
+        fixed, broken = fixed_broken(rows, plain, "bound")
         lines.append(f"| {arm} | {bound}/{len(rows)} | {present}/{len(rows)} | {fixed} | {broken} | "
                      f"{mcnemar(fixed, broken):.3g} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -18,10 +18,10 @@ bound, present, fixed/broken against plain, exact McNemar p) to OUT/MODEL/result
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
+from probe_rows import arm_rows, fixed_broken
 
 from attnctl.eval import build_suite, mcnemar, sample_seed, score_case
 from attnctl.models import load_pipeline, sampling_defaults
@@ -103,22 +103,15 @@ def main() -> None:
     seeds = list(range(args.seeds))
     results = {}
     for arm in ARMS[args.model]:
-        path = out / f"{arm}.csv"
-        if not path.exists():
-            rows = run_arm(pipe, arm, cases, seeds, sampling_defaults(model))
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        results[arm] = {(r["prompt"], r["seed"]): r for r in csv.DictReader(path.open())}
+        results[arm] = arm_rows(out / f"{arm}.csv",
+                                lambda arm=arm: run_arm(pipe, arm, cases, seeds, sampling_defaults(model)))
     plain = results["plain"]
     lines = [f"# Text-side probe on {model} (held-out pairs: {len(cases)} prompts x {len(seeds)} seeds)", "",
              "| arm | both bound | both present | fixed | broken | exact McNemar p |", "|---|---|---|---|---|---|"]
     for arm, rows in results.items():
         bound = sum(int(r["bound"]) for r in rows.values())
         present = sum(int(r["present"]) for r in rows.values())
-        fixed = sum(int(r["bound"]) and not int(plain[k]["bound"]) for k, r in rows.items())
-        broken = sum(not int(r["bound"]) and int(plain[k]["bound"]) for k, r in rows.items())
+        fixed, broken = fixed_broken(rows, plain, "bound")
         p = "" if arm == "plain" else f"{mcnemar(fixed, broken):.3g}"
         lines.append(f"| {arm} | {bound}/{len(rows)} | {present}/{len(rows)} | {fixed if p else ''} | "
                      f"{broken if p else ''} | {p} |")
