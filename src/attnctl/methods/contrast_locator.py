@@ -58,7 +58,7 @@ class ContrastLocator:
         rest = args[1:] if args and "prompt" not in kwargs else args
         self.edited = [prompt_without(prompt, span) for span in spans]
         self.without: list[tuple[dict, object]] = []
-        devices = [d for d in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # the probes' draws must not move the caller's random state
             for text in self.edited:
                 named_args, named_kwargs, step = session.first_denoiser_call(rest, {**call, "prompt": text})
