@@ -13,6 +13,7 @@ import attnctl
 from attnctl import AST, Capture, UsageError
 from attnctl.methods.registry import METHODS
 from test_family_flux2 import DEV_CALL, KLEIN_CALL, flux2_dev, flux2_klein
+from test_family_hidream import hidream
 from test_family_lumina2 import lumina2
 from test_family_zimage import processors, zimage
 
@@ -49,8 +50,8 @@ def test_kandinsky_is_refused_before_anything_changes():
         "supported: UNet2DConditionModel (SD 1.x/2.x, SDXL; text cross-attention), SD3Transformer2DModel "
         "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
         "(Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ), SanaTransformer2DModel (Sana), Flux2Transformer2DModel "
-        "(FLUX.2 [dev]/[klein]), ZImageTransformer2DModel (Z-Image), Lumina2Transformer2DModel (Lumina-Image 2.0); to "
-        "ask for another, open an issue naming the pipeline class")
+        "(FLUX.2 [dev]/[klein]), ZImageTransformer2DModel (Z-Image), Lumina2Transformer2DModel (Lumina-Image 2.0), "
+        "HiDreamImageTransformer2DModel (HiDream-I1); to ask for another, open an issue naming the pipeline class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
 
 
@@ -300,6 +301,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("FLUX.2 [klein]", flux2_klein, "capture ast layout-modulation relocation"),
     ("Z-Image", zimage, "capture ast layout-modulation relocation"),
     ("Lumina-Image 2.0", lumina2, "capture ast layout-modulation relocation"),
+    ("HiDream-I1", hidream, "capture ast layout-modulation relocation"),
 ]
 # known bugs, checked as they are (neither refused nor a change): a fix fails the cell until the table says what works
 MASK = "the model's text padding mask, which the method does not handle, leaves every call plain (a warning): "

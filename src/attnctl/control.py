@@ -265,8 +265,8 @@ class _StepHook(ModelHook):
     @torch.compiler.disable  # under torch.compile, the per-step Python state must not become guards (recompiles)
     def pre_forward(self, module, *args, **kwargs):
         session = self.session
-        if session._text_hook is not None:
-            session._text_hook.armed = True  # the next text encoding belongs to the next pipeline call
+        for text_hook in session._text_hooks:
+            text_hook.armed = True  # the next text encoding belongs to the next pipeline call
         if session._probing:
             raise _FirstCall(args, kwargs)
         if session._exclusive is not None:
@@ -316,7 +316,7 @@ class Session:
         self._warned_mask = False
         self._attached: list[Controller] = []  # controllers whose `attach` was called
         self._hooks: list[_Hooked] = []
-        self._text_hook: _TextHook | None = None
+        self._text_hooks: list[_TextHook] = []  # one per text encoder the family checks
         self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
         self._timestep_values: tuple[object, list] = (None, [])  # (timesteps, their values read back once per call)
         self._step_calls = (None, -1, 0)  # (timesteps, step index, denoiser calls made at that step so far)
@@ -404,10 +404,10 @@ class Session:
             module.set_processor(ours)
         self._hooks.append(_Hooked(self.denoiser, _StepHook(self), HOOK_NAME))
         watched = self.family.encoder_check(self.pipe, self.prompts) if self.prompts else None
-        if watched is not None:
-            encoder, check = watched
-            self._text_hook = _TextHook(check)
-            self._hooks.append(_Hooked(unwrap_module(encoder), self._text_hook, HOOK_NAME + ".text"))
+        for encoder, check in ([] if watched is None else [watched] if isinstance(watched, tuple) else watched):
+            hook = _TextHook(check)
+            self._text_hooks.append(hook)
+            self._hooks.append(_Hooked(unwrap_module(encoder), hook, HOOK_NAME + ".text"))
 
     def detach(self) -> None:
         """Undo what `attach` did, and only that (it may have stopped part way)."""
@@ -422,7 +422,7 @@ class Session:
                         len(replaced), replaced[0])
         while self._hooks:
             self._hooks.pop().remove()
-        self._text_hook = None
+        self._text_hooks = []
         for c in self._attached:
             c.detach()
         self._attached.clear()
@@ -449,8 +449,8 @@ class Session:
         new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
         self._timesteps = timesteps
         if new_run and self.prompts:
-            if self._text_hook is not None:
-                self._text_hook.judge(self.pipe)
+            for text_hook in self._text_hooks:
+                text_hook.judge(self.pipe)
             self.family.check_text_layout(args, kwargs, self.step, self.prompts)
         for c in self.controllers:
             if new_run:

@@ -2,13 +2,14 @@
 
 - `builtin:shapes-unet`, `builtin:shapes-mmdit`: the small models trained on the shapes world, shipped in the package.
 - a hub id (`stabilityai/stable-diffusion-2-base`) or a local diffusers folder: `DiffusionPipeline.from_pretrained`.
-- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage, lumina2): tiny configs, seconds on a
-  CPU, for tests.
+- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage, lumina2, hidream): tiny configs, seconds
+  on a CPU, for tests.
 - `random:<family>`: the full-size denoiser architecture with random weights, for timing (flux2: FLUX.2 [dev],
-  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image, lumina2: Lumina-Image 2.0). Text encoders and VAE are small
-  (their cost is the same with or without attention control; the chat models' text encoders keep the layer count
-  whose hidden states the pipeline reads, with tiny layers). Reduced depth: `random:flux?double=2&single=4`,
-  `random:flux2?double=2&single=4`, `random:sd3?layers=4`, `random:zimage?layers=4`, `random:lumina2?layers=4`.
+  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image, lumina2: Lumina-Image 2.0, hidream: HiDream-I1). Text encoders and
+  VAE are small (their cost is the same with or without attention control; the chat models' text encoders keep the
+  layer count whose hidden states the pipeline reads, with tiny layers). Reduced depth:
+  `random:flux?double=2&single=4`, `random:flux2?double=2&single=4`, `random:sd3?layers=4`, `random:zimage?layers=4`,
+  `random:lumina2?layers=4`, `random:hidream?double=2&single=4`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .errors import UsageError
 from .offline_tokenizers import (
     clip_tokenizer,
     gemma_like_tokenizer,
+    llama3_like_tokenizer,
     mistral3_like_tokenizer,
     qwen3_like_tokenizer,
     t5_like_tokenizer,
@@ -36,7 +38,8 @@ from .sampling import FOLDER_SETTINGS, SamplingConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "flux2-tiny", "flux2-klein-tiny", "zimage-tiny",
-                "lumina2-tiny", "sd15", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "zimage", "lumina2")
+                "lumina2-tiny", "hidream-tiny", "sd15", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "zimage",
+                "lumina2", "hidream")
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`.
@@ -186,7 +189,8 @@ def _check_method_settings(methods, where: str) -> None:
 
 
 RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",), "flux2": ("double", "single"),
-                  "flux2-klein": ("double", "single"), "zimage": ("layers",), "lumina2": ("layers",)}
+                  "flux2-klein": ("double", "single"), "zimage": ("layers",), "lumina2": ("layers",),
+                  "hidream": ("double", "single")}
 
 
 def _random_options(name: str, query: str) -> dict[str, int]:
@@ -549,6 +553,73 @@ def _zimage(tiny: bool, layers: int | None = None):
         text_encoder=text, tokenizer=tokenizer, transformer=transformer.eval())
 
 
+def _clip_long(hidden: int, projection: int):
+    """A CLIP text encoder with a text projection and HiDream's 248 positions (its pipeline pads CLIP's tokens to
+    max_sequence_length, 128 by default, past CLIP's usual 77)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=248, projection_dim=projection, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def _llama3_text(hidden: int, layers: int):
+    """A Llama 3 causal LM (HiDream-I1's fourth encoder) of `layers` tiny layers (one head of 8) at width `hidden`,
+    and its offline tokenizer: the pipeline reads every layer's hidden states."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = llama3_like_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=layers,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+                         attn_implementation="eager")  # the pipeline asks for attention weights, which SDPA lacks
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def _hidream(tiny: bool, double: int | None = None, single: int | None = None):
+    """HiDream-I1 (HiDreamImagePipeline): two CLIP encoders' pooled embeddings, T5 and Llama 3 hidden states, a DiT
+    of double-stream then single-stream blocks with mixture-of-experts feed-forwards."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    if tiny:
+        t5_dim, llama_dim, clip_dims, latent, llama_depth = 16, 16, (8, 8), 4, 2
+        n_double, n_single = double or 2, single or 2
+        transformer = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=latent, num_layers=n_double, num_single_layers=n_single, attention_head_dim=16,
+            num_attention_heads=2, caption_channels=[t5_dim, llama_dim], text_emb_dim=sum(clip_dims),
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(8, 4, 4), max_resolution=(8, 8),
+            llama_layers=_llama_layers(n_double + n_single, llama_depth))
+    else:  # HiDream-I1's transformer (16 double, 32 single blocks of 2560; T5-XXL's and Llama-3.1-8B's widths)
+        t5_dim, llama_dim, clip_dims, latent, llama_depth = 4096, 4096, (768, 1280), 16, 32
+        n_double, n_single = 16 if double is None else double, 32 if single is None else single
+        transformer = HiDreamImageTransformer2DModel(
+            patch_size=2, in_channels=latent, num_layers=n_double, num_single_layers=n_single, attention_head_dim=128,
+            num_attention_heads=20, caption_channels=[t5_dim, llama_dim], text_emb_dim=sum(clip_dims),
+            num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
+            llama_layers=_llama_layers(n_double + n_single, llama_depth))
+    t5, t5_tokenizer = _t5(t5_dim)
+    llama, llama_tokenizer = _llama3_text(llama_dim, llama_depth)
+    tokenizer = clip_tokenizer(248)
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(latent, shift_factor=0.1159,
+                                                                      scaling_factor=0.3611),
+        text_encoder=_clip_long(16, clip_dims[0]), tokenizer=tokenizer, text_encoder_2=_clip_long(16, clip_dims[1]),
+        tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer, text_encoder_4=llama,
+        tokenizer_4=llama_tokenizer, transformer=transformer.eval())
+    if tiny:  # the pipeline scales every size to the area of default_sample_size latents squared: 64x64 here
+        pipe.default_sample_size = 8
+    return pipe
+
+
+def _llama_layers(blocks: int, depth: int) -> list[int]:
+    """Which Llama layer's hidden states each block reads, as HiDream-I1 has them: layers 0, 1, ... in turn, then the
+    last one for the blocks after."""
+    return [min(i, depth - 1) for i in range(blocks)]
+
+
 _RANDOM_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2,
                     "flux2-klein": lambda tiny, **options: _flux2(tiny, klein=True, **options), "zimage": _zimage,
-                    "lumina2": _lumina2}
+                    "lumina2": _lumina2, "hidream": _hidream}

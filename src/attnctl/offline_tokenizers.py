@@ -225,3 +225,25 @@ def gemma_like_tokenizer(padding_side: str = "left"):
                                                        special_tokens=[("<bos>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    unk_token="<unk>", padding_side=padding_side, model_max_length=8192)
+
+
+# --- Llama 3 (HiDream-I1): byte-level BPE, <|begin_of_text|> before every text, no end token ------------------------
+
+@lru_cache(maxsize=2)
+def llama3_like_tokenizer(padding_side: str = "right"):
+    """Stands in for Llama 3.1 Instruct's tokenizer (HiDream-I1's fourth text encoder): byte-level BPE (a space
+    joins the word after it, as Ġ), the chat word list whole, <|begin_of_text|> added before every text it encodes
+    and no end token, <|eot_id|> its end-of-sequence token (the HiDream pipeline pads with it), no pad token of its
+    own, padding on `padding_side` (Llama 3's own: the right). Built offline."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    raw = _byte_level_words(specials)
+    bos = raw.token_to_id("<|begin_of_text|>")
+    raw.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        additional_special_tokens=specials[1:2] + specials[3:], padding_side=padding_side, model_max_length=131072)

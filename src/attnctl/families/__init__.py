@@ -8,6 +8,7 @@ from .base import Family
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2 import Flux2Family
+from .hidream import HiDreamFamily
 from .lumina2 import Lumina2Family
 from .pixart import PixArtFamily
 from .qwenimage import QwenImageFamily
@@ -18,7 +19,7 @@ from .zimage import ZImageFamily
 
 # every family attnctl knows, each declared once: a new family is its module plus one entry here
 FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily(), ChromaFamily(), QwenImageFamily(), PixArtFamily(),
-                           SanaFamily(), Flux2Family(), ZImageFamily(), Lumina2Family()]
+                           SanaFamily(), Flux2Family(), ZImageFamily(), Lumina2Family(), HiDreamFamily()]
 SUPPORTED = ("supported: " + ", ".join(f"{f.denoiser_class} ({f.models})" for f in FAMILIES)
              + "; to ask for another, open an issue naming the pipeline class")
 

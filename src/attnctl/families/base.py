@@ -95,7 +95,8 @@ class Family:
         """(text encoder, check(args, kwargs)): the check is given the encoder's first call of each pipeline call
         (the prompts' own) and raises a UsageError when it does not encode the prompts `apply` was given (the
         methods would act on the wrong tokens), or where the pipeline's text sequence depends on a call argument
-        the denoiser does not see (Sana's instruction). None where neither can be checked."""
+        the denoiser does not see (Sana's instruction). None where neither can be checked; a list of such pairs where
+        several encoders' tokens reach the denoiser (HiDream-I1: T5's and Llama's)."""
         if not self.encodes_prompt_as_is or getattr(pipe, "text_encoder", None) is None \
                 or getattr(pipe, "tokenizer", None) is None:
             return None
