@@ -13,7 +13,7 @@ import attnctl
 from attnctl.errors import UsageError
 from attnctl.methods.attend_excite_math import max_attention_per_token, neglect_loss
 from attnctl.methods.binding import Binding
-from attnctl.methods.binding_math import GroupPositions, syngen_loss
+from attnctl.methods.binding_math import GroupPositions, presence_loss, syngen_loss
 from attnctl.roles import binding_groups
 
 from conftest import tiny_pipe
@@ -53,6 +53,33 @@ def test_loss_is_the_formula_in_float64():
               GroupPositions(((1,),), (11,), ())]  # nothing outside: no negative term
     assert abs(float(syngen_loss(maps, groups)) - loss64(maps, groups)) < 1e-5 * max(1.0, abs(loss64(maps, groups)))
     assert float(syngen_loss(maps[..., [0, 1, 1]], [GroupPositions(((1,),), (2,), ())])) == 0.0  # equal maps
+
+
+def presence64(maps, nouns):
+    """Attend-and-Excite's loss on `nouns` written out in float64: a softmax (×100) over the text positions after the
+    first, the last left out unless a noun is there, each noun's map smoothed by the 3×3 kernel exp(−(x/(2·0.5))²)
+    per axis (normalised) after reflect padding, its maximum; then max over nouns of max(0, 1 − maximum)."""
+    m = maps.double()
+    last = m.shape[-1] if max(nouns) == m.shape[-1] - 1 else m.shape[-1] - 1
+    inner = torch.softmax(m[..., 1:last] * 100, dim=-1)
+    axis = torch.exp(-((torch.arange(3, dtype=torch.float64) - 1) / 1.0) ** 2)
+    kernel = axis[:, None] * axis[None, :] / (axis.sum() ** 2)
+    worst = 0.0
+    for n in nouns:
+        padded = torch.nn.functional.pad(inner[..., n - 1][None, None], (1, 1, 1, 1), mode="reflect")[0, 0]
+        h, w = inner.shape[:2]
+        smoothed = max(float((padded[y:y + 3, x:x + 3] * kernel).sum()) for y in range(h) for x in range(w))
+        worst = max(worst, max(0.0, 1 - smoothed))
+    return worst
+
+
+@pytest.mark.parametrize("nouns", [[2, 5], [3, 9]])  # 9: the text's last position (Lumina's caption ends on a noun)
+def test_presence_is_attend_and_excites_loss_in_float64_also_on_a_last_noun(nouns):
+    torch.manual_seed(1)
+    maps = torch.softmax(torch.randn(6, 5, 10) * 0.05, dim=-1)  # flat: every smoothed maximum below 1
+    assert abs(float(presence_loss(maps, nouns)) - presence64(maps, nouns)) < 1e-6
+    if max(nouns) < 9:  # a noun before the last position: exactly Attend-and-Excite's own arithmetic
+        assert torch.equal(presence_loss(maps, nouns), neglect_loss(max_attention_per_token(maps, nouns)))
 
 
 @pytest.mark.parametrize("prompt, groups", [

@@ -300,7 +300,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("FLUX.2 [dev]", flux2_dev, "capture ast layout-modulation relocation"),
     ("FLUX.2 [klein]", flux2_klein, "capture ast layout-modulation relocation"),
     ("Z-Image", zimage, "capture ast layout-modulation relocation"),
-    ("Lumina-Image 2.0", lumina2, "capture ast layout-modulation relocation"),
+    ("Lumina-Image 2.0", lumina2, "capture ast binding layout-modulation relocation"),
     ("HiDream-I1", hidream, "capture ast layout-modulation relocation"),
 ]
 # known bugs, checked as they are (neither refused nor a change): a fix fails the cell until the table says what works
@@ -312,8 +312,6 @@ BUGS = {
     ("Chroma", "binding"): NO_MAP,
     **{(f, m): NO_MAP for f in ("Sana", "Sana Sprint") for m in ("attend-excite", "binding")},
     **{(f, "layout-modulation"): UNCHANGED for f in ("Sana", "Sana Sprint", "Chroma")},
-    # its loss takes the text's last token for an end token (CLIP's), and Lumina's text ends with the prompt's last word
-    ("Lumina-Image 2.0", "binding"): "IndexError: the target 'cat' is the text's last token, which the loss leaves out",
 }
 COLUMNS = ("capture", *METHODS)  # capture, then every method of the registry
 PROMPT = "a red dog and a grey cat"

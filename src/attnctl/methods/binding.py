@@ -27,8 +27,7 @@ from ..errors import UsageError
 from ..roles import PARSERS, binding_groups
 from ..text import phrase_spans
 from ..text import words as split_words
-from .attend_excite_math import max_attention_per_token, neglect_loss
-from .binding_math import GroupPositions, syngen_loss
+from .binding_math import GroupPositions, presence_loss, syngen_loss
 from .latent_guidance import LatentGuidance
 from .targets import normalise_targets
 
@@ -165,7 +164,7 @@ class Binding(LatentGuidance):
         """SynGen's loss on the groups of the image's prompt, plus `presence` × Attend-and-Excite's on their nouns."""
         loss = syngen_loss(maps, self._groups[prompt])
         if self.config.presence:
-            loss = loss + self.config.presence * neglect_loss(max_attention_per_token(maps, self._nouns[prompt]))
+            loss = loss + self.config.presence * presence_loss(maps, self._nouns[prompt])
         return loss
 
     def moves_at(self, index: int) -> bool:

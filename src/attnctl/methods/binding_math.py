@@ -9,6 +9,8 @@ n) and every modifier m of it:
   the prompt's tokens that are not in the group (the other groups, the articles and conjunctions alike);
 and the loss is the sum of both over every (group, modifier). So each modifier's map is pulled onto its noun's and both
 are pushed off everything else.
+
+`presence_loss` is Attend-and-Excite's term on the nouns, which the binding method adds.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from .attend_excite_math import max_attention_per_token, neglect_loss
 
 
 @dataclass(frozen=True)
@@ -62,3 +67,14 @@ def syngen_loss(maps: torch.Tensor, groups: list[GroupPositions]) -> torch.Tenso
         for m in g.modifiers:
             loss = loss + word_distance(dists, m, g.noun) - 0.5 * (outside_distance(dists, m, g.outside) + noun_out)
     return loss
+
+
+def presence_loss(maps: torch.Tensor, nouns: list[int]) -> torch.Tensor:
+    """Attend-and-Excite's loss on the nouns (maps: H × W × text positions). Its maps leave out the text's first and
+    last positions (in its reference the last is CLIP's padding); where a text ends with a noun, as Lumina's caption
+    does (no end token closes it), an empty position is appended first, so the noun is scored and nothing else
+    changes."""
+    if max(nouns) >= maps.shape[-1] - 1:
+        maps = F.pad(maps, (0, 1))
+    return neglect_loss(max_attention_per_token(maps, nouns))
+
