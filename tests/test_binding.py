@@ -73,6 +73,21 @@ def presence64(maps, nouns):
     return worst
 
 
+def test_a_text_key_the_mask_hides_changes_nothing_and_leaves_the_gradient_finite():
+    """Sana's padding keys get no attention (the model's text mask adds −inf to their logits): their all-zero maps
+    must neither change the loss nor make its gradient NaN (0/0 in the pixel distributions did, through the
+    softmax into every logit, and every image came out NaN)."""
+    torch.manual_seed(2)
+    logits = torch.randn(6, 5, 11, requires_grad=True)
+    mask = torch.zeros(11).index_fill_(0, torch.tensor([8, 9, 10]), float("-inf"))  # three masked keys at the end
+    maps = torch.softmax(logits + mask, dim=-1)
+    groups = [GroupPositions(((2,),), (3,), (1, 5, 6)), GroupPositions(((5,),), (6,), (1, 2, 3))]
+    (syngen_loss(maps, groups) + presence_loss(maps, [3, 6])).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    expected = loss64(maps.detach()[..., :8], groups)
+    assert abs(float(syngen_loss(maps.detach(), groups)) - expected) < 1e-5 * max(1.0, abs(expected))
+
+
 @pytest.mark.parametrize("nouns", [[2, 5], [3, 9]])  # 9: the text's last position (Lumina's caption ends on a noun)
 def test_presence_is_attend_and_excites_loss_in_float64_also_on_a_last_noun(nouns):
     torch.manual_seed(1)

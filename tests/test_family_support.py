@@ -293,9 +293,9 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("FLUX.1 Kontext", kontext, "capture ast layout-modulation relocation"),
     ("Kandinsky 2.2", kandinsky22, ""),
     ("PixArt-Σ", pixart, "capture regulation"),
-    ("Sana", sana, "capture regulation relocation"),
-    ("Sana Sprint", sana_sprint, "capture regulation relocation"),
-    ("Chroma", chroma, "capture ast relocation"),
+    ("Sana", sana, "capture regulation attend-excite binding relocation"),
+    ("Sana Sprint", sana_sprint, "capture regulation attend-excite binding relocation"),
+    ("Chroma", chroma, "capture ast binding relocation"),
     ("Qwen-Image", qwen_image, JOINT),
     ("FLUX.2 [dev]", flux2_dev, "capture ast layout-modulation relocation"),
     ("FLUX.2 [klein]", flux2_klein, "capture ast layout-modulation relocation"),
@@ -309,8 +309,6 @@ NO_MAP, UNCHANGED = MASK + "RuntimeError (no map read)", MASK + "the image is un
 BUGS = {
     ("FLUX.1 Kontext", "binding"): "RuntimeError: the latents it moves include the context image's tokens",
     ("PixArt-Σ", "layout-modulation"): UNCHANGED,
-    ("Chroma", "binding"): NO_MAP,
-    **{(f, m): NO_MAP for f in ("Sana", "Sana Sprint") for m in ("attend-excite", "binding")},
     **{(f, "layout-modulation"): UNCHANGED for f in ("Sana", "Sana Sprint", "Chroma")},
 }
 COLUMNS = ("capture", *METHODS)  # capture, then every method of the registry
@@ -712,3 +710,21 @@ def test_qwen_image_words_sit_at_their_templated_position_less_the_dropped_token
         logits = (q.double() @ k.double().transpose(-1, -2)) * scale + (0 if bias is None else bias.double())
         exact = torch.softmax(logits, dim=-1)[:, :, n_text:, :n_text]
         assert (probs.double() - exact).abs().max() < 1e-6
+
+
+def test_the_gradient_forwards_read_masked_text_keys_as_zero_on_sana(monkeypatch):
+    """Attend-and-Excite's and binding's maps on Sana (a text padding mask): the padding keys read 0, and each pixel's
+    attention over the keys the mask keeps sums to 1, so the maps are the model's own attention."""
+    from attnctl.methods.binding import Binding
+
+    seen = []
+    original = Binding.image_loss
+    monkeypatch.setattr(Binding, "image_loss", lambda self, maps, prompt: seen.append(maps.detach()) or
+                        original(self, maps, prompt))
+    assert changed(generate("Sana", [controller("binding")], 64), plain("Sana", 64))
+    maps = seen[0]
+    kept = (maps > 0).all(dim=0).all(dim=0)  # keys some pixel attends: every pixel attends them
+    n = int(kept.sum())
+    assert 0 < n < maps.shape[-1] and kept[:n].all()  # the padding (on the right) is there, masked
+    assert torch.equal(maps[..., n:], torch.zeros_like(maps[..., n:]))
+    assert torch.allclose(maps.sum(dim=-1), torch.ones(maps.shape[:2]), atol=1e-5)

@@ -140,7 +140,9 @@ def key_probs(q, k_sel, lse, scale=None, key_bias=None) -> torch.Tensor:
     return logits.sub_(lse.unsqueeze(-1)).exp_()
 
 
-def explicit_probs(q, k, scale=None, dtype=torch.float64) -> torch.Tensor:
-    """softmax(q kᵀ · scale) materialised in `dtype`: the reference the fast paths are tested against."""
+def explicit_probs(q, k, scale=None, dtype=torch.float64, bias=None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias) materialised in `dtype`: the reference the fast paths are tested against (`bias`:
+    an additive key mask, −inf where a key is masked)."""
     scale = default_scale(q) if scale is None else scale
-    return torch.softmax((q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale, dim=-1)
+    logits = (q.to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale
+    return torch.softmax(logits if bias is None else logits + bias.to(dtype), dim=-1)

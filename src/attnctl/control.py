@@ -500,7 +500,8 @@ class Session:
                 return attention(q, k, v, mask=mask)
         if self._exclusive is not None:
             grid = grid_of(image.stop - image.start, self._exclusive_grid, site)
-            call = AttentionCall(site, None, q, k, v, text=text, image=image, grid=grid)
+            call = AttentionCall(site, None, q, k, v, text=text, image=image, grid=grid, key_bias=key_bias,
+                                 model_mask=None if image_keys is None else (mask, image_keys))
             if self._exclusive in self._active[site.name]:
                 self._exclusive.exclusive_call(call)
             return call.output()

@@ -34,9 +34,10 @@ class GroupPositions:
 
 
 def pixel_distributions(maps: torch.Tensor) -> torch.Tensor:
-    """maps (H, W, L) -> (H·W, L): each token's map divided by its sum over pixels."""
+    """maps (H, W, L) -> (H·W, L): each token's map divided by its sum over pixels. A token no pixel attends (a key
+    the model's text mask hides) stays 0: dividing by its zero sum would make every gradient NaN."""
     flat = maps.flatten(0, 1)
-    return flat / flat.sum(dim=0, keepdim=True)
+    return flat / flat.sum(dim=0, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
 
 
 def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class LatentGuidance(Controller):
 
     name = "a latent-guidance method"
     reads: tuple[str, ...] = ("cross",)
+    handles_key_mask = True  # its maps take the model's text padding mask (masked keys 0)
     max_refinement_steps = 0
 
     # --- what a subclass defines -------------------------------------------------------------------------------
@@ -132,7 +133,9 @@ class LatentGuidance(Controller):
         forward after the last read site."""
         if call.site.name not in self._sites:
             return
-        probs = explicit_probs(call.q[:, :, call.image], call.k[:, :, call.text], call.scale, dtype=torch.float32)
+        bias = None if call.key_bias is None else call.key_bias[..., call.text]  # a text padding mask: masked keys 0
+        probs = explicit_probs(call.q[:, :, call.image], call.k[:, :, call.text], call.scale, dtype=torch.float32,
+                               bias=bias)
         self._sum = probs.sum(dim=1) if self._sum is None else self._sum + probs.sum(dim=1)
         self._heads += probs.shape[1]
         self._seen += 1
