@@ -12,6 +12,7 @@ from attnctl.methods.layout_modulation import (
     ModulationTables,
     biased_scores,
     modulated_image_rows,
+    pulled_and_pushed,
     reference_attention,
 )
 
@@ -53,6 +54,39 @@ def test_the_merged_path_is_the_masked_softmax(n_text, n_image, text_first, n_co
     out32, _ = modulated_image_rows(q_img.float(), k.float(), v.float(), text, 0.3, tables)
     assert (out32.double() - expected).abs().max() < 1e-5
     assert probs.sum(-1).max() <= 1 + 1e-6  # image→text probabilities: a part of each row
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_a_key_mask_hides_its_keys_from_the_modulation_and_the_softmax(cross):
+    """Sana/PixArt (cross-attention) and Chroma (joint, text first) hide padding keys: they get probability 0, and the
+    modulation's maximum and minimum run over the keys shown (per image row), by the formula written out in float64."""
+    n_text, n_image = 7, 16
+    q, k, v, text, image, tables = random_case(n_text, n_image, True)
+    if cross:
+        k, v, text, image, q = k[:, :, text], v[:, :, text], slice(0, n_text), slice(0, n_image), q[:, :, image]
+    n_keys = k.shape[2]
+    hidden = torch.zeros(2, n_keys, dtype=torch.bool)
+    hidden[0, text.stop - 3:text.stop] = True  # three padding keys in the first row, one in the second
+    hidden[1, text.stop - 1] = True
+    bias = torch.zeros(2, 1, 1, n_keys, dtype=torch.float64).masked_fill(hidden[:, None, None], float("-inf"))
+    S = (q @ k.transpose(-1, -2)) * 0.3
+    block = S[:, :, image, text]
+    shown = ~hidden[:, None, None, text]
+    top = torch.where(shown, block, -torch.inf).amax(-1, keepdim=True)
+    bottom = torch.where(shown, block, torch.inf).amin(-1, keepdim=True)
+    pulled, pushed = pulled_and_pushed(tables)
+    lam = tables.scale[:, None, :, None]
+    S[:, :, image, text] = block + lam * (top - block) * pulled[:, None] - lam * (block - bottom) * pushed[:, None]
+    expected = (torch.softmax(S.masked_fill(hidden[:, None, None], -torch.inf), dim=-1) @ v)[:, :, image]
+    q_img = q[:, :, image]
+    out64, probs = modulated_image_rows(q_img, k, v, text, 0.3, tables, bias)
+    assert (out64 - expected).abs().max() < 1e-12
+    assert probs[0, ..., -3:].abs().max() == 0 and probs[1, ..., -1].abs().max() == 0
+    out32, _ = modulated_image_rows(q_img.float(), k.float(), v.float(), text, 0.3, tables, bias.float())
+    assert (out32.double() - expected).abs().max() < 1e-5
+    if not cross:
+        reference = reference_attention(q, k, v, text, image, 0.3, tables, bias)[:, :, image]
+        assert (reference - expected).abs().max() < 1e-12
 
 
 def test_pulled_tokens_gain_and_pushed_tokens_lose_probability():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import attention_with_lse, cpu_attention_with_lse
+from ..attention import attention, attention_with_lse, chunked_lse, cpu_attention_with_lse
 from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
@@ -73,25 +73,36 @@ def pulled_and_pushed(tables: ModulationTables) -> tuple[torch.Tensor, torch.Ten
     return pulled, in_phrase & ~pulled
 
 
-def biased_scores(scores: torch.Tensor, tables: ModulationTables) -> torch.Tensor:
-    """S' of the image→text block from S = scores (B, H, I, T), in the dtype of `scores`."""
+def biased_scores(scores: torch.Tensor, tables: ModulationTables, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """S' of the image→text block from S = scores (B, H, I, T), in the dtype of `scores`; `hidden` (broadcast to
+    S): keys the model's text mask hides, which stay −inf and take no part in S's maximum and minimum."""
     pulled, pushed = pulled_and_pushed(tables)
     if tables.hard_mask:
-        return scores.masked_fill(pushed[:, None], float("-inf"))
-    top = scores.amax(dim=-1, keepdim=True)
-    bottom = scores.amin(dim=-1, keepdim=True)
-    lam = tables.scale.to(scores.dtype)[:, None, :, None]
-    return (scores + lam * (top - scores) * pulled[:, None].to(scores.dtype)
-            - lam * (scores - bottom) * pushed[:, None].to(scores.dtype))
+        biased = scores.masked_fill(pushed[:, None], float("-inf"))
+    else:
+        shown = scores if hidden is None else scores.masked_fill(hidden, float("-inf"))
+        top = shown.amax(dim=-1, keepdim=True)
+        bottom = (scores if hidden is None else scores.masked_fill(hidden, float("inf"))).amin(dim=-1, keepdim=True)
+        lam = tables.scale.to(scores.dtype)[:, None, :, None]
+        biased = (scores + lam * (top - scores) * pulled[:, None].to(scores.dtype)
+                  - lam * (scores - bottom) * pushed[:, None].to(scores.dtype))
+    return biased if hidden is None else biased.masked_fill(hidden, float("-inf"))
 
 
-def modulated_image_rows(q_img, k, v, text: slice, scale: float, tables: ModulationTables):
+def modulated_image_rows(q_img, k, v, text: slice, scale: float, tables: ModulationTables, key_bias=None):
     """The attention output of the image queries `q_img` (B, H, I, d) on all keys `k`, `v` (B, H, N, d) with the text
-    keys at `text` modulated, and the image→text probabilities (float32) that produced it. Float32 accumulation
-    (float64 for float64 inputs); the output has q's dtype."""
+    keys at `text` modulated, and the image→text probabilities (float32) that produced it. `key_bias`: the model's
+    key mask, additive (B or 1, heads or 1, 1, N), −inf where a key is hidden. Float32 accumulation (float64 for
+    float64 inputs); the output has q's dtype."""
     compute = torch.float64 if q_img.dtype == torch.float64 else torch.float32
     k_text, v_text = k[:, :, text].to(compute), v[:, :, text].to(compute)
-    scores = biased_scores((q_img.to(compute) @ k_text.transpose(-1, -2)) * scale, tables)
+    raw = (q_img.to(compute) @ k_text.transpose(-1, -2)) * scale
+    hidden = None
+    if key_bias is not None:
+        text_bias = key_bias[..., text].to(compute)
+        hidden = torch.isneginf(text_bias)
+        raw = raw + text_bias.masked_fill(hidden, 0.0)  # the model's logits; hidden keys are set to −inf below
+    scores = biased_scores(raw, tables, hidden)
     n = k.shape[2]
     others = [s for s in (slice(0, text.start), slice(text.stop, n)) if s.stop > s.start]
     if not others:
@@ -99,7 +110,11 @@ def modulated_image_rows(q_img, k, v, text: slice, scale: float, tables: Modulat
         return (probs @ v_text).to(q_img.dtype), probs.float()
     k_other = torch.cat([k[:, :, s] for s in others], dim=2)
     v_other = torch.cat([v[:, :, s] for s in others], dim=2)
-    if compute == torch.float64 and q_img.device.type == "cpu":  # the float64 kernel's own row log-sum-exp
+    if key_bias is not None:  # the other keys with their part of the mask
+        other_bias = torch.cat([key_bias[..., s] for s in others], dim=-1)
+        out_other = attention(q_img, k_other, v_other, mask=other_bias.to(q_img.dtype), scale=scale)
+        lse_other = chunked_lse(q_img, k_other, scale, other_bias)
+    elif compute == torch.float64 and q_img.device.type == "cpu":  # the float64 kernel's own row log-sum-exp
         out_other, lse_other = cpu_attention_with_lse(q_img, k_other, v_other, scale)
     else:
         out_other, lse_other = attention_with_lse(q_img, k_other, v_other, scale=scale)
@@ -112,10 +127,19 @@ def modulated_image_rows(q_img, k, v, text: slice, scale: float, tables: Modulat
     return out.to(q_img.dtype), (weights / denominator).float()
 
 
-def reference_attention(q, k, v, text: slice, image: slice, scale: float, tables: ModulationTables) -> torch.Tensor:
-    """The whole (N × N) masked softmax in float64, for tests: S + the bias on the image→text block."""
+def reference_attention(q, k, v, text: slice, image: slice, scale: float, tables: ModulationTables,
+                        key_bias=None) -> torch.Tensor:
+    """The whole (N × N) softmax in float64, for tests: S (+ the model's key mask) with the bias on the image→text
+    block, the modulation's maximum and minimum over the keys the mask shows."""
     q, k, v = q.double(), k.double(), v.double()
     S = (q @ k.transpose(-1, -2)) * scale
+    if key_bias is not None:
+        bias = key_bias.double().expand(S.shape[0], S.shape[1], S.shape[2], -1).clone()
+        hidden = torch.isneginf(bias)
+        S = S + bias.masked_fill(hidden, 0.0)
+        block = S[:, :, image, text]
+        S[:, :, image, text] = biased_scores(block, tables, hidden[:, :, image, text])
+        return torch.softmax(S.masked_fill(hidden, float("-inf")), dim=-1) @ v
     S[:, :, image, text] = biased_scores(S[:, :, image, text], tables)
     return torch.softmax(S, dim=-1) @ v
 
@@ -124,6 +148,8 @@ class LayoutModulation(Controller):
     """Layout attention modulation as a controller: `LayoutModulation(layout, config=None, **options)`, where
     `layout` is a `Layout`, a dict or a JSON path (AST's format) and the options are the fields of
     `LayoutModulationConfig`."""
+
+    handles_key_mask = True  # a model's text padding mask: hidden keys stay out of the modulation and the softmax
 
     def __init__(self, layout, config: LayoutModulationConfig | None = None, **options):
         self.layout: Layout = load_layout(layout)
@@ -194,8 +220,11 @@ class LayoutModulation(Controller):
         probs = call.text_probs().clone() if call.site.name in self._probs_sites else None
         out = call.output().clone()
         q_img = call.q[rows][:, :, call.image]
+        bias = call.key_bias
+        if bias is not None and bias.shape[0] > 1:
+            bias = bias[rows]
         out[rows, :, call.image], modulated = modulated_image_rows(q_img, call.k[rows], call.v[rows], call.text,
-                                                                   call.scale, tables)
+                                                                   call.scale, tables, bias)
         if probs is not None:
             probs[rows] = modulated
         call.set_output(out, text_probs=probs)
