@@ -86,7 +86,9 @@ def test_seed_grid_writes_the_plain_and_method_images_of_each_seed(tmp_path, cli
 
 
 def test_a_seed_of_the_grid_draws_what_that_seed_draws_alone():
-    """The grid's batch (one generator per seed) must not change an image: column k is `generate --seed SEED+k`."""
+    """The grid's batch (one generator per seed) must not change an image: column k is `generate --seed SEED+k`, up
+    to the float rounding of a batched convolution (some CPUs sum a batch of two in another order: one 8-bit value
+    in 12288 one step off was seen), while another seed is another image."""
     import numpy as np
 
     from attnctl.cli import build_parser
@@ -100,5 +102,7 @@ def test_a_seed_of_the_grid_draws_what_that_seed_draws_alone():
     sampling = sampling_of(args)
     alone = pipeline_call(pipe, "a cat", sampling, "random:sd15-tiny")[0]
     grid = pipeline_call(pipe, "a cat", sampling, "random:sd15-tiny", seeds=[3, 4])
-    assert np.array_equal(np.asarray(grid[1]), np.asarray(alone))
-    assert not np.array_equal(np.asarray(grid[0]), np.asarray(alone))
+    same = np.abs(np.asarray(grid[1]).astype(int) - np.asarray(alone).astype(int))
+    assert same.max() <= 1 and (same > 0).mean() < 1e-3, (same.max(), (same > 0).mean())
+    other = np.abs(np.asarray(grid[0]).astype(int) - np.asarray(alone).astype(int))
+    assert other.mean() > 5, other.mean()

@@ -295,8 +295,9 @@ def _judged(request: Request, grid: dict, seeds: list[int]) -> dict:
 
 def pipeline_call(pipe, prompt, sampling: SamplingConfig, model: str, controllers=(), on_step=None, seeds=None):
     """The images of `prompt` with `controllers` attached: `num_images` from `seed`, or one per seed of `seeds`
-    (image k is what seed seeds[k] draws alone). `model`: the spec whose folder's recommendations fill the settings
-    not given. `on_step(step, steps)` is called after each denoising step (1-based)."""
+    (image k is what seed seeds[k] draws alone, up to a batched kernel's float rounding). `model`: the spec whose
+    folder's recommendations fill the settings not given. `on_step(step, steps)` is called after each denoising
+    step (1-based)."""
     import torch
 
     from .control import apply
