@@ -294,7 +294,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("Kandinsky 2.2", kandinsky22, ""),
     ("PixArt-Σ", pixart, "capture regulation layout-modulation"),
     ("Sana", sana, "capture regulation attend-excite binding layout-modulation relocation"),
-    ("Sana Sprint", sana_sprint, "capture regulation attend-excite binding relocation"),
+    ("Sana Sprint", sana_sprint, "capture regulation attend-excite binding layout-modulation relocation"),
     ("Chroma", chroma, "capture ast binding layout-modulation relocation"),
     ("Qwen-Image", qwen_image, JOINT),
     ("FLUX.2 [dev]", flux2_dev, "capture ast layout-modulation relocation"),
@@ -305,8 +305,6 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
 ]
 # known bugs, checked as they are (neither refused nor a change): a fix fails the cell until the table says what works
 BUGS = {
-    # modulated at its first step (mask and all), yet the 2-step image moves by less than 1e-4: cause not found
-    ("Sana Sprint", "layout-modulation"): "the image is unchanged",
     ("FLUX.1 Kontext", "binding"): "RuntimeError: the latents it moves include the context image's tokens",
 }
 COLUMNS = ("capture", *METHODS)  # capture, then every method of the registry
@@ -726,3 +724,27 @@ def test_the_gradient_forwards_read_masked_text_keys_as_zero_on_sana(monkeypatch
     assert 0 < n < maps.shape[-1] and kept[:n].all()  # the padding (on the right) is there, masked
     assert torch.equal(maps[..., n:], torch.zeros_like(maps[..., n:]))
     assert torch.allclose(maps.sum(dim=-1), torch.ones(maps.shape[:2]), atol=1e-5)
+
+
+def test_sana_sprints_angles_are_read_on_the_0_to_1000_scale():
+    """Sana Sprint's SCM scheduler counts TrigFlow angles (π/2 at the start): methods whose schedules read t/1000
+    (layout modulation's λ_t, AST's τ) got (1.57/1000)^5 ≈ 1e-14 and changed nothing. Its first step reads 1000."""
+    from attnctl.control import Controller
+
+    class Steps(Controller):
+        observer = True
+        handles_key_mask = True
+
+        def __init__(self):
+            self.timesteps = []
+
+        def begin_step(self, step):
+            self.timesteps.append(step.timestep)
+
+        def __call__(self, call):
+            pass
+
+    steps = Steps()
+    generate("Sana Sprint", [steps], 64)
+    assert abs(steps.timesteps[0] - 1000.0) < 1e-2 and all(0 <= t <= 1000.01 for t in steps.timesteps)
+

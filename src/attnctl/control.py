@@ -47,7 +47,7 @@ class StepState:
 
     index: int  # step index, 0-based, as the scheduler counts it
     num_steps: int
-    timestep: float  # the scheduler's timestep of this step (0..1000 scale)
+    timestep: float  # the scheduler's timestep of this step, on the 0..1000 scale (`Family.timestep_scale`)
     batch_size: int
     cond_rows: slice  # rows conditioned on the prompt (CFG: the second half; none in an uncond or guidance pass)
     token_grid: tuple[int, int]  # the denoiser's image token grid (latent grid after patchify)
@@ -467,10 +467,11 @@ class Session:
         self._step_calls = (timesteps, index, calls)
         cond = self.family.conditional_rows(self.pipe, args, kwargs, context_name, calls, len(self.prompts))
         n_cond = cond.stop - cond.start
+        timestep = float(self._values_of(timesteps)[min(index, len(timesteps) - 1)])
         return StepState(
             index=index,
             num_steps=len(timesteps),
-            timestep=float(self._values_of(timesteps)[min(index, len(timesteps) - 1)]),
+            timestep=timestep * self.family.timestep_scale(self.pipe),
             batch_size=batch,
             cond_rows=cond,
             token_grid=self.family.token_grid(self.denoiser, args, kwargs),

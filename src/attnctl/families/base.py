@@ -128,6 +128,11 @@ class Family:
         """The denoiser call's timestep argument, as the pipeline passes it (a tensor or number)."""
         raise NotImplementedError
 
+    def timestep_scale(self, pipe) -> float:
+        """What turns the scheduler's timesteps into the 0..1000 scale methods read (`StepState.timestep`): 1 for
+        DDPM-style and flow-matching schedulers, whose timesteps already run up to 1000."""
+        return 1.0
+
     def latents(self, args, kwargs):
         """The denoiser call's latent input: the transformers' `hidden_states` (a UNet's `sample`)."""
         return argument(args, kwargs, self.latents_name, 0)

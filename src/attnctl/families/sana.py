@@ -12,6 +12,7 @@ empty one is refused as the prompt is encoded (`encoder_check`), and embeddings 
 from __future__ import annotations
 
 import inspect
+import math
 
 from ..errors import UsageError
 from ..tokens import TextSegment
@@ -68,6 +69,10 @@ class SanaFamily(PixArtFamily):
     def make_processor(self, site, session, original):
         """The processor reproducing SanaAttnProcessor2_0."""
         return SanaCrossProcessor(site, session)
+
+    def timestep_scale(self, pipe) -> float:
+        """Sana Sprint's SCM scheduler counts TrigFlow angles, 0 to π/2, where the others count to 1000."""
+        return 1000 / (math.pi / 2) if type(pipe.scheduler).__name__ == "SCMScheduler" else 1.0
 
     def text_segments(self, pipe):
         """Gemma tokens of the lowercased prompt after the pipeline's default instruction, of whose tokens only the
