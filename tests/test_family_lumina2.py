@@ -95,15 +95,9 @@ def test_words_sit_where_the_system_prompt_puts_them():
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_changes_the_image_or_is_refused_before_any_step(name):
     """Methods reading joint attention act; those reading text cross-attention are refused before any step. Binding
-    is a known defect here (the support matrix's `no (bug)`): its loss takes the text's last token for an end token,
-    and Lumina-Image 2.0's text ends with the prompt's last word, here "cat", a target: an IndexError."""
+    acts too: its presence term scores the prompt's last word ("cat", a target, where Lumina's text ends), and its
+    gradient forwards take the prompt's call, not the negative prompt's separate call that ends each step."""
     pipe = lumina2()
-    if name == "binding":
-        with pytest.raises(IndexError):
-            with attnctl.apply(pipe, controller(name), prompt=PROMPT) as session:
-                session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
-                        output_type="latent", **CALL)
-        return
     plain = run(pipe)
     before = processors(pipe.transformer)
     steps = Probe()

@@ -320,7 +320,8 @@ class Session:
         self._timesteps = None  # the scheduler's timesteps of the current pipeline call (a new tensor per call)
         self._timestep_values: tuple[object, list] = (None, [])  # (timesteps, their values read back once per call)
         self._step_calls = (None, -1, 0)  # (timesteps, step index, denoiser calls made at that step so far)
-        self.inputs: tuple[tuple, dict] | None = None  # the arguments of the last denoiser call of a run
+        # the arguments and step of the run's last denoiser call with conditional rows (not a separate negative call)
+        self.conditional_call: tuple[tuple, dict, StepState] | None = None
         self._probing = False
         self._exclusive: Controller | None = None
         self._exclusive_grid: tuple[int, int] | None = None
@@ -444,7 +445,8 @@ class Session:
                 "after leaving it."
             )
         self.step = self._step_state(args, kwargs, context_name)
-        self.inputs = (args, kwargs)
+        if self.step.cond_rows.stop > self.step.cond_rows.start:
+            self.conditional_call = (args, kwargs, self.step)
         timesteps = self.pipe.scheduler.timesteps
         new_run = timesteps is not self._timesteps  # every pipeline call sets the scheduler's timesteps anew
         self._timesteps = timesteps

@@ -73,7 +73,8 @@ class ContrastLocator:
         object) at `latents` (the pipeline's latents after step `index`) and the next step's timestep, on the
         latent grid."""
         session = self.session
-        full, step = denoiser_arguments(session, *session.inputs), session.step
+        args, kwargs, step = session.conditional_call
+        full = denoiser_arguments(session, args, kwargs)
         scheduler = session.pipe.scheduler
         timesteps = scheduler.timesteps
         t = timesteps[min(index + 1, len(timesteps) - 1)]

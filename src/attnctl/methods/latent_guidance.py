@@ -121,7 +121,7 @@ class LatentGuidance(Controller):
         def move_next(pipe, i, current):
             nxt = i + 1
             if nxt < len(pipe.scheduler.timesteps) and self.moves_at(nxt):
-                self._inputs = self._conditioning(*session.inputs, session.step)
+                self._inputs = self._conditioning(*session.conditional_call)
                 return self.move(current, nxt, session.step)
             return None
 
