@@ -197,7 +197,7 @@ CASES = {
     # 256²: the default layers of the tiny UNets run at 8x8, large enough for a Gaussian basis
     **{f"regulation-{impl}-{f}": (f, lambda impl=impl: [Regulation(["cat", "dog"], implementation=impl)], PROMPT,
                                   256, False)
-       for f, impl in (("unet", "fast"), ("unet", "direct"), ("sdxl", "fast"))},
+       for f, impl in (("unet", "fast"), ("unet", "direct"), ("unet", "compiled"), ("sdxl", "fast"))},
     "regulation-image-two-prompts": ("unet", lambda: [Regulation(["cat", "dog"], selection="image")],
                                      [PROMPT, "a dog and a cat"], 256, False),
     **{f"ast-{impl}-{f}": (f, lambda impl=impl: [AST(LAYOUT, implementation=impl)], LAYOUT["prompt"], 128, False)

@@ -222,7 +222,7 @@ def test_cli_flags_are_the_config_fields():
     assert (config.iterations, config.step_size, config.gamma, config.delta, config.epsilon) == (20, 100.0, 1.0, 80.0,
                                                                                                  0.09)
     assert (config.sigma, config.smoothing, config.decay, config.selection, config.implementation, config.seed) == (
-        None, 0.25, 0.99, "batch", "fast", 0)
+        None, 0.25, 0.99, "batch", "auto", 0)
     args = build_parser().parse_args(base + [
         "--targets", "dog", "--layers", "up_blocks.1", "--edit-steps", "3", "--selection", "image", "--implementation",
         "direct", "--sigma", "2", "--init-seed", "5", "--no-restore-special", "--quantile", "0.8"])

@@ -35,13 +35,13 @@ from ..config import build, check, comma_list, option, step_indices, word_list
 from ..control import AttentionCall, Controller, StepState
 from ..errors import UsageError
 from ..tokens import HeldWords
-from . import regulation_math
+from . import regulation_compiled, regulation_math
 from .targets import TARGETS_HELP, normalise_targets, targets_per_prompt
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EDIT_STEPS = 25
-IMPLEMENTATIONS = ("fast", "direct")
+IMPLEMENTATIONS = ("auto", "fast", "compiled", "direct")
 SELECTIONS = ("batch", "image")
 
 
@@ -169,8 +169,10 @@ class RegulationConfig:
                                    "end-of-text token probabilities to their unedited values")
     selection: str = option("batch", "keep the iterate with the lowest loss over the batch (the reference) or per "
                             "image", choices=SELECTIONS)
-    implementation: str = option("fast", "fast (split softmax denominator, analytic gradient) or direct (the "
-                                 "formulas as written, autograd)", choices=IMPLEMENTATIONS)
+    implementation: str = option("auto", "fast (split softmax denominator, analytic gradient), compiled (the fast "
+                                 "optimisation as one torch.compile region: few kernel launches, seconds to compile "
+                                 "each new shape), direct (the formulas as written, autograd) or auto (compiled on "
+                                 "CUDA, fast elsewhere)", choices=IMPLEMENTATIONS)
     strength: float = option(1.0, "scale of the applied field (an attnctl extension for dose-response studies: 1 is "
                              "the paper's method, 0 edits nothing)", low=0)
     seed: int = option(0, "seed of the random initial weights (uniform in [0, 1)), from the controller's own "
@@ -236,7 +238,7 @@ class Regulation(Controller):
         self._uniform = _Uniform(self.config.seed)
         self._basis: dict[tuple, tuple[torch.Tensor, int]] = {}
         self._columns: dict[tuple, _Columns | None] = {}
-        self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> best field of the last edited step
+        self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> kept weights of the last edited step
         self._editing = False
         self._warned_small: set[str] = set()
         self._counting: tuple[set[str], int] | None = None  # (sites not yet edited in this step, values taken before)
@@ -307,17 +309,20 @@ class Regulation(Controller):
             probs = torch.softmax(logits, dim=-1)
             for g, (g_logits, w0, traj), pick in zip(groups, trajectories, chosen):
                 rows = torch.arange(traj.weights.shape[1], device=pick.device)
-                best = regulation_math.field_of(basis, traj.weights[pick, rows])  # (rows, N, k)
+                best = traj.weights[pick, rows]  # (rows, K, k): the kept iterate's weights
                 key = (call.site.name, g.prompt)
                 previous = self._best.get(key)
                 if previous is None or previous.shape != best.shape:
-                    previous = regulation_math.field_of(basis, w0)  # first edited step: the initial random field
+                    previous = w0  # first edited step: the initial random weights
                 self._best[key] = best
                 c = self.config
-                applied = (c.smoothing * previous + (1.0 - c.smoothing) * best) * (c.decay**step.index * c.strength)
+                # the field is linear in the weights: one field of the smoothed weights, scaled
+                scale = c.decay**step.index * c.strength
+                applied = regulation_math.field_of(
+                    basis, torch.add(previous * (c.smoothing * scale), best, alpha=(1.0 - c.smoothing) * scale))
                 keep = g.columns.keep_index
                 edited = regulation_math.edited_probs(g_logits, g.columns.target_index, applied,
-                                                      () if keep is None else keep)
+                                                      () if keep is None else keep, plain=probs[g.rows].flatten(0, 1))
                 edited = edited.unflatten(0, (-1, heads))
                 out[g.rows] = (edited @ call.v[g.rows][:, :, call.text].float()).to(out.dtype)
                 probs[g.rows] = edited
@@ -328,8 +333,12 @@ class Regulation(Controller):
 
     # --- pieces -------------------------------------------------------------------------------------------------
     def _optimise(self, logits, columns: _Columns, basis, w0) -> regulation_math.Trajectory:
-        if self.config.implementation == "direct":
+        implementation = resolved_implementation(self.config, logits.device)
+        if implementation == "direct":
             return regulation_math.optimise_direct(logits, columns.target_index, basis, w0, self.config)
+        if implementation == "compiled":
+            return regulation_compiled.optimise_compiled(logits, columns.target_index, columns.other_index, basis,
+                                                         w0, self.config)
         target_logits, rest = regulation_math.split_logits(logits, columns.target_index, columns.other_index)
         return regulation_math.optimise_fast(target_logits, rest, basis, w0, self.config)
 
@@ -410,6 +419,14 @@ class Regulation(Controller):
         if self.target_words is None and len({tuple(c) for c in chosen}) == 1:
             self.target_words = list(chosen[0])
         return chosen
+
+
+def resolved_implementation(config: RegulationConfig, device) -> str:
+    """The implementation that runs: the config's, or for "auto" compiled on CUDA (where an eager loop of 20
+    iterations is bound by kernel launches) and fast elsewhere (where compiling costs more than it saves)."""
+    if config.implementation != "auto":
+        return config.implementation
+    return "compiled" if torch.device(device).type == "cuda" else "fast"
 
 
 # --- input checks ------------------------------------------------------------------------------------------------

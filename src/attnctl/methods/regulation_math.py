@@ -192,15 +192,17 @@ def field_of(basis: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.matmul(basis, weights)
 
 
-def edited_probs(logits: torch.Tensor, targets: torch.Tensor, field: torch.Tensor, keep=()) -> torch.Tensor:
+def edited_probs(logits: torch.Tensor, targets: torch.Tensor, field: torch.Tensor, keep=(),
+                 plain: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(S + A on the target columns) over all tokens, then the columns in `keep` (start and end-of-text
     tokens: positions, or an index tensor on the logits' device of positions within L) reset to their unedited
-    probabilities, without renormalising: (rows, N, L)."""
+    probabilities, without renormalising: (rows, N, L). `plain`: softmax(S), where the caller has it already."""
     edited = logits.index_add(-1, targets, field)
     probs = torch.softmax(edited, dim=-1)
     if not torch.is_tensor(keep):
         keep = [int(i) for i in keep if i is not None and 0 <= int(i) < logits.shape[-1]]
         keep = torch.tensor(keep, dtype=torch.long, device=logits.device) if keep else None
     if keep is not None and keep.numel():
-        probs[..., keep] = torch.softmax(logits, dim=-1)[..., keep]
+        plain = torch.softmax(logits, dim=-1) if plain is None else plain
+        probs[..., keep] = plain[..., keep]
     return probs
