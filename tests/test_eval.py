@@ -239,3 +239,47 @@ def test_a_subset_of_categories_draws_the_same_images_as_the_full_run():
             if r["category"] == "seen_pairs"]
     part = [{k: r[k] for k in keep} for r in run_suite(arm, alone, [0, 1], steps=3, progress=False, measure=False)]
     assert full == part
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_and_generates_only_what_is_missing(tmp_path, monkeypatch):
+    import attnctl.run
+    from attnctl.eval import Arm, run_suite
+
+    cases = [c for c in build_suite(2) if c.categories == ("seen_pairs",)]
+    arms = [Arm("none", "builtin:shapes-unet"), Arm("regulation", "builtin:shapes-unet", {"edit_steps": 1})]
+    settings = dict(steps=2, progress=False, measure=False)
+    fresh = run_suite(arms, cases, [0, 1], **settings)
+    checkpoint = tmp_path / "checkpoint"
+    first = run_suite(arms[:1], cases[:1], [0, 1], checkpoint=checkpoint, **settings)  # a run stopped after one case
+    with (checkpoint / "rows-0.jsonl").open("a") as f:
+        f.write('{"key": "cut by the st')  # a line the stop cut short is skipped
+    generated = []
+    real = attnctl.run.generate
+    monkeypatch.setattr(attnctl.run, "generate", lambda request, *a, **k: generated.append(request) or real(
+        request, *a, **k))
+    resumed = run_suite(arms, cases, [0, 1], checkpoint=checkpoint, **settings)
+    assert len(generated) == 2 * len(cases) - 1  # every case but the finished one
+    assert [r["seconds"] for r in resumed if r["prompt"] == cases[0].prompt and r["method"] == arms[0].label] == [
+        r["seconds"] for r in first]  # the finished case's rows as they were written
+
+    def outcome(rows):
+        return sorted((r["method"], r["prompt"], r["seed"], r["present"], r["bound"]) for r in rows)
+
+    assert outcome(resumed) == outcome(fresh)
+    generated.clear()
+    again = run_suite(arms, cases, [0, 1], checkpoint=checkpoint, **settings)
+    assert generated == [] and outcome(again) == outcome(fresh)
+    other_seeds = run_suite(arms[:1], cases[:1], [2], checkpoint=checkpoint, **settings)
+    assert len(generated) == 1 and {r["seed"] for r in other_seeds} == {2}  # other samples are not taken for these
+
+
+def test_eval_resumes_by_default_and_no_resume_starts_afresh(cli, tmp_path):
+    out = tmp_path / "eval"
+    args = ("eval", "--methods", "none", "--categories", "seen_pairs", "--prompts", "1", "--seeds", "1", "--steps",
+            "2", "--no-attention", "--out", out)
+    journal = out / "checkpoint" / "rows-0.jsonl"
+    assert cli(*args)[0] == 0
+    written = journal.read_text()
+    assert written.count('"key"') == 1
+    assert cli(*args)[0] == 0 and journal.read_text() == written  # resumed: nothing generated, nothing appended
+    assert cli(*args, "--no-resume")[0] == 0 and journal.read_text().count('"key"') == 1  # emptied, then written

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
+import logging
 import math
 import random
 import zlib
@@ -46,6 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from .relations import HALVES, boxes_from_prompt, strips
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
 HELDOUT_CATEGORIES = ("two_objects", "colour_binding", "three_objects", "layout", "placed_pairs", "placed_triples")
@@ -248,10 +252,14 @@ def attention_columns(observers, n_images: int) -> list[dict]:
 
 def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int | None = None,
               guidance: float | None = None, device: str = "cpu", progress: bool | None = None,
-              measure: bool = True) -> list[dict]:
+              measure: bool = True, checkpoint: Path | None = None) -> list[dict]:
     """Generate and score every (arm, case, seed), with the attention measurements when `measure`; a progress bar
     per arm unless `progress` is False (default: unless ATTNCTL_PROGRESS=0). `steps` and `guidance` default to what
-    each arm's model recommends (its `attnctl.json`), else DEFAULT_STEPS and DEFAULT_GUIDANCE."""
+    each arm's model recommends (its `attnctl.json`), else DEFAULT_STEPS and DEFAULT_GUIDANCE.
+
+    `checkpoint`: a folder where each case's rows are appended as it finishes (`rows-<process>.jsonl`); a case
+    found there with the same arm, options, sampling and seeds is not generated again, so a run that was stopped
+    resumes where it stopped. Its rows keep the seconds of the run that made them."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -263,37 +271,78 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
     device = device if state.num_processes == 1 else str(state.device)
     rows = []
     pipelines = Pipelines(keep=len(arms))
+    done = _checkpointed(checkpoint)
+    if checkpoint is not None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+    resumed = 0
     warm: set[str] = set()
     for arm in arms:
         recommended = sampling_defaults(arm.model)
         arm_steps = steps if steps is not None else recommended.get("num_inference_steps", DEFAULT_STEPS)
         arm_guidance = guidance if guidance is not None else recommended.get("guidance_scale", DEFAULT_GUIDANCE)
         requests = [request_for(arm, case, seeds, arm_steps, arm_guidance, device) for case in cases]
-        pipe = pipelines.get(arm.model, requests[0].sampling)
-        if arm.model not in warm:
-            warm.add(arm.model)
-            pipe.set_progress_bar_config(disable=True)
-            # one untimed call first: one-time costs (allocator, lazy initialisation) must not count for the first arm
-            pipe(prompt=cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance, output_type="latent")
+        keys = [_case_key(arm, case, request, measure) for case, request in zip(cases, requests)]
         with state.split_between_processes(list(range(len(cases)))) as mine:
-            for i in tqdm(mine, desc=arm.label, disable=not progress or not state.is_main_process):
+            todo = [i for i in mine if keys[i] not in done]
+            rows += [row for i in mine if keys[i] in done for row in done[keys[i]]]
+            resumed += len(mine) - len(todo)
+            if not todo:  # nothing to generate: the model is not even loaded
+                continue
+            pipe = pipelines.get(arm.model, requests[0].sampling)
+            if arm.model not in warm:
+                warm.add(arm.model)
+                pipe.set_progress_bar_config(disable=True)
+                # one untimed call first: one-time costs (allocator, lazy initialisation) must not count for the
+                # first arm
+                pipe(prompt=cases[0].prompt, num_inference_steps=1, guidance_scale=arm_guidance, output_type="latent")
+            for i in tqdm(todo, desc=arm.label, disable=not progress or not state.is_main_process):
                 case = cases[i]
                 observers = observers_for(arm, case, pipe) if measure else []
                 output = generate(requests[i], pipelines, observers=observers)
                 images, seconds = output.images, output.seconds
                 attention = attention_columns(observers, len(images))
+                case_rows = []
                 for seed, image, measured in zip(seeds, images, attention):
                     s = score_case(case, image)
                     for category, ok in s["success"].items():
-                        rows.append({"method": arm.label, "model": arm.model, "category": category,
-                                     "prompt": case.prompt, "seed": seed, "success": int(ok),
-                                     "present": int(s["present"]), "bound": int(s["bound"]),
-                                     "inside": int(s["inside"]), "placed": int(s["present"] and s["inside"]),
-                                     "relation": int(s["relation"]),
-                                     "mean_iou": round(s["mean_iou"], 4), "count": s["count"],
-                                     "seconds": round(seconds, 4), "steps": arm_steps, "guidance": arm_guidance,
-                                     **{k: round(v, 5) for k, v in measured.items()}})
+                        case_rows.append({"method": arm.label, "model": arm.model, "category": category,
+                                          "prompt": case.prompt, "seed": seed, "success": int(ok),
+                                          "present": int(s["present"]), "bound": int(s["bound"]),
+                                          "inside": int(s["inside"]), "placed": int(s["present"] and s["inside"]),
+                                          "relation": int(s["relation"]),
+                                          "mean_iou": round(s["mean_iou"], 4), "count": s["count"],
+                                          "seconds": round(seconds, 4), "steps": arm_steps, "guidance": arm_guidance,
+                                          **{k: round(v, 5) for k, v in measured.items()}})
+                rows += case_rows
+                if checkpoint is not None:
+                    with (checkpoint / f"rows-{state.process_index}.jsonl").open("a") as journal:
+                        # a newline first: a line a stop cut short stays a line of its own, skipped when read
+                        journal.write("\n" + json.dumps({"key": keys[i], "rows": case_rows}) + "\n")
+    if resumed:
+        log.info("%d of %d cases read from the checkpoint %s", resumed, len(arms) * len(cases), checkpoint)
     return _gather(rows, state)
+
+
+def _case_key(arm: Arm, case: Case, request, measure: bool) -> str:
+    """What decides a case's rows: the arm (method, model, options), the case, its sample seeds and sampling."""
+    sampling = request.sampling
+    return json.dumps({"arm": arm.label, "method": arm.method, "model": arm.model, "options": arm.options,
+                       "prompt": case.prompt, "categories": case.categories, "boxes": case.boxes,
+                       "seeds": request.seeds, "steps": sampling.steps, "guidance": sampling.guidance,
+                       "device": sampling.device, "measure": measure}, sort_keys=True, default=str)
+
+
+def _checkpointed(checkpoint: Path | None) -> dict[str, list[dict]]:
+    """The rows of the cases a checkpoint folder holds, by case key (a line cut by a stop is skipped)."""
+    done: dict[str, list[dict]] = {}
+    for path in sorted(checkpoint.glob("rows-*.jsonl")) if checkpoint is not None and checkpoint.is_dir() else ():
+        for line in filter(None, path.read_text().splitlines()):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["key"]] = entry["rows"]
+    return done
 
 
 def _gather(rows: list[dict], state) -> list[dict]:

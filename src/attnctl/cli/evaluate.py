@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -52,6 +53,9 @@ def register(sub) -> None:
                         "ones); e.g. seen_pairs to choose a model's "
                         "recommended method options without looking at the held-out prompts")
     p.add_argument("--out", type=Path, default=Path("out/eval"))
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cases a stopped run of the same arms, options, sampling and seeds finished "
+                        "(kept in OUT/checkpoint, one line per case); --no-resume starts afresh (default: resume)")
     for name in METHODS:  # method options override the model's recommendations in every arm of that method
         add_method_options(p, name)
     p.set_defaults(func=run)
@@ -110,6 +114,18 @@ def _strengths(text: str) -> list[float]:
     return values
 
 
+def _checkpoint(args) -> Path:
+    """OUT/checkpoint, emptied first with --no-resume (by the main process only)."""
+    from accelerate import PartialState
+
+    folder = args.out / "checkpoint"
+    if not args.resume and folder.is_dir() and PartialState().is_main_process:
+        for path in folder.glob("rows-*.jsonl"):
+            path.unlink()
+    PartialState().wait_for_everyone()
+    return folder
+
+
 def run(args) -> None:
     """Run the comparison (or the --dose sweep) and write results.md/.csv/.json and the figures to --out."""
     from accelerate import PartialState
@@ -146,7 +162,8 @@ def run(args) -> None:
         args.strengths = args.strengths or DOSE_STRENGTHS
         model = args.unet_model if args.dose in methods_on(DEFAULT_MODEL) else args.mmdit_model
         rows = run_suite(dose_arms(args.dose, model, args.strengths, options[args.dose]), cases, list(range(seeds)),
-                         steps, guidance, device=sampling.device, measure=not args.no_attention)
+                         steps, guidance, device=sampling.device, measure=not args.no_attention,
+                         checkpoint=_checkpoint(args))
         if not PartialState().is_main_process:
             return
         summary = summarize(rows)
@@ -171,7 +188,7 @@ def run(args) -> None:
         arms += ([Arm(PLAIN, args.mmdit_model)] if PLAIN in names else []) + [
             Arm(m, args.mmdit_model, options[m]) for m in mmdit]
     rows = run_suite(arms, cases, list(range(seeds)), steps, guidance, device=sampling.device,
-                     measure=not args.no_attention)
+                     measure=not args.no_attention, checkpoint=_checkpoint(args))
     if not PartialState().is_main_process:
         return
     summary = summarize(rows)
