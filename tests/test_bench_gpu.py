@@ -127,10 +127,12 @@ def test_the_plain_baseline_has_nothing_of_attnctl_attached():
 @pytest.mark.parametrize("args, message", [
     (("--rows", "sd15,sd16"), "--rows: 'sd16' is not one of sd15, sdxl, sd3, flux, sd3-38"),
     (("--rows", ","), "--rows: nothing is not one of sd15, sdxl, sd3, flux, sd3-38"),
-    (("--methods", "capture,ast-slow"), "--methods: 'ast-slow' is not one of capture, regulation, regulation-direct, "
+    (("--methods", "capture,ast-slow"), "--methods: 'ast-slow' is not one of capture, regulation, regulation-fast, "
+                                        "regulation-direct, "
                                         "ast, ast-fast, ast-flex, ast-direct"),
     (("--rows", "sd15,sdxl", "--methods", "ast"), "no row chosen takes --methods ast (sd15 takes capture, regulation, "
-                                                  "regulation-direct; sdxl takes capture, regulation"),
+                                                  "regulation-fast, regulation-direct; sdxl takes capture, "
+                                                  "regulation"),
     (("--rounds", "0"), "--rounds must be a whole number from 1 to 20, not 0"),
 ])
 def test_bad_selection_exits_2_with_the_valid_names(cli, args, message):

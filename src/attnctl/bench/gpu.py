@@ -21,8 +21,9 @@ full-size pipelines there, the methods assumed at about 1.3× or less):
 The default set is sd15, sdxl, sd3 and flux: about 6 minutes (sd3-38 is left out of it to fit in 8 minutes with room
 to spare; name it with --rows). A method much slower than 1.3× lengthens its row by about 4 × (ratio − 1.3) × the
 plain time: SDXL's Regulation at the 6–8× estimated before issue 31 adds about 70 s. Other methods a row takes:
-regulation-direct on sd15/sdxl; ast-fast, ast-flex, ast-direct on sd3/sd3-38/flux (`ast` is the default
-implementation, "auto": flex on CUDA).
+regulation-fast, regulation-direct on sd15/sdxl (`regulation` is the default implementation, "auto": compiled on
+CUDA, whose first call per layer shape compiles, tens of seconds, inside the row's untimed warm-up); ast-fast,
+ast-flex, ast-direct on sd3/sd3-38/flux (`ast` is the default implementation, "auto": flex on CUDA).
 
 Each row's record is handed to `on_row` as it finishes (the CLI prints it as one JSON line, flushed); an error of the
 row (the model, the plain pipeline) is its `error`, an error of one method its `<method>_error`, and the other rows
@@ -69,14 +70,15 @@ def _ast(implementation):
 # The methods a row may run, by name: the variants beside the plain pipeline.
 METHODS = {
     "capture": _capture,
-    "regulation": _regulation("fast"),
+    "regulation": _regulation("auto"),
+    "regulation-fast": _regulation("fast"),
     "regulation-direct": _regulation("direct"),
     "ast": _ast("auto"),
     "ast-fast": _ast("fast"),
     "ast-flex": _ast("flex"),
     "ast-direct": _ast("direct"),
 }
-UNET_METHODS = ("capture", "regulation", "regulation-direct")
+UNET_METHODS = ("capture", "regulation", "regulation-fast", "regulation-direct")
 MMDIT_METHODS = ("capture", "ast", "ast-fast", "ast-flex", "ast-direct")
 
 
