@@ -85,3 +85,29 @@ def test_the_fake_implementation_gives_the_shapes_without_computing():
 def test_auto_compiles_on_cuda_only(implementation, device, runs):
     config = RegulationConfig(targets=["cat"], implementation=implementation)
     assert resolved_implementation(config, device) == runs
+
+
+def _failing_compile(*args):
+    raise torch._inductor.exc.InductorError(RuntimeError("no C++ compiler found"), None)
+
+
+def test_a_failing_compiler_is_a_usage_error_when_asked_for_and_falls_back_under_auto(monkeypatch, caplog):
+    import logging
+
+    from attnctl.methods import regulation
+
+    pipe = tiny_pipe("unet")
+    kwargs = dict(height=256, width=256, num_inference_steps=1, output_type="latent")
+    with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=1, implementation="fast"), prompt=PROMPT):
+        fast = run(pipe, PROMPT, **kwargs)
+    monkeypatch.setattr(regulation_compiled, "_compiled", lambda: _failing_compile)
+    with pytest.raises(attnctl.UsageError, match=r"could not compile on cpu \(InductorError.*"
+                                                 r"implementation='fast'"):
+        with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=1, implementation="compiled"), prompt=PROMPT):
+            run(pipe, PROMPT, **kwargs)
+    monkeypatch.setattr(regulation, "resolved_implementation", lambda config, device: "compiled")  # auto on CUDA
+    with caplog.at_level(logging.WARNING, "attnctl"):
+        with attnctl.apply(pipe, Regulation(["cat", "dog"], edit_steps=1), prompt=PROMPT):
+            fallen_back = run(pipe, PROMPT, **kwargs)
+    assert caplog.text.count("compiling the optimisation failed") == 1  # once, not at every site
+    assert torch.equal(fallen_back, fast)

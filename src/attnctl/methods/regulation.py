@@ -241,6 +241,7 @@ class Regulation(Controller):
         self._best: dict[tuple[str, int], torch.Tensor] = {}  # (site, prompt) -> kept weights of the last edited step
         self._editing = False
         self._warned_small: set[str] = set()
+        self._compile_failed = False  # "auto" fell back to fast
         self._counting: tuple[set[str], int] | None = None  # (sites not yet edited in this step, values taken before)
         self._drawn_ahead = False
 
@@ -336,9 +337,19 @@ class Regulation(Controller):
         implementation = resolved_implementation(self.config, logits.device)
         if implementation == "direct":
             return regulation_math.optimise_direct(logits, columns.target_index, basis, w0, self.config)
-        if implementation == "compiled":
-            return regulation_compiled.optimise_compiled(logits, columns.target_index, columns.other_index, basis,
-                                                         w0, self.config)
+        if implementation == "compiled" and not self._compile_failed:
+            try:
+                return regulation_compiled.optimise_compiled(logits, columns.target_index, columns.other_index,
+                                                             basis, w0, self.config)
+            except torch._dynamo.exc.TorchDynamoException as e:  # no working compiler (inductor's, Triton's)
+                if self.config.implementation == "compiled":
+                    raise UsageError(f"Regulation's implementation='compiled' could not compile on {logits.device} "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); use "
+                                     "implementation='fast' (--implementation fast), the same optimisation "
+                                     "eagerly") from e
+                log.warning("Regulation: compiling the optimisation failed (%s); running the fast implementation "
+                            "instead (the same numbers, more kernel launches)", type(e).__name__)
+                self._compile_failed = True
         target_logits, rest = regulation_math.split_logits(logits, columns.target_index, columns.other_index)
         return regulation_math.optimise_fast(target_logits, rest, basis, w0, self.config)
 
