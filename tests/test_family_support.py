@@ -290,7 +290,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("SDXL", lambda: tiny_pipe("sdxl"), CROSS),
     ("SD3 / SD3.5", lambda: tiny_pipe("sd3"), JOINT),
     ("FLUX.1 dev / schnell", lambda: tiny_pipe("flux"), JOINT),
-    ("FLUX.1 Kontext", kontext, "capture ast layout-modulation relocation"),
+    ("FLUX.1 Kontext", kontext, JOINT),
     ("Kandinsky 2.2", kandinsky22, ""),
     ("PixArt-Σ", pixart, "capture regulation layout-modulation"),
     ("Sana", sana, "capture regulation attend-excite binding layout-modulation relocation"),
@@ -304,9 +304,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("HiDream-I1", hidream, "capture ast layout-modulation relocation"),
 ]
 # known bugs, checked as they are (neither refused nor a change): a fix fails the cell until the table says what works
-BUGS = {
-    ("FLUX.1 Kontext", "binding"): "RuntimeError: the latents it moves include the context image's tokens",
-}
+BUGS: dict[tuple[str, str], str] = {}  # (family, column): what goes wrong
 COLUMNS = ("capture", *METHODS)  # capture, then every method of the registry
 PROMPT = "a red dog and a grey cat"
 LAYOUT = {"prompt": PROMPT, "regions": [{"phrase": "red dog", "box": [0, 0.5, 0.5, 1]},
@@ -404,6 +402,70 @@ def test_support_matrix(family, column):
     else:
         assert changed(generate(family, [controller(column)], px), plain(family, px))
     assert state(pipe_of(family)) == before
+
+
+def test_binding_on_flux_kontext_moves_the_generated_images_latents_alone():
+    """Binding on FLUX.1 Kontext, moving at both steps: every denoiser call (the pipeline's and the gradient forwards)
+    gets latents of the generated image's length followed by the context image's tokens as the pipeline built them,
+    bit for bit; the pipeline's own calls get the moved latents, and the result differs from the plain one."""
+    family = "FLUX.1 Kontext"
+    pipe = pipe_of(family)
+    before = state(pipe)
+    calls = []
+
+    def record(module, args, kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        calls.append((x.detach().clone(), x.requires_grad))
+
+    m = METHODS["binding"]
+    binding = m.build(m.config(max_iter_to_alter=2), targets=["dog", "cat"], layout=LAYOUT)
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        plain_image = generate(family, [])
+        plain_calls = [x for x, _ in calls]
+        calls.clear()
+        image = generate(family, [binding])
+    finally:
+        handle.remove()
+    n = 4 * 4  # 64² generated: 4x4 tokens; the 64² context image's 16 tokens follow them
+    assert len(plain_calls) == 2 and plain_calls[0].shape[1] == 2 * n
+    context = plain_calls[0][:, n:]
+    assert torch.equal(plain_calls[1][:, n:], context)
+    gradient = [x for x, grad in calls if grad]
+    probe, *own = [x for x, grad in calls if not grad]  # the run stopped at its first denoiser call, then the run
+    assert [h["step"] for h in binding.history] == [0, 1] and len(gradient) == 2 and len(own) == 2
+    for x in [probe, *gradient, *own]:
+        assert x.shape == plain_calls[0].shape and torch.equal(x[:, n:], context)
+    assert torch.equal(probe, plain_calls[0]) and torch.equal(gradient[0], plain_calls[0])  # step 0's, unmoved
+    assert changed(own[0][:, :n], plain_calls[0][:, :n])  # the pipeline's step 0 gets the moved latents
+    assert image.shape == plain_image.shape and changed(image, plain_image)
+    assert state(pipe) == before
+
+
+def test_relocation_with_the_contrast_locator_on_flux_kontext_predicts_with_the_context_tokens():
+    """The contrast locator's extra predictions (the prompt with and without each object) get the generated image's
+    latents followed by the context image's tokens as the pipeline built them, and read the latents' part of the
+    prediction: the relocation acts."""
+    family = "FLUX.1 Kontext"
+    pipe = pipe_of(family)
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().clone())
+
+    m = METHODS["relocation"]
+    relocation = m.build(m.config(locator="contrast", read_fraction=0.5), targets=None, layout=LAYOUT)
+    handle = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        plain_image = generate(family, [])
+        context = calls[0][:, 16:]  # 64²: 16 generated tokens, then the context image's 16
+        calls.clear()
+        image = generate(family, [relocation])
+    finally:
+        handle.remove()
+    assert len(calls) > 3  # the run's calls and the locator's predictions
+    assert all(x.shape[1] == 32 and torch.equal(x[:, 16:], context) for x in calls)
+    assert changed(image, plain_image)
 
 
 def test_the_table_names_columns_and_cells_that_exist():

@@ -41,8 +41,9 @@ class Family:
     `make_processor` (a processor computing what the model's own does, handing q, k, v to the session),
     `text_segments` (where the prompt's tokens sit in the denoiser's text sequence), `timestep` and `token_grid`
     (read from a denoiser call's arguments). The rest have defaults that fit most pipelines: the batch layout of
-    classifier-free and perturbed-attention guidance (`conditional_rows`), the latents argument, a patch of 1, no
-    text length, no mask. docs/adding-a-family.md walks through a toy family; `FAMILIES` lists them."""
+    classifier-free and perturbed-attention guidance (`conditional_rows`), the latents argument (all of it the
+    pipeline's latents: `split_latents`), a patch of 1, no text length, no mask. docs/adding-a-family.md walks
+    through a toy family; `FAMILIES` lists them."""
 
     name: str = ""  # short name, as sites and messages show it
     denoiser_class: str = ""  # the diffusers class name of the denoiser it reads
@@ -136,6 +137,13 @@ class Family:
     def latents(self, args, kwargs):
         """The denoiser call's latent input: the transformers' `hidden_states` (a UNet's `sample`)."""
         return argument(args, kwargs, self.latents_name, 0)
+
+    def split_latents(self, latents, args, kwargs):
+        """The denoiser call's latent input `latents` as (the pipeline's own latents, the tokens the pipeline appends
+        after them, which are not latents: FLUX.1 Kontext's context image), the second None where there are none.
+        What moves the latents (`methods.latent_guidance`) moves the first and gives the denoiser the second as the
+        pipeline built it."""
+        return latents, None
 
     def batch_size(self, args, kwargs) -> int:
         """Rows in this denoiser call's batch."""

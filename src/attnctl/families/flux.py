@@ -135,6 +135,14 @@ class FluxFamily(Family):
         """FLUX's image token grid, read from `img_ids` (the generated image's ids only)."""
         return self.ids_grid(argument(args, kwargs, "img_ids", 4))
 
+    def split_latents(self, latents, args, kwargs):
+        """The generated image's tokens, which lead the sequence, and the context image's after them (FLUX.1
+        Kontext; None without one)."""
+        h, w = self.token_grid(None, args, kwargs)
+        if latents.shape[1] == h * w:
+            return latents, None
+        return latents[:, :h * w], latents[:, h * w:]
+
     _last_ids = (lambda: None, (0, 0))  # (weak reference to the last ids tensor read, its grid)
 
     def ids_grid(self, ids) -> tuple[int, int]:

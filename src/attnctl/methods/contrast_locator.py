@@ -21,7 +21,7 @@ import re
 import torch
 
 from ..errors import UsageError
-from .latent_guidance import denoiser_arguments, row_inputs, timestep_scale
+from .latent_guidance import appended_tokens, denoiser_arguments, row_inputs, timestep_scale, with_appended
 
 CONNECTOR = r"(?:\s*,\s*and\s+|\s+and\s+|\s*,\s*)"  # what joins two objects' phrases: "and", ", and", ","
 
@@ -82,15 +82,16 @@ class ContrastLocator:
         sample = latents
         if hasattr(scheduler, "scale_model_input"):  # the input scaling of the next step (Euler-type schedulers)
             sample = copy.deepcopy(scheduler).scale_model_input(latents, t)
-        predict = [self._predict(full, step, sample, t, scale)]
-        predict += [self._predict(named, st, sample, t, scale) for named, st in self.without]
+        appended = appended_tokens(session, args, kwargs)  # FLUX.1 Kontext's context image, as the pipeline built it
+        predict = [self._predict(full, step, sample, t, scale, appended)]
+        predict += [self._predict(named, st, sample, t, scale, appended) for named, st in self.without]
         channels = -1 if latents.dim() == 3 else 1
         maps = torch.stack([(predict[0] - p).float().norm(dim=channels) for p in predict[1:]], 1)
         if latents.dim() == 3:  # packed: one token per cell of the denoiser's grid
             maps = maps.unflatten(-1, tuple(step.token_grid))
         return maps
 
-    def _predict(self, named: dict, step, latents: torch.Tensor, t, scale: float) -> torch.Tensor:
+    def _predict(self, named: dict, step, latents: torch.Tensor, t, scale: float, appended) -> torch.Tensor:
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
         if len(rows) != latents.shape[0]:
             raise UsageError(f"relocation's contrast locator needs one conditional row per image in each denoiser "
@@ -98,8 +99,11 @@ class ContrastLocator:
                              "images (a separate guidance pass?); use --rl-locator attention")
         inputs = row_inputs(named, step, rows, t, scale)
         with torch.no_grad(), self.session.exclusive(self.controller, step):
-            out = self.session.denoiser(latents.to(self.session.denoiser.dtype), **inputs)
+            out = self.session.denoiser(with_appended(latents, appended, rows).to(self.session.denoiser.dtype),
+                                        **inputs)
         out = out[0] if isinstance(out, (tuple, list)) else out.sample
+        if appended is not None:  # the prediction for the appended tokens is not the latents'
+            out = out[:, :latents.shape[1]]
         if out.shape != latents.shape:
             raise UsageError(f"relocation's contrast locator runs the denoiser on the pipeline's latents, and this "
                              f"{self.session.family.name} denoiser predicts another shape ({tuple(out.shape)} for "

@@ -7,7 +7,9 @@ How the new latents reach the pipeline without changing it: the move of step i +
 needs the pipeline's first denoiser inputs before it starts, so `session(...)` first starts the pipeline and stops it
 at its first denoiser call (text encoding and the initial draw only: a generator advances as the run's own draw
 advances it), then runs it with the moved initial latents. Exact where the scheduler's initial noise scale is 1
-(DDIM, PNDM, DPM-Solver, flow matching); within float rounding for Euler-type schedulers.
+(DDIM, PNDM, DPM-Solver, flow matching); within float rounding for Euler-type schedulers. Where the pipeline appends
+other tokens to its latents in the denoiser's input (FLUX.1 Kontext's context image: `Family.split_latents`), only
+its latents move: the gradient forwards get the appended tokens as the pipeline built them.
 
 The maps: each image pixel's attention on the text tokens, the softmax over the text keys alone, averaged over heads
 and the sites read: on a UNet the cross-attention sites at one resolution (`resolution`, 16 by default, as the
@@ -186,14 +188,16 @@ class LatentGuidance(Controller):
         log.debug("%s step %d: losses %s", self.name, index, [round(x, 4) for x in loss.tolist()])
         return z.to(latents.dtype)
 
-    def _conditioning(self, args, kwargs, step: StepState) -> tuple[dict, StepState]:
-        """A pipeline denoiser call's arguments by name, less the latents (the step's gradient forwards reuse them)."""
-        return denoiser_arguments(self.session, args, kwargs), step
+    def _conditioning(self, args, kwargs, step: StepState) -> tuple[dict, StepState, torch.Tensor | None]:
+        """A pipeline denoiser call's arguments by name, less the latents, and the tokens the pipeline appends to
+        its latents in that call (FLUX.1 Kontext's context image; None where it appends none): the step's gradient
+        forwards reuse both."""
+        return denoiser_arguments(self.session, args, kwargs), step, appended_tokens(self.session, args, kwargs)
 
     def _loss_and_grad(self, z, t, images, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's loss at latents `z` (the images `images` of the batch) and its gradient with respect to its
         own latents."""
-        named, step = self._inputs
+        named, step, appended = self._inputs
         denoiser = self.session.denoiser
         rows = [step.cond_rows.start + int(i) for i in images]
         inputs = row_inputs(named, step, rows, t, self._timestep_scale)
@@ -202,7 +206,7 @@ class LatentGuidance(Controller):
             self._sum, self._heads, self._seen = None, 0, 0
             with self.session.exclusive(self, step):
                 try:
-                    denoiser(z, **inputs)
+                    denoiser(with_appended(z, appended, rows), **inputs)
                 except _MapsComplete:
                     pass
             if self._sum is None:
@@ -241,6 +245,21 @@ def denoiser_arguments(session, args, kwargs) -> dict:
     named.pop("self", None)
     named.pop(session.family.latents_name, None)
     return named
+
+
+def appended_tokens(session, args, kwargs) -> torch.Tensor | None:
+    """The tokens the pipeline appends after its latents in a denoiser call's latent input (FLUX.1 Kontext's context
+    image), every row of the call's batch; None where it appends none (`Family.split_latents`)."""
+    family = session.family
+    return family.split_latents(family.latents(args, kwargs), args, kwargs)[1]
+
+
+def with_appended(z: torch.Tensor, appended: torch.Tensor | None, rows: list[int]) -> torch.Tensor:
+    """The denoiser's latent input for latents `z` of the batch rows `rows`: `z`, followed by those rows of the
+    tokens the pipeline appends (as it built them; no gradient flows into them)."""
+    if appended is None:
+        return z
+    return torch.cat([z, appended[rows].to(z.dtype)], dim=1)
 
 
 def timestep_scale(named: dict, t: torch.Tensor) -> float:
@@ -293,12 +312,14 @@ def moving_latents(kwargs: dict, move) -> dict:
 
 def initial_latents(session, args, kwargs) -> tuple[torch.Tensor, tuple, dict, StepState]:
     """The run's initial latents as its first denoiser call gets them (the conditional rows, the scheduler's input
-    scaling undone), with that call's arguments and batch layout. The pipeline is started and stopped at its first
-    denoiser call, so a generator advances as the run's own draw advances it; pass the latents back as the
-    pipeline's `latents` divided by the scheduler's `init_noise_sigma`."""
+    scaling undone; without the tokens the pipeline appends to them, `Family.split_latents`), with that call's
+    arguments and batch layout. The pipeline is started and stopped at its first denoiser call, so a generator
+    advances as the run's own draw advances it; pass the latents back as the pipeline's `latents` divided by the
+    scheduler's `init_noise_sigma`."""
     first_args, first_kwargs, step = session.first_denoiser_call(args, kwargs)
     scheduler = session.pipe.scheduler
-    sample = session.family.latents(first_args, first_kwargs)
+    family = session.family
+    sample = family.split_latents(family.latents(first_args, first_kwargs), first_args, first_kwargs)[0]
     scale = torch.ones_like(sample[:1])
     if hasattr(scheduler, "scale_model_input"):
         scale = copy.deepcopy(scheduler).scale_model_input(scale, scheduler.timesteps[0])
