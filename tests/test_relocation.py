@@ -10,7 +10,14 @@ import torch
 
 import attnctl
 from attnctl.errors import UsageError
-from attnctl.methods.relocation import Relocation, box_cells, cell_permutation, centred_window, object_windows
+from attnctl.methods.relocation import (
+    Relocation,
+    box_cells,
+    cell_permutation,
+    centred_window,
+    holds_window,
+    object_windows,
+)
 
 from conftest import call_kwargs, run, tiny_pipe
 
@@ -85,6 +92,45 @@ def plain_latents(pipe, kwargs) -> list:
     return plain
 
 
+def test_a_box_holds_a_window_when_it_is_at_least_as_large_in_both_directions():
+    grid = (16, 16)
+    assert holds_window((0, 0, 16, 8), 0.4, grid)  # a half: 8 cells wide, the window 6
+    assert holds_window((0, 0, 6, 6), 0.4, grid)
+    assert not holds_window((0, 0, 16, 5), 0.4, grid)  # a third (5 of 16 cells) is narrower than an object
+    assert not holds_window((0, 0, 5, 16), 0.4, grid)
+    assert not holds_window((0, 0, 15, 15), 1.0, grid)  # 1: only the whole image holds it
+
+
+THIRDS = {"prompt": "a red cat and a blue dog and a green bird",
+          "regions": [{"phrase": "a red cat", "box": [0, 0, 1 / 3, 1]},
+                      {"phrase": "a blue dog", "box": [1 / 3, 0, 2 / 3, 1]},
+                      {"phrase": "a green bird", "box": [2 / 3, 0, 1, 1]}]}
+
+
+def test_objects_whose_boxes_are_narrower_than_the_window_are_left_where_they_form(caplog):
+    """fit='whole' (default): three columns, each narrower than the window, move nothing (the plain run, bit for bit,
+    with one warning naming the objects and the fixes); fit='clip' moves the part of each window the box holds."""
+    import logging
+
+    pipe = tiny_pipe("unet")
+    kwargs = call_kwargs("unet", steps=2, height=128, width=128)  # 16x16 latent cells: a third is 5, the window 6
+    plain = run(pipe, THIRDS["prompt"], **kwargs)
+    arms = {}
+    for fit, runs in (("whole", 2), ("clip", 1)):
+        method = Relocation(THIRDS, read_fraction=0.5, fit=fit)  # reads step 0, moves after it
+        with caplog.at_level(logging.WARNING, "attnctl"), attnctl.apply(pipe, method) as session:
+            for _ in range(runs):
+                images = session(THIRDS["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
+        arms[fit] = (images, method.moves)
+    assert method._grid == (16, 16)
+    images, moves = arms["whole"]
+    assert moves == [[None, None, None]] and torch.equal(torch.as_tensor(images), torch.as_tensor(plain))
+    assert caplog.text.count("are narrower than the window") == 1  # once per attach, not per run
+    assert "'a red cat', 'a blue dog', 'a green bird'" in caplog.text and "--rl-window" in caplog.text
+    images, moves = arms["clip"]
+    assert all(m is not None for m in moves[0]) and not torch.equal(torch.as_tensor(images), torch.as_tensor(plain))
+
+
 @pytest.mark.parametrize("name, window, locator", [
     ("unet", 1.0, "attention"), ("sd3", 1.0, "attention"), ("flux", 1.0, "attention"), ("unet", 0.2, "attention"),
     ("unet", 0.4, "contrast"), ("flux", 0.4, "contrast")])
@@ -99,7 +145,8 @@ def test_the_read_steps_are_plain_and_the_move_is_the_permutation(name, window, 
     inputs = []
     handle = denoiser.register_forward_pre_hook(
         lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
-    method = Relocation(LAYOUT, read_fraction=0.5, window=window, locator=locator)  # reads steps 0-1, moves after 1
+    fit = "clip" if window == 1.0 else "whole"  # 1: the whole box, which no box smaller than the image holds whole
+    method = Relocation(LAYOUT, read_fraction=0.5, window=window, locator=locator, fit=fit)  # reads 0-1, moves after 1
     try:
         with attnctl.apply(pipe, method) as session:
             images = session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -263,3 +310,15 @@ def test_a_sketch_layout_moves_each_object_onto_its_regions_bounding_box():
     grid = method._grid
     assert [m["box"] for m in method.moves[0]] == [
         centred_window(box_cells(r.extent(), grid), 0.4, grid)[:2] for r in layout.regions]
+
+
+def test_in_the_suite_only_the_triples_in_thirds_have_boxes_narrower_than_the_window():
+    """On the built-in models' 16x16 latent grid at the default window: the triples' thirds are left where they form
+    (fit='whole'), every other layout of the suite (halves, relation layouts, random boxes) holds whole windows, so
+    relocation's images there are what they were before fit existed."""
+    from attnctl.eval import build_suite
+
+    grid = (16, 16)
+    for case in build_suite(20):
+        holds = {holds_window(box_cells(box, grid), 0.4, grid) for box in case.boxes}
+        assert holds == ({False} if set(case.categories) & {"three_objects", "seen_triples"} else {True}), case

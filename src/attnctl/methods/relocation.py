@@ -51,7 +51,12 @@ class RelocationConfig:
                                   "them), then find each object and move its window onto its box", low=0, high=1)
 
     window: float = option(0.4, "the side of the window moved, as a fraction of the image, at most its box's: the "
-                           "object's window goes to the centre of its box (1: the whole box)", low=0, high=1)
+                           "object's window goes to the centre of its box (1 with fit='clip': the whole box)", low=0,
+                           high=1)
+
+    fit: str = option("whole", "an object whose box is narrower than the window: 'whole' leaves it where it forms "
+                      "(cut to the box, its shape breaks), 'clip' moves the part of its window the box holds",
+                      choices=("whole", "clip"))
 
     locator: str = option("attention", "where an object is forming: 'attention' (its instance words' attention "
                           "over the read steps) or 'contrast' (at the last read step, the denoiser's prediction for "
@@ -80,7 +85,7 @@ class Relocation(Controller):
         self.layout: Layout = load_layout(layout)
         self.prompt = self.layout.prompt
         self.config = build(RelocationConfig, config, **options)
-        self.moves: list[list[dict]] = []
+        self.moves: list[list[dict | None]] = []  # per image, per region: None where the object was not moved
 
     def attach(self, session) -> None:
         """Binds the layout to each prompt's tokens (the instance words of each region); a UsageError without a
@@ -96,6 +101,7 @@ class Relocation(Controller):
         self.session = session
         self._selectors: dict = {}
         self._prepared = self._restarting = False
+        self._warned_narrow = False
 
     def wants(self, site) -> bool:
         """The text cross-attention and joint attention sites."""
@@ -197,8 +203,18 @@ class Relocation(Controller):
         else:
             maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
                        for m in self._maps.values())
-        boxes = [centred_window(box_cells(r.extent(), (h, w)), self.config.window, (h, w))
-                 for r in self.layout.regions]  # a sketch's or mask's region: its bounding box
+        regions = self.layout.regions
+        cells = [box_cells(r.extent(), (h, w)) for r in regions]  # a sketch's or mask's region: its bounding box
+        moving = [i for i, c in enumerate(cells) if self.config.fit == "clip" or holds_window(c, self.config.window,
+                                                                                                (h, w))]
+        if len(moving) < len(regions) and not self._warned_narrow:
+            self._warned_narrow = True
+            narrow = ", ".join(repr(regions[i].phrase) for i in range(len(regions)) if i not in moving)
+            log.warning("relocation: the boxes of %s are narrower than the window (%.2f of the image): those objects "
+                        "are left where they form (fit='whole'); lower window (--rl-window) for smaller objects, or "
+                        "fit='clip' moves the part of the window each box holds", narrow, self.config.window)
+        boxes = [centred_window(cells[i], self.config.window, (h, w)) for i in moving]
+        maps = maps[:, moving]
         packed = latents.dim() == 3  # (images, tokens, channels): one token per grid cell
         cells = latents if packed else latents.flatten(2).transpose(1, 2)  # (images, cells, channels)
         moved = cells.clone()
@@ -207,7 +223,9 @@ class Relocation(Controller):
             sources = object_windows(maps[image], boxes)
             order = cell_permutation(sources, boxes, (h, w))
             moved[image] = cells[image, order.to(cells.device)]
-            self.moves.append([{"window": s, "box": b[:2]} for s, b in zip(sources, boxes)])
+            moved_objects = dict(zip(moving, zip(sources, boxes)))
+            self.moves.append([{"window": moved_objects[i][0], "box": moved_objects[i][1][:2]} if i in moved_objects
+                               else None for i in range(len(regions))])
         log.debug("relocation: %s", self.moves)
         return moved if packed else moved.transpose(1, 2).reshape(latents.shape)
 
@@ -234,11 +252,23 @@ def box_cells(box, grid: tuple[int, int]) -> tuple[int, int, int, int]:
     return top, left, max(1, min(h - top, round((y1 - y0) * h))), max(1, min(w - left, round((x1 - x0) * w)))
 
 
+def window_cells(side: float, grid: tuple[int, int]) -> tuple[int, int]:
+    """A window of `side` (a fraction of the grid) in cells: (height, width), at least one cell."""
+    return max(1, round(side * grid[0])), max(1, round(side * grid[1]))
+
+
+def holds_window(cells, side: float, grid: tuple[int, int]) -> bool:
+    """Whether a box (top, left, height, width in cells) holds a whole window of `side`."""
+    wh, ww = window_cells(side, grid)
+    return cells[2] >= wh and cells[3] >= ww
+
+
 def centred_window(cells, side: float, grid: tuple[int, int]) -> tuple[int, int, int, int]:
     """The window of at most `side` (a fraction of the grid) in each dimension at the centre of `cells` (top, left,
     height, width): the cells an object's window is moved onto."""
     top, left, bh, bw = cells
-    wh, ww = min(bh, max(1, round(side * grid[0]))), min(bw, max(1, round(side * grid[1])))
+    wh, ww = window_cells(side, grid)
+    wh, ww = min(bh, wh), min(bw, ww)
     return top + (bh - wh) // 2, left + (bw - ww) // 2, wh, ww
 
 
