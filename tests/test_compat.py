@@ -145,8 +145,8 @@ KNOWN = "which attnctl cannot reproduce exactly (it knows AttnProcessor2_0, Attn
      "attnctl.apply."),
     (ip_adapter_on_first_site,
      f"IPAdapterAttnProcessor, {KNOWN}an IP-Adapter is loaded through a processor attnctl does not reproduce (it "
-     "supports diffusers' IPAdapterAttnProcessor2_0 on UNets and FluxIPAdapterAttnProcessor on FLUX.1): call "
-     "`pipe.unload_ip_adapter()`, then call attnctl.apply."),
+     "supports diffusers' IPAdapterAttnProcessor2_0 on UNets, SD3IPAdapterJointAttnProcessor2_0 on SD3 and "
+     "FluxIPAdapterAttnProcessor on FLUX.1): call `pipe.unload_ip_adapter()`, then call attnctl.apply."),
     (xformers_everywhere,
      f"XFormersAttnProcessor, {KNOWN}xformers attention is on: call "
      "`pipe.disable_xformers_memory_efficient_attention()`, then call attnctl.apply."),

@@ -15,6 +15,7 @@ from attnctl.methods.registry import METHODS
 from test_family_flux2 import DEV_CALL, KLEIN_CALL, flux2_dev, flux2_klein
 from test_family_hidream import hidream
 from test_family_lumina2 import lumina2
+from test_family_qwenimage21 import qwenimage21
 from test_family_zimage import processors, zimage
 
 from conftest import call_kwargs, tiny_pipe
@@ -51,7 +52,8 @@ def test_kandinsky_is_refused_before_anything_changes():
         "(SD3/3.5), FluxTransformer2DModel (FLUX.1), ChromaTransformer2DModel (Chroma), QwenImageTransformer2DModel "
         "(Qwen-Image), PixArtTransformer2DModel (PixArt-α/Σ), SanaTransformer2DModel (Sana), Flux2Transformer2DModel "
         "(FLUX.2 [dev]/[klein]), ZImageTransformer2DModel (Z-Image), Lumina2Transformer2DModel (Lumina-Image 2.0), "
-        "HiDreamImageTransformer2DModel (HiDream-I1); to ask for another, open an issue naming the pipeline class")
+        "HiDreamImageTransformer2DModel (HiDream-I1), QwenImage21Transformer2DModel (Qwen-Image 2.1); to ask for "
+        "another, open an issue naming the pipeline class")
     assert dict(pipe.unet.attn_processors) == before and not hasattr(pipe.unet, "_diffusers_hook")
 
 
@@ -302,6 +304,7 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("Z-Image", zimage, "capture ast layout-modulation relocation"),
     ("Lumina-Image 2.0", lumina2, "capture ast binding layout-modulation relocation"),
     ("HiDream-I1", hidream, "capture ast layout-modulation relocation"),
+    ("Qwen-Image 2.1", qwenimage21, JOINT),
 ]
 # known bugs, checked as they are (neither refused nor a change): a fix fails the cell until the table says what works
 BUGS: dict[tuple[str, str], str] = {}  # (family, column): what goes wrong
@@ -344,6 +347,13 @@ def size(family, column):  # Regulation's default layers on the UNets are 8x8 at
 
 
 def generate(family, controllers, size=64):
+    kwargs = call_of(family, size)
+    with attnctl.apply(pipe_of(family), *controllers, prompt=PROMPT) as session:  # the methods moving latents need it
+        return session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+def call_of(family, size=64) -> dict:
+    """The test call's arguments for `family` (two steps, latents out), less the prompt and generator."""
     kwargs = dict(call_kwargs("flux" if "FLUX" in family else "unet", steps=2), output_type="latent", height=size,
                   width=size)
     if "PixArt" in family:
@@ -352,14 +362,13 @@ def generate(family, controllers, size=64):
         kwargs.update(SANA_CALL)
     if "Chroma" in family:
         kwargs.update(max_sequence_length=32)
-    if "Qwen" in family:
+    if family == "Qwen-Image":
         kwargs.update(QWEN_CALL)
     if "FLUX.2" in family:  # [dev]'s tokenizer here pads on the left: words are placed for the default 512
         kwargs.update(DEV_CALL if "dev" in family else KLEIN_CALL)
     if "Kontext" in family:
         kwargs.update(image=Image.new("RGB", (64, 64), (200, 30, 30)), max_area=64 * 64, _auto_resize=False)
-    with attnctl.apply(pipe_of(family), *controllers, prompt=PROMPT) as session:  # the methods moving latents need it
-        return session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    return kwargs
 
 
 @functools.cache
@@ -620,12 +629,12 @@ def test_words_are_found_where_the_pipeline_puts_them(build, call):
         pipe.tokenizer.bos_token if build is sana else pipe.tokenizer.eos_token)
 
 
-def test_sana_takes_any_instruction_but_an_empty_one():
+def test_sana_takes_any_instruction():
     """Every instruction leaves the prompt after the instruction's last token, as the default does: one of the
-    user's own is fine. An empty one (None, []) moves every word one token earlier: refused as the prompt is
-    encoded, before any step, and the pipeline is restored (also for a prompt longer than the text, whose mask
-    looks the same either way). A negative prompt that holds the prompt is encoded
-    without instruction and not taken for the prompt."""
+    user's own is fine. An empty one (None, []) moves every word one token earlier, where the session finds them
+    (also for a prompt longer than the text, whose mask looks the same either way; more in
+    test_family_sana_instruction.py). A negative prompt that holds the prompt is encoded without instruction and not
+    taken for the prompt."""
     pipe = sana()
     kwargs = dict(num_inference_steps=1, output_type="latent", **SANA_CALL)
     before = dict(pipe.transformer.attn_processors)
@@ -637,14 +646,12 @@ def test_sana_takes_any_instruction_but_an_empty_one():
     longer = PROMPT + " sitting on the green grass by a river"  # longer than the text: both masks keep 40 tokens
     for prompt, word in ((PROMPT, "dog"), ("d", "d"), (longer, "dog")):  # "d": one token (one byte here)
         steps = Passes()
-        with pytest.raises(UsageError) as err:
-            with attnctl.apply(pipe, Capture([word]), steps, prompt=prompt):
-                pipe(prompt=prompt, complex_human_instruction=None, **kwargs)
-        assert str(err.value) == (
-            "SanaPipeline was called with an empty complex_human_instruction (None or []), which puts every word of "
-            "the prompt one token earlier than attnctl places it (after the instruction's last token, as with the "
-            "pipeline's default); call it with an instruction: its default, or your own")
-        assert not steps.calls  # no step taken
+        with attnctl.apply(pipe, Capture([word]), steps, prompt=prompt) as session:
+            ids = attention_ids(pipe, lambda p=prompt: pipe(prompt=p, complex_human_instruction=None, **kwargs),
+                                SANA_CALL["max_sequence_length"])
+            positions = session.prompts[0].word_positions(word)
+        assert pipe.tokenizer.decode(ids[positions]).strip() == word and positions[0] == prompt.index(word) + 1
+        assert len(steps.calls) == 1
         assert dict(pipe.transformer.attn_processors) == before
         assert not hasattr(pipe.text_encoder, "_diffusers_hook") and "forward" not in pipe.text_encoder.__dict__
     steps = Passes()

@@ -70,7 +70,7 @@ class AttentionCall:
             call.set_output(call.output() * 1.0)       # a method may replace the output
     """
 
-    def __init__(self, site, step, q, k, v, text, image, grid, scale=None, key_bias=None, model_mask=None):
+    def __init__(self, site, step, q, k, v, text, image, grid, scale=None, key_bias=None, model_mask=None, own=None):
         self.site: AttentionSite = site
         self.step: StepState = step
         self.q, self.k, self.v = q, k, v
@@ -83,8 +83,16 @@ class AttentionCall:
         # where the model's mask is per query (Chroma): (that mask, the image rows' part of it); the unmodified
         # output uses the mask as the model does
         self.model_mask: tuple[torch.Tensor, torch.Tensor] | None = model_mask
+        # where the model computes the image's rows as one attention of the image's queries alone over every key
+        # (with its mask) and the other rows apart (Qwen-Image 2.1: its text, causally per segment at the prefill,
+        # not at all at cached steps): a function giving the model's output for every row from the image rows'
+        # (None: it computes them, as the model does)
+        self._own = own
         self._out = None
         self._lse = None
+        # with `own` and no key mask: the image rows' output and LSE from one fused pass over their queries alone
+        self._image_out = None
+        self._image_lse = None
         self._text_probs = None
         self.modified = False
 
@@ -92,8 +100,11 @@ class AttentionCall:
         """The attention output (batch, heads, queries, head_dim): the one a method set, else the unmodified
         attention with the model's mask, computed once on first use."""
         if self._out is None:
-            mask = self.key_bias if self.model_mask is None else self.model_mask[0]
-            self._out = attention(self.q, self.k, self.v, mask=mask, scale=self.scale)
+            if self._own is not None:
+                self._out, self._image_out = self._own(self._image_out), None
+            else:
+                mask = self.key_bias if self.model_mask is None else self.model_mask[0]
+                self._out = attention(self.q, self.k, self.v, mask=mask, scale=self.scale)
         return self._out
 
     def lse(self) -> torch.Tensor:
@@ -101,17 +112,41 @@ class AttentionCall:
         if self._lse is None:
             if self.key_bias is not None:
                 self._lse = chunked_lse(self.q, self.k, self.scale, self.key_bias)
+            elif self._own is not None:  # the image's rows from the pass that gives their output; the others apart
+                image, parts = self.image, []
+                for rows in (slice(0, image.start), image, slice(image.stop, self.q.shape[2])):
+                    if rows is image:
+                        parts.append(self._own_image_lse())
+                    elif rows.stop > rows.start:
+                        parts.append(rows_lse(self.q[:, :, rows], self.k, self.v, self.scale))
+                self._lse = torch.cat(parts, dim=-1)
             else:
                 out, self._lse = attention_with_lse(self.q, self.k, self.v, scale=self.scale)
                 if self._out is None:
                     self._out = out
         return self._lse
 
+    def _own_image_lse(self) -> torch.Tensor:
+        """With `own` and no key mask: the image rows' LSE from one fused pass over their queries alone, the
+        attention the model computes for them; its output is kept for `output()`, which then computes none."""
+        if self._image_lse is None:
+            out, self._image_lse = attention_with_lse(self.q[:, :, self.image], self.k, self.v, scale=self.scale)
+            if self._out is None:
+                self._image_out = out
+        return self._image_lse
+
+    def _image_rows_lse(self) -> torch.Tensor:
+        """`lse()` of the image's rows (batch, heads, image tokens); with `own` and no key mask, from their pass
+        alone."""
+        if self._lse is None and self._own is not None and self.key_bias is None:
+            return self._own_image_lse()
+        return self.lse()[:, :, self.image]
+
     def text_probs(self) -> torch.Tensor:
         """Image-query → text-key probabilities in use, float32 (batch, heads, image tokens, text tokens); masked
         keys have 0."""
         if self._text_probs is None:
-            lse = self.lse()[:, :, self.image]
+            lse = self._image_rows_lse()
             bias = None if self.key_bias is None else self.key_bias[..., self.text]
             self._text_probs = key_probs(self.q[:, :, self.image], self.k[:, :, self.text], lse, self.scale, bias)
         return self._text_probs
@@ -131,8 +166,8 @@ class AttentionCall:
         bias = self.key_bias
         if bias is not None:
             bias = bias[rows] if bias.shape[0] > 1 else bias
-        if self._lse is not None or (bias is None and self._out is None):
-            lse = self.lse()[rows][:, :, self.image]
+        if self._lse is not None or self._image_lse is not None or (bias is None and self._out is None):
+            lse = self._image_rows_lse()[rows]
         else:
             lse = rows_lse(q, self.k[rows], self.v[rows], self.scale, bias)
         kept_bias = None if bias is None else bias[..., self.text].index_select(-1, columns)
@@ -150,7 +185,7 @@ class AttentionCall:
             out = out.clone()
             out[:, :, self.text] = torch.where(differs, own.to(out.dtype), out[:, :, self.text])
         self._out, self._text_probs, self.modified = out, text_probs, True
-        self._lse = None
+        self._lse = self._image_lse = self._image_out = None
 
 
 class Controller:
@@ -168,7 +203,9 @@ class Controller:
     handles_key_mask = False
 
     def attach(self, session: Session) -> None:
-        """Validate inputs against the pipeline (sites, prompts) and prepare; raise UsageError on bad input."""
+        """Validate inputs against the pipeline (sites, prompts) and prepare; raise UsageError on bad input. Called
+        again, before any step of a pipeline call, where that call places the prompts' tokens elsewhere than
+        `session.prompts` did (Sana's instruction, a call argument): the prompts are then laid out anew."""
 
     def wants(self, site: AttentionSite) -> bool:
         """Whether the controller runs at `site` (a site's processor is replaced only where some controller wants
@@ -225,7 +262,8 @@ class _Hooked:
 
 class _TextHook(ModelHook):
     """Keeps the arguments of the text encoder's calls of each pipeline call, which the family's check is given at
-    the run's first denoiser call (`judge`): the prompt's encoding, where the pipeline made one."""
+    the run's first denoiser call (`judge`): the prompt's encoding, where the pipeline made one. The check raises
+    on an encoding it refuses, and may answer with how the call lays the prompts out (`Family.encoder_check`)."""
 
     def __init__(self, check):
         super().__init__()
@@ -237,13 +275,14 @@ class _TextHook(ModelHook):
         self.calls.append((args, kwargs))
         return args, kwargs
 
-    def judge(self, pipe) -> None:
+    def judge(self, pipe, family: Family, args, kwargs):
         """Check the prompt's encoding: the first call, unless the only call was the negative prompt's (prompt
-        embeddings given under classifier-free guidance)."""
+        embeddings given under guidance: `Family.lone_encoding_is_prompts`, given the run's first denoiser call's
+        `args` and `kwargs`). The check's answer (None where it has none)."""
         calls, self.calls = self.calls, []
-        if not calls or (len(calls) == 1 and getattr(pipe, "do_classifier_free_guidance", False)):
-            return
-        self.check(*calls[0])
+        if not calls or (len(calls) == 1 and not family.lone_encoding_is_prompts(pipe, calls[0], args, kwargs)):
+            return None
+        return self.check(*calls[0])
 
 
 class _ContextState(BaseState):
@@ -329,6 +368,9 @@ class Session:
     def __call__(self, *args, **kwargs):
         """Run the pipeline with what the controllers add to its arguments (`Controller.prepare_call`). The same as
         `pipe(*args, **kwargs)` for every controller but those that move the latents (Attend-and-Excite)."""
+        segments = self.family.call_text_segments(self.pipe, args, kwargs) if self.prompts else None
+        if segments is not None:  # laid out before the controllers prepare the call
+            self._lay_out(segments)
         for c in self.controllers:
             kwargs = c.prepare_call(self, args, kwargs)
         return self.pipe(*args, **kwargs)
@@ -452,12 +494,29 @@ class Session:
         self._timesteps = timesteps
         if new_run and self.prompts:
             for text_hook in self._text_hooks:
-                text_hook.judge(self.pipe)
+                placed = text_hook.judge(self.pipe, self.family, args, kwargs)
+                if callable(placed):  # how the prompts lie, given this denoiser call (the text it is given)
+                    placed = placed(args, kwargs)
+                if placed is not None:
+                    self._lay_out(placed)
             self.family.check_text_layout(args, kwargs, self.step, self.prompts)
         for c in self.controllers:
             if new_run:
                 c.begin_run()
             c.begin_step(self.step)
+
+    def _lay_out(self, segments) -> None:
+        """Lay the prompts out with `segments`, where a pipeline call places their tokens (a call argument the
+        denoiser never sees decides it: Sana's instruction). Where some token moves, `prompts` (the same list) gets
+        the new layout and every controller is attached again, as `apply` would attach it to prompts laid out so,
+        before any step of the call (observers that start afresh on attach do so); nothing changes where every token
+        keeps its place."""
+        placed = [PromptTokens(p.prompt, segments) for p in self.prompts]
+        if all(new.same_places(old) for new, old in zip(placed, self.prompts)):
+            return
+        self.prompts[:] = placed
+        for c in self.controllers:
+            c.attach(self)
 
     def _step_state(self, args, kwargs, context_name) -> StepState:
         scheduler = self.pipe.scheduler
@@ -489,8 +548,12 @@ class Session:
         return self._timestep_values[1]
 
     @torch.compiler.disable  # controllers branch on the step and keep Python state: they run eagerly under compile
-    def attend(self, site, q, k, v, text: slice, image: slice, mask=None) -> torch.Tensor:
-        """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out."""
+    def attend(self, site, q, k, v, text: slice, image: slice, mask=None, own=None) -> torch.Tensor:
+        """Attention at `site` with the controllers applied; (batch, heads, tokens, head_dim) in and out. `own`: where
+        the model's attention is not one attention over q, k, v with `mask` but the image's queries alone over every
+        key (with `mask`) and the other rows apart (Qwen-Image 2.1: its text causally per segment, or cached), a
+        function giving the model's output for every row from the image rows' (None: it computes them), which an
+        unchanged call returns (`AttentionCall`)."""
         key_bias, image_keys = None, None
         if mask is not None:
             image_keys = self.family.image_key_mask(mask, image)
@@ -500,17 +563,17 @@ class Session:
                     warnings.warn(f"{site.name}: an attention mask is in use that attnctl's controllers here do not "
                                   "handle; masked calls are left unchanged", stacklevel=1)
                     self._warned_mask = True
-                return attention(q, k, v, mask=mask)
+                return attention(q, k, v, mask=mask) if own is None else own()
         if self._exclusive is not None:
             grid = grid_of(image.stop - image.start, self._exclusive_grid, site)
             call = AttentionCall(site, None, q, k, v, text=text, image=image, grid=grid, key_bias=key_bias,
-                                 model_mask=None if image_keys is None else (mask, image_keys))
+                                 model_mask=None if image_keys is None else (mask, image_keys), own=own)
             if self._exclusive in self._active[site.name]:
                 self._exclusive.exclusive_call(call)
             return call.output()
         grid = grid_of(image.stop - image.start, self.step.token_grid, site)
         call = AttentionCall(site, self.step, q, k, v, text=text, image=image, grid=grid, key_bias=key_bias,
-                             model_mask=None if image_keys is None else (mask, image_keys))
+                             model_mask=None if image_keys is None else (mask, image_keys), own=own)
         for c in self._active[site.name]:
             c(call)
         return call.output()

@@ -2,14 +2,15 @@
 
 - `builtin:shapes-unet`, `builtin:shapes-mmdit`: the small models trained on the shapes world, shipped in the package.
 - a hub id (`stabilityai/stable-diffusion-2-base`) or a local diffusers folder: `DiffusionPipeline.from_pretrained`.
-- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage, lumina2, hidream): tiny configs, seconds
-  on a CPU, for tests.
+- `random:<family>-tiny` (sd15, sdxl, sd3, flux, flux2, flux2-klein, zimage, lumina2, hidream, qwenimage21): tiny
+  configs, seconds on a CPU, for tests.
 - `random:<family>`: the full-size denoiser architecture with random weights, for timing (flux2: FLUX.2 [dev],
-  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image, lumina2: Lumina-Image 2.0, hidream: HiDream-I1). Text encoders and
+  flux2-klein: FLUX.2 [klein] 4B, zimage: Z-Image, lumina2: Lumina-Image 2.0, hidream: HiDream-I1, qwenimage21:
+  Qwen-Image 2.1). Text encoders and
   VAE are small (their cost is the same with or without attention control; the chat models' text encoders keep the
   layer count whose hidden states the pipeline reads, with tiny layers). Reduced depth:
   `random:flux?double=2&single=4`, `random:flux2?double=2&single=4`, `random:sd3?layers=4`, `random:zimage?layers=4`,
-  `random:lumina2?layers=4`, `random:hidream?double=2&single=4`.
+  `random:lumina2?layers=4`, `random:hidream?double=2&single=4`, `random:qwenimage21?layers=4`.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from .offline_tokenizers import (
     llama3_like_tokenizer,
     mistral3_like_tokenizer,
     qwen3_like_tokenizer,
+    qwen3vl_like_processor,
     t5_like_tokenizer,
 )
 from .sampling import FOLDER_SETTINGS, SamplingConfig
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 RANDOM_SPECS = ("sd15-tiny", "sdxl-tiny", "sd3-tiny", "flux-tiny", "flux2-tiny", "flux2-klein-tiny", "zimage-tiny",
-                "lumina2-tiny", "hidream-tiny", "sd15", "sdxl", "sd3", "flux", "flux2", "flux2-klein", "zimage",
-                "lumina2", "hidream")
+                "lumina2-tiny", "hidream-tiny", "qwenimage21-tiny", "sd15", "sdxl", "sd3", "flux", "flux2",
+                "flux2-klein", "zimage", "lumina2", "hidream", "qwenimage21")
 
 def load_pipeline(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A diffusers pipeline for a model spec (see the module doc), on `device` in `dtype`.
@@ -190,7 +192,7 @@ def _check_method_settings(methods, where: str) -> None:
 
 RANDOM_OPTIONS = {"flux": ("double", "single"), "sd3": ("layers",), "flux2": ("double", "single"),
                   "flux2-klein": ("double", "single"), "zimage": ("layers",), "lumina2": ("layers",),
-                  "hidream": ("double", "single")}
+                  "hidream": ("double", "single"), "qwenimage21": ("layers",)}
 
 
 def _random_options(name: str, query: str) -> dict[str, int]:
@@ -614,6 +616,54 @@ def _hidream(tiny: bool, double: int | None = None, single: int | None = None):
     return pipe
 
 
+def _qwen3vl_text(hidden: int, layers: int):
+    """A Qwen3-VL model (Qwen-Image 2.1's text encoder) of `layers` tiny text layers (two query heads and one key/value
+    head of 8) at width `hidden`, with a one-layer vision tower, and its offline processor."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor = qwen3vl_like_processor()
+    tokenizer = processor.tokenizer
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                pad_token_id=tokenizer.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, patch_size=14, out_hidden_size=hidden,
+                  deepstack_visual_indexes=[0], num_position_embeddings=64)
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{token}|>") for name, token in (
+        ("image_token_id", "image_pad"), ("video_token_id", "video_pad"), ("vision_start_token_id", "vision_start"),
+        ("vision_end_token_id", "vision_end"))}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    return Qwen3VLForConditionalGeneration(config).eval(), processor
+
+
+def _qwenimage21(tiny: bool, layers: int | None = None):
+    """Qwen-Image 2.1 (QwenImage21Pipeline): Qwen3-VL text after a system message, one block-causal single-stream DiT
+    over [text; image] whose text keys and values are cached after the first step."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+
+    if tiny:
+        hidden, latent = 16, 4
+        transformer = QwenImage21Transformer2DModel(
+            in_channels=latent, out_channels=latent, num_layers=layers or 2, attention_head_dim=16,
+            num_attention_heads=2, context_in_dim=hidden, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+    else:  # Qwen-Image 2.1's transformer (32 blocks of 4096; the text encoder's width)
+        hidden, latent = 4096, 64
+        transformer = QwenImage21Transformer2DModel(num_layers=layers or 32)
+    text, processor = _qwen3vl_text(hidden, 2)  # the pipeline reads the last layer's input
+    vae = AutoencoderKLQwenImage21(  # 16x spatial compression, as the pipeline assumes
+        base_dim=8, decoder_base_dim=8, z_dim=latent, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False] * 4, latents_mean=[0.0] * latent, latents_std=[1.0] * latent)
+    return QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), vae=vae.eval(),
+        text_encoder=text, processor=processor, transformer=transformer.eval())
+
+
 def _llama_layers(blocks: int, depth: int) -> list[int]:
     """Which Llama layer's hidden states each block reads, as HiDream-I1 has them: layers 0, 1, ... in turn, then the
     last one for the blocks after."""
@@ -622,4 +672,4 @@ def _llama_layers(blocks: int, depth: int) -> list[int]:
 
 _RANDOM_BUILDERS = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "flux2": _flux2,
                     "flux2-klein": lambda tiny, **options: _flux2(tiny, klein=True, **options), "zimage": _zimage,
-                    "lumina2": _lumina2, "hidream": _hidream}
+                    "lumina2": _lumina2, "hidream": _hidream, "qwenimage21": _qwenimage21}

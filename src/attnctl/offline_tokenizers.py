@@ -247,3 +247,41 @@ def llama3_like_tokenizer(padding_side: str = "right"):
     return PreTrainedTokenizerFast(
         tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         additional_special_tokens=specials[1:2] + specials[3:], padding_side=padding_side, model_max_length=131072)
+
+
+# --- Qwen3-VL (Qwen-Image 2.1): Qwen's chat tokens and the vision placeholders, in a processor without video ---------
+
+# Qwen3-VL's chat template for text messages (content a string or a list of text blocks), as Qwen-Image 2.1 renders
+# its system message with it
+QWEN3VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for block in message['content'] %}{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- else %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@lru_cache(maxsize=1)
+def qwen3vl_like_processor():
+    """Stands in for Qwen3-VL's processor (Qwen-Image 2.1's): a `Qwen3VLProcessor` with a byte-level BPE tokenizer
+    holding Qwen's chat tokens and the vision placeholders (<|vision_start|>, <|image_pad|>, ...), Qwen3-VL's chat
+    template for text messages, and transformers' PIL image processor for Qwen2-VL. It has no video processor:
+    transformers builds Qwen3-VL's only with torchvision, which has no wheel for a CPU-only torch on PyPI, and the
+    text-to-image pipeline never reads it. Built offline."""
+    from transformers import PreTrainedTokenizerFast, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class Qwen3VLProcessorWithoutVideo(Qwen3VLProcessor):
+        """Qwen3VLProcessor whose sub-processors are the image processor and the tokenizer only."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level_words(specials), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=specials[1:], padding_side="right", model_max_length=262144)
+    return Qwen3VLProcessorWithoutVideo(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer,
+                                        chat_template=QWEN3VL_CHAT_TEMPLATE)

@@ -329,11 +329,9 @@ def call_arguments(pipe, sampling: SamplingConfig, model: str) -> dict:
 
     kwargs = {**sampling_defaults(model), **sampling.call_arguments(), "num_images_per_prompt": sampling.num_images}
     denoiser, family = denoiser_of(pipe)
-    multiple = family.size_multiple(pipe, denoiser)
     for name in ("height", "width"):
-        if name in kwargs and kwargs[name] % multiple:
-            raise UsageError(f"--{name} {kwargs[name]} must be a multiple of {multiple} for this model (its latent "
-                             "patch in pixels)")
+        if name in kwargs:
+            family.check_size(pipe, denoiser, f"--{name}", kwargs[name])
     if "max_sequence_length" in kwargs and "max_sequence_length" not in inspect.signature(pipe.__call__).parameters:
         raise UsageError(f"--max-sequence-length does not apply to {type(pipe).__name__} (its text length is fixed; "
                          "it applies to SD3, FLUX and other T5-text pipelines)")

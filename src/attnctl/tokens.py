@@ -26,9 +26,11 @@ class TextSegment:
     """One tokenizer's tokens inside the attention's text sequence, starting at `offset`, `length` positions long.
     A pipeline that wraps the prompt in a `template` ("...{}...") and drops `drop` tokens of the encoder's output
     from index `drop_from` on (Qwen-Image: its chat template's first 34; Sana: its instruction's tokens but the start
-    token and the last) has the prompt's tokens at their templated position less `drop`. `lowercase`: the pipeline
-    lowercases and strips the prompt before tokenizing it (PixArt, Sana). `padding_side`: the side the pipeline pads
-    on where it sets one itself (Sana pads on the right whatever its Gemma tokenizer says); "" for the tokenizer's."""
+    token and the last) has the prompt's tokens at their templated position less `drop` (a `drop` of -1 repeats the
+    token before `drop_from`: Sana with an instruction of empty text keeps the start token twice). `lowercase`: the
+    pipeline lowercases and strips the prompt before tokenizing it (PixArt, Sana). `padding_side`: the side the
+    pipeline pads on where it sets one itself (Sana pads on the right whatever its Gemma tokenizer says); "" for the
+    tokenizer's."""
 
     tokenizer: object
     offset: int
@@ -136,6 +138,12 @@ class PromptTokens:
                 self.end_of_text = start + ends[0] if ends else None
                 bos = getattr(seg.tokenizer, "bos_token_id", None)
                 self.start_of_text = start if kept and bos is not None and kept[0] == bos else None
+
+    def same_places(self, other: PromptTokens) -> bool:
+        """Whether `other` (the same prompt laid out otherwise) puts every token of the prompt, and the start and end
+        tokens, where this does, with as many tokens in each segment: the positions methods use are the same."""
+        return (self._spans, self.start_of_text, self.end_of_text, self._counts, self._closed) == (
+            other._spans, other.start_of_text, other.end_of_text, other._counts, other._closed)
 
     @property
     def token_count(self) -> int:

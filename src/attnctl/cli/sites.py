@@ -30,11 +30,9 @@ def run(args) -> None:
     scale = getattr(pipe, "vae_scale_factor", 8)
     sample = getattr(session.denoiser.config, "sample_size", None) or 64  # absent or None in some configs
     height, width = args.height or sample * scale, args.width or sample * scale
-    multiple = session.family.size_multiple(pipe, session.denoiser)
     for flag, value in (("--height", height), ("--width", width)):
-        if value % multiple:  # as generate refuses it: the model cannot make this size
-            raise UsageError(f"{flag} {value} must be a multiple of {multiple} for this model (its latent patch in "
-                             "pixels)")
+        session.family.check_size(pipe, session.denoiser, flag, value)  # as generate refuses it
+    multiple = session.family.size_multiple(pipe, session.denoiser)  # pixels per token
     grid = (height // multiple, width // multiple)
     print(f"{args.model}: {len(session.sites)} attention sites ({session.family.name}), token grids at "
           f"{height}x{width}")

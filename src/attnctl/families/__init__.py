@@ -12,6 +12,7 @@ from .hidream import HiDreamFamily
 from .lumina2 import Lumina2Family
 from .pixart import PixArtFamily
 from .qwenimage import QwenImageFamily
+from .qwenimage21 import QwenImage21Family
 from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
@@ -19,7 +20,8 @@ from .zimage import ZImageFamily
 
 # every family attnctl knows, each declared once: a new family is its module plus one entry here
 FAMILIES: list[Family] = [UNetFamily(), SD3Family(), FluxFamily(), ChromaFamily(), QwenImageFamily(), PixArtFamily(),
-                           SanaFamily(), Flux2Family(), ZImageFamily(), Lumina2Family(), HiDreamFamily()]
+                           SanaFamily(), Flux2Family(), ZImageFamily(), Lumina2Family(), HiDreamFamily(),
+                           QwenImage21Family()]
 SUPPORTED = ("supported: " + ", ".join(f"{f.denoiser_class} ({f.models})" for f in FAMILIES)
              + "; to ask for another, open an issue naming the pipeline class")
 

@@ -18,8 +18,8 @@ def remedy(processor: str) -> str:
     """What gives a site back a processor attnctl knows, from the name of the processor it has."""
     if "IPAdapter" in processor:
         return ("an IP-Adapter is loaded through a processor attnctl does not reproduce (it supports diffusers' "
-                "IPAdapterAttnProcessor2_0 on UNets and FluxIPAdapterAttnProcessor on FLUX.1): call "
-                "`pipe.unload_ip_adapter()`")
+                "IPAdapterAttnProcessor2_0 on UNets, SD3IPAdapterJointAttnProcessor2_0 on SD3 and "
+                "FluxIPAdapterAttnProcessor on FLUX.1): call `pipe.unload_ip_adapter()`")
     if processor.startswith("Sliced"):
         return "attention slicing is on: call `pipe.disable_attention_slicing()`"
     if processor.startswith("XFormers"):
@@ -97,7 +97,9 @@ class Family:
         (the prompts' own) and raises a UsageError when it does not encode the prompts `apply` was given (the
         methods would act on the wrong tokens), or where the pipeline's text sequence depends on a call argument
         the denoiser does not see (Sana's instruction). None where neither can be checked; a list of such pairs where
-        several encoders' tokens reach the denoiser (HiDream-I1: T5's and Llama's)."""
+        several encoders' tokens reach the denoiser (HiDream-I1: T5's and Llama's). A check may answer with where the
+        call puts the prompts' tokens: a list of `TextSegment`s, or a function of the denoiser call's (args, kwargs)
+        giving one (or None); the session then lays the prompts out with it (`Session._lay_out`)."""
         if not self.encodes_prompt_as_is or getattr(pipe, "text_encoder", None) is None \
                 or getattr(pipe, "tokenizer", None) is None:
             return None
@@ -119,6 +121,21 @@ class Family:
                         "to both")
 
         return pipe.text_encoder, check
+
+    def lone_encoding_is_prompts(self, pipe, encoding: tuple, args, kwargs) -> bool:
+        """Whether the text encoder's only call of a pipeline call (`encoding`: its (args, kwargs)) encoded the
+        prompts, given the call's first denoiser call (`args`, `kwargs`); else it was the negative prompt's (the
+        prompts given as embeddings, under guidance), which `encoder_check`'s check is not given, and the text the
+        denoiser gets is judged by `check_text_layout` alone. By default: unless the pipeline does classifier-free
+        guidance (`do_classifier_free_guidance`); a family whose pipeline runs guidance without saying so tells it
+        from the call (Qwen-Image 2.1)."""
+        return not getattr(pipe, "do_classifier_free_guidance", False)
+
+    def call_text_segments(self, pipe, args, kwargs) -> list[TextSegment] | None:
+        """Where a call of the pipeline with `args` and `kwargs`, made through the session, puts the prompts' tokens,
+        where a call argument decides it (Sana's instruction): the session lays the prompts out with it before the
+        controllers prepare the call. None (by default): where `text_segments` says."""
+        return None
 
     def check_text_layout(self, args, kwargs, step, prompts) -> None:
         """At the first denoiser call of each pipeline call: a UsageError where the text the denoiser is given
@@ -145,6 +162,18 @@ class Family:
         pipeline built it."""
         return latents, None
 
+    def replay_arguments(self, named: dict) -> dict:
+        """A pipeline denoiser call's arguments by name, as a forward attnctl runs itself with them (a gradient
+        forward, an extra prediction, for some of the call's rows or another prompt) must get them: as given by
+        default; Qwen-Image 2.1 leaves out the pipeline's KV cache, which holds its run's rows of its prompt."""
+        return named
+
+    def latents_prediction(self, out, n_latents: int):
+        """The latents' part of a denoiser output over more tokens than the latents (packed: batch, tokens,
+        channels): its first `n_latents` by default (FLUX.1 Kontext's context image follows the latents); Qwen-Image
+        2.1's text comes first."""
+        return out[:, :n_latents]
+
     def batch_size(self, args, kwargs) -> int:
         """Rows in this denoiser call's batch."""
         return self.latents(args, kwargs).shape[0]
@@ -158,8 +187,22 @@ class Family:
         return 1
 
     def size_multiple(self, pipe, denoiser) -> int:
-        """Image pixels per image token along each side: what the height and width must be multiples of."""
+        """Image pixels per image token along each side: the token grid is the height and width over it."""
         return getattr(pipe, "vae_scale_factor", 8) * self.patch_size(denoiser)
+
+    def size_step(self, pipe, denoiser) -> tuple[int, str]:
+        """What the height and width in pixels must be multiples of, and why (for messages): a token's pixels
+        (`size_multiple`) by default; more where the pipeline needs more (Qwen-Image 2.1: two tokens)."""
+        return self.size_multiple(pipe, denoiser), "its latent patch in pixels"
+
+    def check_size(self, pipe, denoiser, name: str, value: int) -> None:
+        """A UsageError naming the nearest sizes the model can make where `value` (the height or width in pixels,
+        `name` the option giving it) is not a multiple of `size_step`."""
+        step, why = self.size_step(pipe, denoiser)
+        if value % step:
+            low = value // step * step
+            sizes = f"{low} or {low + step}" if low else f"{step}"
+            raise UsageError(f"{name} {value} must be a multiple of {step} for this model ({why}): e.g. {sizes}")
 
     def text_len(self, args, kwargs) -> int | None:
         """Joint-attention models: the number of text tokens in the joint sequence; None where text is a separate

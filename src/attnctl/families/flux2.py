@@ -141,15 +141,22 @@ def templated_ids(segment: TextSegment, prompt: str) -> list[int]:
     return list(segment.tokenizer(before + prompt + after, truncation=False)["input_ids"])
 
 
-def chat_encoder_check(pipe, segment: TextSegment, prompts, where: str, padded: bool):
+def chat_encoder_check(pipe, segment: TextSegment, prompts, where: str, padded: bool, *, tokenizer=None,
+                       left: bool | None = None, truncated: bool = True,
+                       remedy: str = "pass the same prompt to both (and leave the pipeline's template, system message "
+                                     "and caption upsampling as they were when apply was entered)"):
     """(text encoder, check) for a pipeline that encodes each prompt inside a chat template, padded to the call's
     `max_sequence_length` L and truncated to it: the encoder's first call of a pipeline call must hold, per prompt row,
     the prompt's templated tokens, all of them (else the prompt is longer than the template leaves room for: a
     UsageError naming the length it needs), in the places `segment` gives them (`padded`: the padding is part of the
-    sequence the denoiser sees, so on the left the layout holds for L = the segment's length only)."""
-    tokenizer = text_tokenizer(pipe.tokenizer)
+    sequence the denoiser sees, so on the left the layout holds for L = the segment's length only). `tokenizer` (or
+    the processor holding it) and `left`: what the pipeline encodes with and the side it pads (by default
+    `pipe.tokenizer` and its padding side); `truncated=False`: the pipeline pads to the longest prompt and cuts none
+    (Qwen-Image 2.1); `remedy`: the message's fix for another prompt."""
+    tokenizer = text_tokenizer(pipe.tokenizer if tokenizer is None else tokenizer)
     wanted = [templated_ids(segment, p.prompt) for p in prompts]
-    pad, left = tokenizer.pad_token_id, getattr(tokenizer, "padding_side", "right") == "left"
+    pad = tokenizer.pad_token_id
+    left = getattr(tokenizer, "padding_side", "right") == "left" if left is None else left
 
     def check(args, kwargs):
         ids = argument(args, kwargs, "input_ids", 0)
@@ -158,7 +165,7 @@ def chat_encoder_check(pipe, segment: TextSegment, prompts, where: str, padded: 
         length = ids.shape[1]
         for i, row in enumerate(ids.tolist()):
             want, prompt = wanted[i % len(wanted)], prompts[i % len(prompts)].prompt
-            if len(want) > length:
+            if len(want) > length and truncated:
                 raise UsageError(
                     f"the prompt {prompt!r} takes {len(want)} tokens inside {where}, more than the "
                     f"{length} (max_sequence_length) the pipeline was called with: the template's closing tokens "
@@ -176,8 +183,7 @@ def chat_encoder_check(pipe, segment: TextSegment, prompts, where: str, padded: 
             shown = tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True)
             raise UsageError(
                 f"{type(pipe).__name__} gave its text encoder {shown!r}, which is not the prompt attnctl.apply was "
-                f"given ({prompt!r}) inside {where}; pass the same prompt to both (and leave the pipeline's "
-                "template, system message and caption upsampling as they were when apply was entered)")
+                f"given ({prompt!r}) inside {where}; {remedy}")
 
     return pipe.text_encoder, check
 

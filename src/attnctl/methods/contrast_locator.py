@@ -102,8 +102,8 @@ class ContrastLocator:
             out = self.session.denoiser(with_appended(latents, appended, rows).to(self.session.denoiser.dtype),
                                         **inputs)
         out = out[0] if isinstance(out, (tuple, list)) else out.sample
-        if appended is not None:  # the prediction for the appended tokens is not the latents'
-            out = out[:, :latents.shape[1]]
+        if out.dim() == 3:  # packed: the latents' tokens of a prediction that may cover others too
+            out = self.session.family.latents_prediction(out, latents.shape[1])
         if out.shape != latents.shape:
             raise UsageError(f"relocation's contrast locator runs the denoiser on the pipeline's latents, and this "
                              f"{self.session.family.name} denoiser predicts another shape ({tuple(out.shape)} for "

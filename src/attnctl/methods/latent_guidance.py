@@ -239,12 +239,12 @@ class LatentGuidance(Controller):
 
 def denoiser_arguments(session, args, kwargs) -> dict:
     """A pipeline denoiser call's arguments by name, less the latents: the conditioning that extra forwards of the
-    same step reuse."""
+    same step reuse (as the family gives it to forwards of attnctl's own: `Family.replay_arguments`)."""
     denoiser = session.denoiser
     named = inspect.signature(type(denoiser).forward).bind_partial(denoiser, *args, **kwargs).arguments
     named.pop("self", None)
     named.pop(session.family.latents_name, None)
-    return named
+    return session.family.replay_arguments(named)
 
 
 def appended_tokens(session, args, kwargs) -> torch.Tensor | None:
