@@ -272,8 +272,6 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
     rows = []
     pipelines = Pipelines(keep=len(arms))
     done = _checkpointed(checkpoint)
-    if checkpoint is not None:
-        checkpoint.mkdir(parents=True, exist_ok=True)
     resumed = 0
     warm: set[str] = set()
     for arm in arms:
@@ -314,7 +312,8 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
                                           "seconds": round(seconds, 4), "steps": arm_steps, "guidance": arm_guidance,
                                           **{k: round(v, 5) for k, v in measured.items()}})
                 rows += case_rows
-                if checkpoint is not None:
+                if checkpoint is not None:  # made at the first case written: nothing before the model loads
+                    checkpoint.mkdir(parents=True, exist_ok=True)
                     with (checkpoint / f"rows-{state.process_index}.jsonl").open("a") as journal:
                         # a newline first: a line a stop cut short stays a line of its own, skipped when read
                         journal.write("\n" + json.dumps({"key": keys[i], "rows": case_rows}) + "\n")
