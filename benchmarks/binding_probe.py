@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from probe_rows import append_rows
 
 import attnctl
 from attnctl.eval import build_suite, sample_seed, score_case
@@ -113,11 +114,7 @@ def main() -> None:
                 for key in ("loss", "margin", "neglect"):
                     row[f"{key}{step}"] = round(rec[key], 6)
             new.append(row)
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(new[0]))
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerows(new)
+        append_rows(path, new)
         rows += new
         print(f"{n + 1}/{len(cases)} {case.prompt}: bound {sum(r['bound'] for r in new)}/{len(new)}", flush=True)
     for r in rows:

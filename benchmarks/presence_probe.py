@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from binding_probe import auc_with_interval
 from contrast_locator_probe import call_of, prediction, without
+from probe_rows import append_rows
 
 from attnctl.eval import build_suite, score_case
 from attnctl.models import load_pipeline, sampling_defaults
@@ -79,11 +80,7 @@ def main() -> None:
                 row[f"weakest_{k}"] = float(v.min())
                 row[f"ratio_{k}"] = float(v.min() / v.max())
             new.append(row)
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(new[0]))
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerows(new)
+        append_rows(path, new)
         rows += new
         print(f"{n + 1}/{len(cases)}", flush=True)
     rows = [{k: (v if k == "prompt" else float(v)) for k, v in r.items()} for r in rows]

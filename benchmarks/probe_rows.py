@@ -20,6 +20,15 @@ def arm_rows(path: Path, make) -> dict[tuple[str, str], dict]:
         return {(r["prompt"], r["seed"]): r for r in csv.DictReader(f)}
 
 
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append `rows` to the CSV at `path` (the header first where the file is new): a probe's checkpoint per case."""
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if f.tell() == 0:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def fixed_broken(rows: dict, plain: dict, column: str) -> tuple[int, int]:
     """Samples where the arm succeeds on `column` and the plain arm does not (fixed), and the reverse (broken)."""
     fixed = sum(int(r[column]) and not int(plain[k][column]) for k, r in rows.items())

@@ -17,7 +17,7 @@ import torch
 import attnctl
 from attnctl import Capture, Regulation, UsageError
 from attnctl.methods.attend_excite import AttendAndExcite
-from test_family_support import SANA_CALL, Passes, sana
+from test_family_support import SANA_CALL, Passes, gemma_like_tokenizer, sana
 
 PROMPT = "a red dog and a grey cat"
 LONG = PROMPT + " sitting on the green grass by a river"  # 63 bytes: cut by the text of 40 tokens
@@ -38,21 +38,7 @@ MAP_TOLERANCE = 1e-5  # float32 maps of Capture against float64 ones recomputed 
 def merging_tokenizer():
     """Gemma-like (a start token, no end token, padding on the left) byte tokens with one merge: a space and the
     "a" after it are one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab["Ġa"] = len(vocab)
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "a")]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<pad>", "<eos>", "<bos>"])
-    bos = tokenizer.token_to_id("<bos>")
-    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                             special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", padding_side="left")
+    return gemma_like_tokenizer(merges=[("Ġ", "a")])
 
 
 @functools.cache

@@ -158,12 +158,14 @@ def chroma():
     return pipe
 
 
-def byte_tokens(specials):
-    """A byte-level BPE tokenizer with no merges (every byte is a token) and `specials` added after the bytes."""
+def byte_tokens(specials, merges=()):
+    """A byte-level BPE tokenizer where every byte is a token but the pairs `merges` (each merged pair a token after
+    the bytes), and `specials` added after those."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet + ["".join(pair) for pair in merges])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(specials)
@@ -180,13 +182,13 @@ def byte_level_tokenizer():
                                    pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
 
 
-def gemma_like_tokenizer():
+def gemma_like_tokenizer(merges=()):
     """Built offline, it stands in for Gemma's tokenizer: a start token before every text, no end token, and
-    padding on the left (Sana's pipeline pads on the right all the same)."""
+    padding on the left (Sana's pipeline pads on the right all the same); byte tokens but the pairs `merges`."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = byte_tokens(["<pad>", "<eos>", "<bos>"])
+    tokenizer = byte_tokens(["<pad>", "<eos>", "<bos>"], merges)
     bos = tokenizer.token_to_id("<bos>")
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
                                                              special_tokens=[("<bos>", bos)])
