@@ -131,6 +131,26 @@ def test_objects_whose_boxes_are_narrower_than_the_window_are_left_where_they_fo
     assert all(m is not None for m in moves[0]) and not torch.equal(torch.as_tensor(images), torch.as_tensor(plain))
 
 
+
+def test_the_contrast_locator_makes_no_predictions_where_no_object_would_move():
+    """Three columns narrower than the window under fit='whole': the contrast locator's extra forwards (the prompt
+    with and without each object) are skipped, and the run is the plain one, bit for bit."""
+    pipe = tiny_pipe("unet")
+    kwargs = call_kwargs("unet", steps=2, height=128, width=128)
+    plain = run(pipe, THIRDS["prompt"], **kwargs)
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        method = Relocation(THIRDS, read_fraction=0.5, locator="contrast")
+        with attnctl.apply(pipe, method) as session:
+            images = session(THIRDS["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    finally:
+        handle.remove()
+    # the three edited prompts' first calls (stopped) and the run's two steps: no 1 + 3 forwards after step 0
+    assert len(calls) == 3 + 2 and method._located is None and method.moves == [[None, None, None]]
+    assert torch.equal(torch.as_tensor(images), torch.as_tensor(plain))
+
+
 @pytest.mark.parametrize("name, window, locator", [
     ("unet", 1.0, "attention"), ("sd3", 1.0, "attention"), ("flux", 1.0, "attention"), ("unet", 0.2, "attention"),
     ("unet", 0.4, "contrast"), ("flux", 0.4, "contrast")])

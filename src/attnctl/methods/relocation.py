@@ -163,6 +163,10 @@ class Relocation(Controller):
             if i != self._last_read_step(len(pipe.scheduler.timesteps)):
                 return None
             self._reading = False
+            grid = latent_grid(current, self.session.step.token_grid)
+            if self._contrast is not None and not self._moving(grid):  # its predictions would move nothing
+                self.moves = [[None] * len(self.layout.regions) for _ in range(current.shape[0])]
+                return None
             self._locate(current, i)
             return self.move(current) if self._maps or self._located is not None else None
 
@@ -204,16 +208,8 @@ class Relocation(Controller):
             maps = sum(F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
                        for m in self._maps.values())
         regions = self.layout.regions
-        cells = [box_cells(r.extent(), (h, w)) for r in regions]  # a sketch's or mask's region: its bounding box
-        moving = [i for i, c in enumerate(cells) if self.config.fit == "clip" or holds_window(c, self.config.window,
-                                                                                                (h, w))]
-        if len(moving) < len(regions) and not self._warned_narrow:
-            self._warned_narrow = True
-            narrow = ", ".join(repr(regions[i].phrase) for i in range(len(regions)) if i not in moving)
-            log.warning("relocation: the boxes of %s are narrower than the window (%.2f of the image): those objects "
-                        "are left where they form (fit='whole'); lower window (--rl-window) for smaller objects, or "
-                        "fit='clip' moves the part of the window each box holds", narrow, self.config.window)
-        boxes = [centred_window(cells[i], self.config.window, (h, w)) for i in moving]
+        moving = self._moving((h, w))
+        boxes = [centred_window(box_cells(regions[i].extent(), (h, w)), self.config.window, (h, w)) for i in moving]
         maps = maps[:, moving]
         packed = latents.dim() == 3  # (images, tokens, channels): one token per grid cell
         cells = latents if packed else latents.flatten(2).transpose(1, 2)  # (images, cells, channels)
@@ -228,6 +224,21 @@ class Relocation(Controller):
                                else None for i in range(len(regions))])
         log.debug("relocation: %s", self.moves)
         return moved if packed else moved.transpose(1, 2).reshape(latents.shape)
+
+
+    def _moving(self, grid: tuple[int, int]) -> list[int]:
+        """The regions whose objects move on this latent grid: every one with fit='clip', else those whose box (a
+        sketch's or mask's region: its bounding box) holds a whole window; a warning names the others, once."""
+        regions = self.layout.regions
+        moving = [i for i, r in enumerate(regions)
+                  if self.config.fit == "clip" or holds_window(box_cells(r.extent(), grid), self.config.window, grid)]
+        if len(moving) < len(regions) and not self._warned_narrow:
+            self._warned_narrow = True
+            narrow = ", ".join(repr(regions[i].phrase) for i in range(len(regions)) if i not in moving)
+            log.warning("relocation: the boxes of %s are narrower than the window (%.2f of the image): those objects "
+                        "are left where they form (fit='whole'); lower window (--rl-window) for smaller objects, or "
+                        "fit='clip' moves the part of the window each box holds", narrow, self.config.window)
+        return moving
 
 
 class _ReadDone(Exception):
