@@ -23,6 +23,8 @@ BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:
         "binding": ["generate", "--method", "binding", "--model", "random:sd15-tiny", "--prompt",
                     "a red cat and a blue dog"],
         "relocation": ["generate", "--method", "relocation", "--model", "random:sd15-tiny", "--layout", str(LAYOUT)],
+        "noise-choice": ["generate", "--method", "noise-choice", "--model", "random:sd15-tiny", "--prompt",
+                         "a cat and a dog"],
         "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
 
 SAMPLING = [

@@ -11,7 +11,6 @@ import torch
 
 import attnctl
 from attnctl import AST, Capture, UsageError
-from attnctl.methods.registry import METHODS
 
 PROMPT = "a red dog and a grey cat"
 LAYOUT = {"prompt": PROMPT, "regions": [{"phrase": "red dog", "box": [0, 0, 0.5, 1]}]}
@@ -126,48 +125,11 @@ def test_words_sit_where_the_chat_template_puts_them(variant):
         assert tail.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def methods_reading_joint():
-    return [name for name, m in METHODS.items() if "joint" in m.reads]
-
-
-def controller(name):
-    m = METHODS[name]
-    return m.build(m.config(), targets=["dog", "cat"], layout=CORNER)
-
-
-@pytest.mark.parametrize("variant", list(PIPES))
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_changes_the_image_or_is_refused_before_any_step(variant, name):
-    """Methods that read joint attention act (the image changes) or are refused with a UsageError before any
-    step (those that run the denoiser on the pipeline's latents themselves: FLUX.2's denoiser takes them packed);
-    the others, which read text cross-attention, are refused. The pipeline is left as it was either way."""
-    build, call = PIPES[variant]
-    pipe = build()
-    plain = run(pipe, call)
-    before = dict(pipe.transformer.attn_processors)
-    hooks = [getattr(m, "_diffusers_hook", None) for m in (pipe.transformer, pipe.text_encoder)]
-    hooked = [None if h is None else dict(h.hooks) for h in hooks]
-    steps = Probe()
-    try:
-        with attnctl.apply(pipe, controller(name), steps, prompt=PROMPT) as session:
-            image = session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
-                            output_type="latent", **call).images
-    except UsageError as err:
-        assert not [c for c in steps.calls if c["rows"].stop], (name, str(err))  # no conditional step was taken
-        assert "joint" not in METHODS[name].reads or "latents" in str(err), str(err)
-    else:
-        assert "joint" in METHODS[name].reads
-        assert (image - plain).abs().max() > 1e-5, name
-    assert dict(pipe.transformer.attn_processors) == before
-    assert [getattr(m, "_diffusers_hook", None) for m in (pipe.transformer, pipe.text_encoder)] == hooks
-    assert [None if h is None else dict(h.hooks) for h in hooks] == hooked
-
-
 def test_ast_and_layout_modulation_change_both_variants():
     for build, call in PIPES.values():
         pipe = build()
         plain = run(pipe, call)
-        for method in (AST(LAYOUT), controller("layout-modulation")):
+        for method in (AST(LAYOUT), attnctl.LayoutModulation(CORNER)):
             with attnctl.apply(pipe, method, prompt=PROMPT):
                 assert (run(pipe, call) - plain).abs().max() > 1e-5
 

@@ -205,27 +205,6 @@ def test_words_sit_where_the_template_puts_them():
     assert text.shape[1] == count
 
 
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_changes_the_image_or_is_refused_before_any_step(name):
-    """The methods that read joint attention act (binding too: its gradient forwards run without the pipeline's
-    cache); those that read text cross-attention are refused before any step. The pipeline is left as it was."""
-    pipe = qwenimage21()
-    plain = run(pipe, steps=2)
-    before = processors(pipe)
-    steps = Probe()
-    try:
-        with attnctl.apply(pipe, controller(name), steps, prompt=PROMPT) as session:
-            image = session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
-                            output_type="latent", **CALL).images
-    except UsageError as err:
-        assert not steps.calls, (name, str(err))
-        assert "joint" not in METHODS[name].reads, str(err)
-    else:
-        assert "joint" in METHODS[name].reads
-        assert (image - plain).abs().max() > 1e-5, name
-    assert processors(pipe) == before
-
-
 def test_binding_with_guidance_and_two_images_runs_its_gradient_forwards_without_the_cache():
     """Binding moving at both steps of a guided call of two images per prompt: its gradient forwards (latents with a
     gradient) get no KV cache and compute the text themselves; the pipeline's own calls keep theirs (extract, then

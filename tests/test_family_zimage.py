@@ -11,8 +11,7 @@ import torch
 
 import attnctl
 from attnctl import AST, Capture, UsageError
-from attnctl.methods.registry import METHODS
-from test_family_flux2 import LAYOUT, PROMPT, Probe, controller, encoder_ids
+from test_family_flux2 import LAYOUT, PROMPT, Probe, encoder_ids
 
 CALL = dict(height=64, width=64)  # 4x4 image tokens (16, padded to 32), then the caption
 
@@ -89,27 +88,6 @@ def test_words_sit_where_the_chat_template_puts_them():
     assert len(kept) == count and pipe.tokenizer.decode(kept[positions]).strip() == "dog"
     assert pipe.tokenizer.decode(kept[: positions[0]]) == "<|im_start|>user\na red"
     assert pipe.tokenizer.decode(kept[positions[0]:]).endswith("<|im_end|>\n<|im_start|>assistant\n")
-
-
-@pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_changes_the_image_or_is_refused_before_any_step(name):
-    """As for FLUX.2: methods reading joint attention act or are refused before any step (Z-Image's denoiser takes
-    a list of per-image latents, which a method running the denoiser on the pipeline's latents cannot give)."""
-    pipe = zimage()
-    plain = run(pipe)
-    before = processors(pipe.transformer)
-    steps = Probe()
-    try:
-        with attnctl.apply(pipe, controller(name), steps, prompt=PROMPT) as session:
-            image = session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
-                            output_type="latent", **CALL).images
-    except UsageError as err:
-        assert not [c for c in steps.calls if c["rows"].stop], (name, str(err))
-        assert "joint" not in METHODS[name].reads or "latents" in str(err), str(err)
-    else:
-        assert "joint" in METHODS[name].reads
-        assert (image - plain).abs().max() > 1e-5, name
-    assert processors(pipe.transformer) == before
 
 
 def test_ast_changes_the_image():

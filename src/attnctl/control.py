@@ -391,21 +391,30 @@ class Session:
         """Start the pipeline with `args` and `kwargs` and stop it at its first denoiser call, before any step is
         taken: that call's arguments and batch layout. Text encoding and the initial latents are done as the run
         would do them, so a generator given in `kwargs` advances as the run's own draws advance it."""
-        config = getattr(self.pipe, "_progress_bar_config", None)
-        self.pipe.set_progress_bar_config(**{**(config or {}), "disable": True})
         self._probing = True
         try:
-            self.pipe(*args, **kwargs)
+            with self.quiet():
+                self.pipe(*args, **kwargs)
         except _FirstCall as first:
             return first.args, first.kwargs, self._step_state(first.args, first.kwargs, None)
         finally:
             self._probing = False
+        raise UsageError("the pipeline returned without calling its denoiser (0 denoising steps?); attnctl's "
+                         "methods act inside denoising steps")
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """Within the block, the pipeline shows no progress bar (a method's own runs before the run proper); its
+        progress settings are restored after."""
+        config = getattr(self.pipe, "_progress_bar_config", None)
+        self.pipe.set_progress_bar_config(**{**(config or {}), "disable": True})
+        try:
+            yield
+        finally:
             if config is None:
                 del self.pipe._progress_bar_config
             else:
                 self.pipe._progress_bar_config = config
-        raise UsageError("the pipeline returned without calling its denoiser (0 denoising steps?); attnctl's "
-                         "methods act inside denoising steps")
 
     @contextlib.contextmanager
     def exclusive(self, controller: Controller, step: StepState | None = None):

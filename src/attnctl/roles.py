@@ -173,3 +173,16 @@ def _spacy_groups(nlp, prompt: str) -> list[BindingGroup]:
             groups.append(BindingGroup(tuple((t.text, t.idx, t.idx + len(t.text)) for t in found),
                                        (token.text, token.idx, token.idx + len(token.text))))
     return groups
+
+
+def object_phrase(prompt: str, noun: tuple[int, int]) -> tuple[int, int]:
+    """The character span of the phrase that names the object whose noun is at `noun` (a character span): the noun
+    and the words before it back to a chunk-ending word or punctuation ("a big red *circle* and ..." → "a big red
+    circle"), determiners included."""
+    before = [w for w in words(prompt) if w[2] <= noun[0]]
+    start = noun[0]
+    for word, at, end in reversed(before):
+        if word.lower() in _CHUNK_END or prompt[end:start].strip():
+            break
+        start = at
+    return start, noun[1]

@@ -21,6 +21,7 @@ import re
 import torch
 
 from ..errors import UsageError
+from ..families.base import argument
 from .latent_guidance import appended_tokens, denoiser_arguments, row_inputs, timestep_scale, with_appended
 
 CONNECTOR = r"(?:\s*,\s*and\s+|\s+and\s+|\s*,\s*)"  # what joins two objects' phrases: "and", ", and", ","
@@ -42,17 +43,17 @@ class ContrastLocator:
     """Built in the method's `prepare_call` (before the run) from the call's arguments; `maps(latents, index)` at
     the end of step `index` gives (images, objects, h, w)."""
 
-    def __init__(self, session, controller, args: tuple, kwargs: dict, spans: list[tuple[int, int]]):
+    def __init__(self, session, controller, args: tuple, kwargs: dict, spans: list[tuple[int, int]],
+                 who: str = "relocation's contrast locator", instead: str = "use --rl-locator attention"):
         prompt = kwargs.get("prompt", args[0] if args else None)
         if not isinstance(prompt, str) or kwargs.get("prompt_embeds") is not None:
-            raise UsageError("relocation's contrast locator encodes the prompt without each object, so it needs the "
-                             "prompt as one string (prompt=\"...\"), not prompt embeddings or a list; pass the text, "
-                             "or use --rl-locator attention")
+            raise UsageError(f"{who} encodes the prompt without each object, so it needs the prompt as one string "
+                             f"(prompt=\"...\"), not prompt embeddings or a list; pass the text, or {instead}")
         for other in ("prompt_2", "prompt_3"):
             if kwargs.get(other) not in (None, prompt):
-                raise UsageError(f"relocation's contrast locator edits the prompt, and {other} differs from it; "
-                                 f"leave {other} unset or use --rl-locator attention")
-        self.session, self.controller = session, controller
+                raise UsageError(f"{who} edits the prompt, and {other} differs from it; leave {other} unset or "
+                                 f"{instead}")
+        self.session, self.controller, self.who, self.instead = session, controller, who, instead
         call = {k: v for k, v in kwargs.items() if k not in ("generator", "latents", "callback_on_step_end",
                                                               "callback_on_step_end_tensor_inputs")}
         rest = args[1:] if args and "prompt" not in kwargs else args
@@ -62,11 +63,16 @@ class ContrastLocator:
         with torch.random.fork_rng(devices=devices):  # the probes' draws must not move the caller's random state
             for text in self.edited:
                 named_args, named_kwargs, step = session.first_denoiser_call(rest, {**call, "prompt": text})
-                if not isinstance(session.family.latents(named_args, named_kwargs), torch.Tensor):
-                    raise UsageError(f"relocation's contrast locator runs the denoiser on the pipeline's latents, "
-                                     f"which this {session.family.name} denoiser takes in another form; use "
-                                     "--rl-locator attention")
+                given = argument(named_args, named_kwargs, session.family.latents_name, 0)
+                if not isinstance(given, torch.Tensor):
+                    raise UsageError(f"{who} runs the denoiser itself on the pipeline's latents, which this "
+                                     f"{session.family.name} denoiser takes in another form: {instead}; the methods "
+                                     "that act on the attention of the pipeline's own denoiser calls can run on it")
                 self.without.append((denoiser_arguments(session, named_args, named_kwargs), step))
+        named, step = self.without[0]  # a family refuses, here before any step, a forward of attnctl's it cannot take
+        rows = list(range(step.cond_rows.start, step.cond_rows.stop))
+        session.family.token_grid(session.denoiser, (), {session.family.latents_name: given[rows],
+                                                         **row_inputs(named, step, rows, torch.ones(()), 1.0)})
 
     def maps(self, latents: torch.Tensor, index: int) -> torch.Tensor:
         """Per image and object, the norm over channels of prediction(prompt) − prediction(prompt without the
@@ -94,9 +100,9 @@ class ContrastLocator:
     def _predict(self, named: dict, step, latents: torch.Tensor, t, scale: float, appended) -> torch.Tensor:
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
         if len(rows) != latents.shape[0]:
-            raise UsageError(f"relocation's contrast locator needs one conditional row per image in each denoiser "
-                             f"call; this {self.session.family.name} call has {len(rows)} for {latents.shape[0]} "
-                             "images (a separate guidance pass?); use --rl-locator attention")
+            raise UsageError(f"{self.who} needs one conditional row per image in each denoiser call; this "
+                             f"{self.session.family.name} call has {len(rows)} for {latents.shape[0]} images (a "
+                             f"separate guidance pass?); {self.instead}")
         inputs = row_inputs(named, step, rows, t, scale)
         with torch.no_grad(), self.session.exclusive(self.controller, step):
             out = self.session.denoiser(with_appended(latents, appended, rows).to(self.session.denoiser.dtype),
@@ -105,7 +111,7 @@ class ContrastLocator:
         if out.dim() == 3:  # packed: the latents' tokens of a prediction that may cover others too
             out = self.session.family.latents_prediction(out, latents.shape[1])
         if out.shape != latents.shape:
-            raise UsageError(f"relocation's contrast locator runs the denoiser on the pipeline's latents, and this "
+            raise UsageError(f"{self.who} runs the denoiser on the pipeline's latents, and this "
                              f"{self.session.family.name} denoiser predicts another shape ({tuple(out.shape)} for "
-                             f"{tuple(latents.shape)}); use --rl-locator attention")
+                             f"{tuple(latents.shape)}); {self.instead}")
         return out

@@ -15,6 +15,7 @@ from .ast import AST, ASTConfig
 from .attend_excite import AttendAndExcite, AttendExciteConfig
 from .binding import Binding, BindingConfig, bound_nouns
 from .layout_modulation import LayoutModulation, LayoutModulationConfig
+from .noise_choice import NoiseChoice, NoiseChoiceConfig
 from .regulation import Regulation, RegulationConfig
 from .relocation import Relocation, RelocationConfig
 
@@ -24,13 +25,14 @@ PLAIN = "none"  # the plain pipeline: no method, the arm every method is paired 
 @dataclass(frozen=True)
 class Method:
     """One method. `given` is "targets" (the controller is built as `controller(config=...)`, the config holding
-    the target words) or "layout" (`controller(layout, config)`); `reads` the attention kinds it acts on ("cross":
-    text cross-attention, "joint": MMDiT joint attention); `builtin_model` the built-in model it runs on when no
-    model is named; `batch_options` what a batch of seeds needs to give each image as if it ran alone; `tune_grid`
-    the options `attnctl tune` searches by default (field name -> values); `choose_targets(prompt)` the target words
-    of a targets method when none are named (default: the prompt's nouns); `seen` the seen eval category its options
-    are chosen on, where not the default; `config_words(config)` the words a config names besides its targets (the
-    binding method's groups), which then stand for the targets (none: its default choice is used)."""
+    the target words) or "layout" (`controller(layout, config)`); `reads` what it acts on ("cross": text
+    cross-attention, "joint": MMDiT joint attention, "prediction": the denoiser's output alone); `builtin_model`
+    the built-in model it runs on when no model is named; `batch_options` what a batch of seeds needs to give each
+    image as if it ran alone; `tune_grid` the options `attnctl tune` searches by default (field name -> values);
+    `choose_targets(prompt)` the target words of a targets method when none are named (default: the prompt's
+    nouns); `seen` the seen eval category its options are chosen on, where not the default; `config_words(config)`
+    the words a config names besides its targets (the binding method's groups), which then stand for the targets
+    (none: its default choice is used)."""
 
     name: str
     controller: type
@@ -102,6 +104,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "phrase",
            # the published decay, and short, strong and constant (what moved objects in the probes of issue 28)
            tune_grid={"weight": [1.0, 25.0], "power": [5.0, 0.0], "steps_fraction": [0.2, 0.4]}),
+    Method("noise-choice", NoiseChoice, NoiseChoiceConfig, "targets", ("prediction",), DEFAULT_JOINT_MODEL,
+           "noise choice (attnctl): each image starts from the one of a few starting noises whose first steps "
+           "already show every object, judged by the denoiser's own prediction without each object",
+           tune_grid={"candidates": [2, 4, 8], "read_fraction": [0.2, 0.32]}, seen="seen_triples"),
     Method("relocation", Relocation, RelocationConfig, "layout", ("cross", "joint"), DEFAULT_MODEL,
            "relocation (attnctl): each object moved into its box by permuting the latents early in the run, "
            "found where its words are attended or where the prompt without it predicts otherwise",
@@ -157,7 +163,7 @@ def listing(names) -> str:
 
 def methods_table() -> str:
     """The README's table of methods, rendered from `METHODS`."""
-    kinds = {"cross": "text cross-attention", "joint": "joint attention"}
+    kinds = {"cross": "text cross-attention", "joint": "joint attention", "prediction": "the denoiser's prediction"}
     rows = ["| method | given | reads | built-in model | what it does |", "|---|---|---|---|---|"]
     for m in METHODS.values():
         rows.append(f"| `{m.name}` | {'a layout' if m.takes_layout else 'target words'} | "

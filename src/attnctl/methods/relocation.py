@@ -39,6 +39,7 @@ from ..errors import UsageError
 from ..layout import Layout, load_layout
 from .contrast_locator import ContrastLocator
 from .latent_guidance import initial_latents, moving_latents, require_call_parameters
+from .noise_choice import choose_noise
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,11 @@ class RelocationConfig:
     restart: bool = option(False, "move the initial latents instead and start the run again from them (the read "
                            "steps run twice)")
 
-    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-window, --rl-locator, --rl-restart
+    candidates: int = option(1, "starting noises tried per image before the run: the one whose objects all show "
+                             "most after the read steps is kept (noise choice, docs/methods.md §10; 1: the run's "
+                             "own)", low=1, high=64)
+
+    cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-window, --rl-locator, --rl-restart, ...
 
     def __post_init__(self):
         check(self)
@@ -76,7 +81,8 @@ class Relocation(Controller):
     """Relocation as a controller: `Relocation(layout, config=None, **options)` with the fields of
     `RelocationConfig`. Run the pipeline through the session (`session(prompt, ...)`): the move replaces the
     latents between two steps, through the pipeline's step-end callback. `moves` holds, per image of the last run,
-    each object's window (top, left on the latent grid) and its box's."""
+    each object's window (top, left on the latent grid) and its box's; `choices`, with `candidates` > 1, each
+    candidate noise's score and the one chosen (noise choice)."""
 
     name = "relocation"
     handles_key_mask = True  # it only reads `text_probs`, which give masked keys 0
@@ -86,6 +92,7 @@ class Relocation(Controller):
         self.prompt = self.layout.prompt
         self.config = build(RelocationConfig, config, **options)
         self.moves: list[list[dict | None]] = []  # per image, per region: None where the object was not moved
+        self.choices: list[dict] = []  # with candidates > 1, per image: each candidate's score and the chosen one
 
     def attach(self, session) -> None:
         """Binds the layout to each prompt's tokens (the instance words of each region); a UsageError without a
@@ -100,7 +107,7 @@ class Relocation(Controller):
         self._spans = bound[0].spans
         self.session = session
         self._selectors: dict = {}
-        self._prepared = self._restarting = False
+        self._prepared = self._restarting = self._choosing = False
         self._warned_narrow = False
 
     def wants(self, site) -> bool:
@@ -109,6 +116,9 @@ class Relocation(Controller):
 
     def begin_run(self) -> None:
         """Refuses a pipeline call made without the session; clears the maps."""
+        if self._choosing:  # a candidate noise's run: nothing is read or moved
+            self._reading = False
+            return
         if not self._prepared:
             raise UsageError("relocation moves the latents between denoising steps, which a plain pipeline call gives "
                              "it no way to do: call the pipeline through the session, `with attnctl.apply(pipe, "
@@ -151,11 +161,14 @@ class Relocation(Controller):
         """The call's arguments with a step-end callback that moves the latents at the end of the last read step,
         around the caller's own callback; with `restart`, the initial latents moved instead (after a first run of
         the read steps)."""
-        needed = ("latents", "callback_on_step_end") if self.config.restart else ("callback_on_step_end",)
+        restarts = self.config.restart or self.config.candidates > 1
+        needed = ("latents", "callback_on_step_end") if restarts else ("callback_on_step_end",)
         require_call_parameters(session.pipe, self.name, needed)
         self._contrast = None
         if self.config.locator == "contrast":
             self._contrast = ContrastLocator(session, self, args, kwargs, self._spans)
+        if self.config.candidates > 1:
+            kwargs = self._chosen_noise(session, args, kwargs)
         if self.config.restart:
             return self._restarted(session, args, kwargs)
 
@@ -172,6 +185,19 @@ class Relocation(Controller):
 
         self._prepared = True
         return moving_latents(kwargs, move_after_reading)
+
+    def _chosen_noise(self, session, args, kwargs) -> dict:
+        """The call's arguments with each image's starting noise chosen among `candidates` (noise choice)."""
+        locator = self._contrast or ContrastLocator(session, self, args, kwargs, self._spans,
+                                                    who="relocation's noise choice",
+                                                    instead="leave --rl-candidates at 1")
+        self._choosing = True
+        try:
+            latents, self.choices = choose_noise(session, args, kwargs, locator, self.config.candidates,
+                                                 self.config.read_fraction)
+        finally:
+            self._choosing = False
+        return {**kwargs, "latents": latents}
 
     def _restarted(self, session, args, kwargs) -> dict:
         """Runs the read steps from the run's own initial latents, then returns the call's arguments with those
