@@ -188,7 +188,7 @@ def _read_score(session, args, kwargs, latents, locator: ContrastLocator, read_f
     call.update(latents=latents, callback_on_step_end=read, callback_on_step_end_tensor_inputs=["latents"],
                 output_type="latent")
     try:
-        with session.quiet(), _generators_kept(kwargs.get("generator")):
+        with _generators_kept(kwargs.get("generator")):  # the pipeline's bar shows each candidate's steps
             session.pipe(*args, **call)
     except _Read as done:
         return done.scores
