@@ -160,7 +160,7 @@ class PromptTokens:
 
     def word_positions(self, spec: str) -> list[int]:
         """Positions of a word given as `word` (first occurrence) or `word#n` (n-th occurrence, from 1)."""
-        word, occurrence = _parse_occurrence(spec)
+        word, occurrence = parse_occurrence(spec)
         matches = [(s, e) for w, s, e in self.words() if w.lower() == word.lower()]
         return self._positions_of(spec, matches, occurrence, what="word")
 
@@ -239,7 +239,8 @@ class HeldWords:
         return self._held[prompt, n_text]
 
 
-def _parse_occurrence(spec: str) -> tuple[str, int]:
+def parse_occurrence(spec: str) -> tuple[str, int]:
+    """(word, n) of a target written `word` (n = 1) or `word#n` (its n-th occurrence); a UsageError for a bad n."""
     word, sep, count = spec.partition("#")
     if not sep:
         return spec.strip(), 1

@@ -69,7 +69,7 @@ class ContrastLocator:
                                      f"{session.family.name} denoiser takes in another form: {instead}; the methods "
                                      "that act on the attention of the pipeline's own denoiser calls can run on it")
                 self.without.append((denoiser_arguments(session, named_args, named_kwargs), step))
-        named, step = self.without[0]  # a family refuses, here before any step, a forward of attnctl's it cannot take
+        named, step = self.without[-1]  # a family refuses, here before any step, a forward of attnctl's it cannot take
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
         session.family.token_grid(session.denoiser, (), {session.family.latents_name: given[rows],
                                                          **row_inputs(named, step, rows, torch.ones(()), 1.0)})

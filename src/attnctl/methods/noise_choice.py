@@ -35,7 +35,7 @@ from ..control import Controller
 from ..errors import UsageError
 from ..roles import object_phrase
 from ..text import phrase_spans
-from ..tokens import _parse_occurrence
+from ..tokens import parse_occurrence
 from .contrast_locator import ContrastLocator
 from .latent_guidance import initial_latents, require_call_parameters
 from .targets import TARGETS_HELP, normalise_targets, targets_per_prompt
@@ -128,7 +128,7 @@ class NoiseChoice(Controller):
 
 def noun_span(prompt: str, noun: str) -> tuple[int, int]:
     """The character span of target `noun` (`word` or `word#n`, the n-th appearance) in `prompt`."""
-    word, occurrence = _parse_occurrence(noun)
+    word, occurrence = parse_occurrence(noun)
     found = phrase_spans(prompt, word)
     if len(found) < occurrence:
         often = "" if occurrence == 1 else f" {occurrence} times"
