@@ -141,7 +141,11 @@ def test_a_prompt_is_judged_in_words():
     img = data.render(data.Scene((data.ShapeObject("red", "square", (4, 20, 26, 42)),
                                   data.ShapeObject("blue", "circle", (36, 20, 58, 42))))).image
     assert scorer.objects_of_prompt("a red square and a blue circle") == [("red", "square"), ("blue", "circle")]
+    triple = [("red", "circle"), ("blue", "square"), ("green", "triangle")]
+    assert scorer.objects_of_prompt("a red circle, a blue square and a green triangle") == triple
+    assert scorer.objects_of_prompt("a red circle, a blue square, and a green triangle") == triple
     assert scorer.objects_of_prompt("a red square with a blue circle") is None
+    assert scorer.objects_of_prompt("a red square, with a blue circle") is None
     assert scorer.objects_of_prompt("a crimson square") is None
     assert scorer.judged(img, [("red", "square"), ("blue", "circle")]) == "all bound"
     assert scorer.judged(img, [("blue", "square"), ("red", "circle")]) == "mis-bound: blue square, red circle"

@@ -13,6 +13,7 @@ and colour drift of images sampled from a small generative model.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -294,12 +295,13 @@ def relation_holds(a: ObjectScore, b: ObjectScore, relation: str) -> bool:
 
 
 def objects_of_prompt(prompt: str) -> list[tuple[str, str]] | None:
-    """The (colour, shape) objects a shapes-world prompt names ("a red circle and a blue square"), in order; None
-    unless every phrase between "and"s is "a COLOUR SHAPE" (a prompt the exact scorer can judge)."""
+    """The (colour, shape) objects a shapes-world prompt names ("a red circle and a blue square", "a red circle, a
+    blue square and a green triangle"), in order; None unless every phrase between "and"s and commas is "a COLOUR
+    SHAPE" (a prompt the exact scorer can judge)."""
     from .data import COLOURS, SHAPES
 
     objects = []
-    for phrase in prompt.lower().strip().split(" and "):
+    for phrase in re.split(r"\s*,\s*and\s+|\s*,\s*|\s+and\s+", prompt.lower().strip()):
         words = phrase.split()
         if len(words) != 3 or words[0] != "a" or words[1] not in COLOURS or words[2] not in SHAPES:
             return None
