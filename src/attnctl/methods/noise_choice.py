@@ -110,18 +110,12 @@ class NoiseChoice(Controller):
         """The call's arguments with each image's chosen starting noise as `latents`."""
         require_call_parameters(session.pipe, self.name, ("latents", "callback_on_step_end"))
         self._prepared = False
+        self.choices = []
         if self.config.candidates > 1:
             locator = ContrastLocator(session, self, args, kwargs, self.spans, who="noise choice",
                                       instead="leave noise choice out")
-            self._choosing = True
-            try:
-                latents, self.choices = choose_noise(session, args, kwargs, locator, self.config.candidates,
-                                                     self.config.read_fraction)
-            finally:
-                self._choosing = False
-            kwargs = {**kwargs, "latents": latents}
-        else:
-            self.choices = []
+            kwargs, self.choices = choose_noise(session, self, args, kwargs, locator, self.config.candidates,
+                                                self.config.read_fraction)
         self._prepared = True
         return kwargs
 
@@ -155,18 +149,24 @@ def presence_score(maps: torch.Tensor) -> torch.Tensor:
     return strength.min(1).values / strength.max(1).values
 
 
-def choose_noise(session, args, kwargs, locator: ContrastLocator, count: int, read_fraction: float):
-    """Each image's best starting noise among `count` candidates (as the pipeline's `latents`) and, per image, the
-    candidates' scores and the chosen one. Each candidate runs the first `read_fraction` of the steps."""
+def choose_noise(session, controller, args, kwargs, locator: ContrastLocator, count: int,
+                 read_fraction: float) -> tuple[dict, list[dict]]:
+    """The call's arguments with each image's best starting noise among `count` candidates as `latents`, and per
+    image the candidates' scores and the chosen one. Each candidate runs the first `read_fraction` of the steps,
+    with `controller._choosing` set meanwhile (its `begin_run` lets those runs through and acts in none of them)."""
     scheduler = session.pipe.scheduler
     noise = initial_latents(session, args, kwargs)[0] / getattr(scheduler, "init_noise_sigma", 1.0)
     candidates = candidate_noises(noise, count)
     log.debug("noise choice: %d starting noises per image, the first %.0f%% of the steps each", count,
-             100 * read_fraction)
-    scores = torch.stack([_read_score(session, args, kwargs, c, locator, read_fraction) for c in candidates], 1)
+              100 * read_fraction)
+    controller._choosing = True
+    try:
+        scores = torch.stack([_read_score(session, args, kwargs, c, locator, read_fraction) for c in candidates], 1)
+    finally:
+        controller._choosing = False
     best = scores.argmax(1)  # ties: the earlier candidate, the plain noise first
     chosen = torch.stack(candidates, 1)[torch.arange(len(best), device=best.device), best]
-    return chosen, [{"scores": s, "chosen": j} for s, j in zip(scores.tolist(), best.tolist())]
+    return {**kwargs, "latents": chosen}, [{"scores": s, "chosen": j} for s, j in zip(scores.tolist(), best.tolist())]
 
 
 class _Read(Exception):

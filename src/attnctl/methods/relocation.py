@@ -168,7 +168,11 @@ class Relocation(Controller):
         if self.config.locator == "contrast":
             self._contrast = ContrastLocator(session, self, args, kwargs, self._spans)
         if self.config.candidates > 1:
-            kwargs = self._chosen_noise(session, args, kwargs)
+            locator = self._contrast or ContrastLocator(session, self, args, kwargs, self._spans,
+                                                        who="relocation's noise choice",
+                                                        instead="leave --rl-candidates at 1")
+            kwargs, self.choices = choose_noise(session, self, args, kwargs, locator, self.config.candidates,
+                                                self.config.read_fraction)
         if self.config.restart:
             return self._restarted(session, args, kwargs)
 
@@ -185,19 +189,6 @@ class Relocation(Controller):
 
         self._prepared = True
         return moving_latents(kwargs, move_after_reading)
-
-    def _chosen_noise(self, session, args, kwargs) -> dict:
-        """The call's arguments with each image's starting noise chosen among `candidates` (noise choice)."""
-        locator = self._contrast or ContrastLocator(session, self, args, kwargs, self._spans,
-                                                    who="relocation's noise choice",
-                                                    instead="leave --rl-candidates at 1")
-        self._choosing = True
-        try:
-            latents, self.choices = choose_noise(session, args, kwargs, locator, self.config.candidates,
-                                                 self.config.read_fraction)
-        finally:
-            self._choosing = False
-        return {**kwargs, "latents": latents}
 
     def _restarted(self, session, args, kwargs) -> dict:
         """Runs the read steps from the run's own initial latents, then returns the call's arguments with those
