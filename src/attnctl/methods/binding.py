@@ -29,7 +29,7 @@ from ..text import phrase_spans
 from ..text import words as split_words
 from .binding_math import GroupPositions, presence_loss, syngen_loss
 from .latent_guidance import LatentGuidance
-from .targets import normalise_targets
+from .targets import one_target_list
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ class BindingConfig:
 
     def __post_init__(self):
         check(self)
-        self.targets = normalise_targets(self.targets)
-        if self.targets is not None and not isinstance(self.targets[0], str):
-            raise UsageError("the binding method takes one list of target nouns for every prompt")
+        self.targets = one_target_list(self.targets, "the binding method")
         if self.groups is not None:
             if isinstance(self.groups, str):
                 self.groups = comma_list(self.groups)

@@ -38,7 +38,7 @@ from ..text import phrase_spans
 from ..tokens import parse_occurrence
 from .contrast_locator import ContrastLocator
 from .latent_guidance import initial_latents, require_call_parameters
-from .targets import TARGETS_HELP, normalise_targets, targets_per_prompt
+from .targets import TARGETS_HELP, one_target_list, targets_per_prompt
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,7 @@ class NoiseChoiceConfig:
 
     def __post_init__(self):
         check(self)
-        self.targets = normalise_targets(self.targets)
-        if self.targets is not None and not isinstance(self.targets[0], str):
-            raise UsageError("noise choice takes one list of target nouns (its prompt is one string)")
+        self.targets = one_target_list(self.targets, "noise choice")
 
 
 class NoiseChoice(Controller):

@@ -30,6 +30,15 @@ def normalise_targets(targets):
     return [t.strip() for t in words]
 
 
+def one_target_list(targets, method: str):
+    """`normalise_targets(targets)` where it is None or one list of words for every prompt; a UsageError naming
+    `method` for one list per prompt."""
+    targets = normalise_targets(targets)
+    if targets is not None and not isinstance(targets[0], str):
+        raise UsageError(f"{method} takes one list of target nouns for every prompt")
+    return targets
+
+
 def choose_targets(prompt: str, method: str = "Regulation") -> list[str]:
     """The nouns of `prompt` as a method's targets (an attnctl extension: the papers' methods are given them)."""
     from ..nouns import choose_nouns, tagger_name
