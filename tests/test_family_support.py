@@ -287,8 +287,9 @@ def pipe_of(family):
     return next(build for name, build, _ in SUPPORT if name == family)()
 
 
-CROSS = "capture regulation attend-excite binding layout-modulation noise-choice relocation"  # on the UNets
-JOINT = "capture ast binding layout-modulation noise-choice relocation"  # what works on SD3 and FLUX.1
+# on the UNets
+CROSS = "capture regulation attend-excite binding layout-modulation noise-choice relocation contrast-guidance"
+JOINT = "capture ast binding layout-modulation noise-choice relocation contrast-guidance"  # on SD3 and FLUX.1
 SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work there (the others are refused)
     ("SD 1.x / 2.x", lambda: tiny_pipe("unet"), CROSS),
     ("SDXL", lambda: tiny_pipe("sdxl"), CROSS),
@@ -296,15 +297,15 @@ SUPPORT = [  # family (pipeline), how to build a tiny one, the columns that work
     ("FLUX.1 dev / schnell", lambda: tiny_pipe("flux"), JOINT),
     ("FLUX.1 Kontext", kontext, JOINT),
     ("Kandinsky 2.2", kandinsky22, ""),
-    ("PixArt-Σ", pixart, "capture regulation layout-modulation"),
-    ("Sana", sana, "capture regulation attend-excite binding layout-modulation noise-choice relocation"),
-    ("Sana Sprint", sana_sprint, "capture regulation attend-excite binding layout-modulation noise-choice relocation"),
-    ("Chroma", chroma, "capture ast binding layout-modulation noise-choice relocation"),
+    ("PixArt-Σ", pixart, "capture regulation layout-modulation contrast-guidance"),
+    ("Sana", sana, CROSS),
+    ("Sana Sprint", sana_sprint, CROSS),
+    ("Chroma", chroma, "capture ast binding layout-modulation noise-choice relocation contrast-guidance"),
     ("Qwen-Image", qwen_image, JOINT),
-    ("FLUX.2 [dev]", flux2_dev, "capture ast layout-modulation noise-choice relocation"),
-    ("FLUX.2 [klein]", flux2_klein, "capture ast layout-modulation noise-choice relocation"),
+    ("FLUX.2 [dev]", flux2_dev, "capture ast layout-modulation noise-choice relocation contrast-guidance"),
+    ("FLUX.2 [klein]", flux2_klein, "capture ast layout-modulation noise-choice relocation contrast-guidance"),
     ("Z-Image", zimage, "capture ast layout-modulation relocation"),
-    ("Lumina-Image 2.0", lumina2, "capture ast binding layout-modulation noise-choice relocation"),
+    ("Lumina-Image 2.0", lumina2, "capture ast binding layout-modulation noise-choice relocation contrast-guidance"),
     ("HiDream-I1", hidream, "capture ast layout-modulation relocation"),
     ("Qwen-Image 2.1", qwenimage21, JOINT),
 ]

@@ -5,7 +5,8 @@
 
 On entry the processors of the sites the controllers want are replaced by the family's processors, which compute
 q, k, v exactly as the originals do and hand them to the session; a diffusers `ModelHook` on the denoiser reads the
-step (from the scheduler) and the batch layout before every denoiser call. On exit, also after an exception, the
+step (from the scheduler) and the batch layout before every denoiser call, and hands the call's output to the
+controllers after it (a method that guides the prediction replaces it there). On exit, also after an exception, the
 original processor objects are put back and the hook is removed, leaving the pipeline as it was. A processor the user
 set while attached is an error at the next denoiser call and is left in place on exit (with a logged warning). A
 `torch.compile` wrapper is seen through; the hook and the controllers run eagerly inside the compiled model.
@@ -229,6 +230,11 @@ class Controller:
     def exclusive_call(self, call: AttentionCall) -> None:
         """An attention call of a denoiser forward this controller runs itself (`Session.exclusive`)."""
 
+    def end_call(self, step: StepState, args: tuple, kwargs: dict, output):
+        """Called after every denoiser call of a run with the call's arguments and output (as the denoiser returned
+        it); a method that changes the prediction returns the output to use instead (None: unchanged)."""
+        return None
+
     def detach(self) -> None:
         """Called when the session ends."""
 
@@ -315,6 +321,19 @@ class _StepHook(ModelHook):
         session._begin_call(args, kwargs, context.name if context is not None else None)
         return args, kwargs
 
+    @torch.compiler.disable
+    def post_forward(self, module, output):
+        session = self.session
+        if session._exclusive is not None or session._call is None:
+            return output
+        args, kwargs = session._call
+        session._call = None
+        for c in session.controllers:
+            changed = c.end_call(session.step, args, kwargs, output)
+            if changed is not None:
+                output = changed
+        return output
+
     def reset_state(self, module):
         self.contexts.reset()
         return module
@@ -361,6 +380,7 @@ class Session:
         self._step_calls = (None, -1, 0)  # (timesteps, step index, denoiser calls made at that step so far)
         # the arguments and step of the run's last denoiser call with conditional rows (not a separate negative call)
         self.conditional_call: tuple[tuple, dict, StepState] | None = None
+        self._call: tuple[tuple, dict] | None = None  # the arguments of the denoiser call in progress
         self._probing = False
         self._exclusive: Controller | None = None
         self._exclusive_grid: tuple[int, int] | None = None
@@ -496,6 +516,7 @@ class Session:
                 "after leaving it."
             )
         self.step = self._step_state(args, kwargs, context_name)
+        self._call = (args, kwargs)
         if self.step.cond_rows.stop > self.step.cond_rows.start:
             self.conditional_call = (args, kwargs, self.step)
         timesteps = self.pipe.scheduler.timesteps

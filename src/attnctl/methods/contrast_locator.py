@@ -39,15 +39,16 @@ def prompt_without(prompt: str, span: tuple[int, int]) -> str:
     return re.sub(r"\s{2,}", " ", head + prompt[end:]).strip()
 
 
-class ContrastLocator:
-    """Built in the method's `prepare_call` (before the run) from the call's arguments; `maps(latents, index)` at
-    the end of step `index` gives (images, objects, h, w)."""
+class EditedPrompts:
+    """The denoiser's conditional predictions for edited versions of the call's prompt (`edit(prompt)` gives them),
+    each encoded by the pipeline itself before the run (a call with the edited prompt stopped at its first denoiser
+    call); built in a method's `prepare_call` from the call's arguments. `who` and `instead` name the method and the
+    fix in its refusals."""
 
-    def __init__(self, session, controller, args: tuple, kwargs: dict, spans: list[tuple[int, int]],
-                 who: str = "relocation's contrast locator", instead: str = "use --rl-locator attention"):
+    def __init__(self, session, controller, args: tuple, kwargs: dict, edit, who: str, instead: str):
         prompt = kwargs.get("prompt", args[0] if args else None)
         if not isinstance(prompt, str) or kwargs.get("prompt_embeds") is not None:
-            raise UsageError(f"{who} encodes the prompt without each object, so it needs the prompt as one string "
+            raise UsageError(f"{who} encodes edited versions of the prompt, so it needs the prompt as one string "
                              f"(prompt=\"...\"), not prompt embeddings or a list; pass the text, or {instead}")
         for other in ("prompt_2", "prompt_3"):
             if kwargs.get(other) not in (None, prompt):
@@ -57,8 +58,8 @@ class ContrastLocator:
         call = {k: v for k, v in kwargs.items() if k not in ("generator", "latents", "callback_on_step_end",
                                                               "callback_on_step_end_tensor_inputs")}
         rest = args[1:] if args and "prompt" not in kwargs else args
-        self.edited = [prompt_without(prompt, span) for span in spans]
-        self.without: list[tuple[dict, object]] = []
+        self.edited = edit(prompt)
+        self.encoded: list[tuple[dict, object]] = []
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # the probes' draws must not move the caller's random state
             for text in self.edited:
@@ -68,11 +69,39 @@ class ContrastLocator:
                     raise UsageError(f"{who} runs the denoiser itself on the pipeline's latents, which this "
                                      f"{session.family.name} denoiser takes in another form: {instead}; the methods "
                                      "that act on the attention of the pipeline's own denoiser calls can run on it")
-                self.without.append((denoiser_arguments(session, named_args, named_kwargs), step))
-        named, step = self.without[-1]  # a family refuses, here before any step, a forward of attnctl's it cannot take
+                self.encoded.append((denoiser_arguments(session, named_args, named_kwargs), step))
+        named, step = self.encoded[-1]  # a family refuses, here before any step, a forward of attnctl's it cannot take
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
         session.family.token_grid(session.denoiser, (), {session.family.latents_name: given[rows],
                                                          **row_inputs(named, step, rows, torch.ones(()), 1.0)})
+
+    def output(self, index: int, latent_input: torch.Tensor, timestep) -> torch.Tensor:
+        """The denoiser's own output (its first; the layout the pipeline reads) for edited prompt `index`, on
+        `latent_input` (the conditional rows' latent input as a denoiser call of the pipeline's gave it, appended
+        tokens included) at `timestep` (as that call gave it), in a forward of the controller's own."""
+        named, step = self.encoded[index]
+        return self._forward(named, step, latent_input, timestep, 1.0)
+
+    def _forward(self, named: dict, step, latent_input: torch.Tensor, t, scale: float) -> torch.Tensor:
+        rows = list(range(step.cond_rows.start, step.cond_rows.stop))
+        if len(rows) != latent_input.shape[0]:
+            raise UsageError(f"{self.who} needs one conditional row per image in each denoiser call; this "
+                             f"{self.session.family.name} call has {len(rows)} for {latent_input.shape[0]} images "
+                             f"(a separate guidance pass?); {self.instead}")
+        inputs = row_inputs(named, step, rows, t, scale)
+        with torch.no_grad(), self.session.exclusive(self.controller, step):
+            out = self.session.denoiser(latent_input.to(self.session.denoiser.dtype), **inputs)
+        return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+
+class ContrastLocator(EditedPrompts):
+    """Built in the method's `prepare_call` (before the run) from the call's arguments; `maps(latents, index)` at
+    the end of step `index` gives (images, objects, h, w)."""
+
+    def __init__(self, session, controller, args: tuple, kwargs: dict, spans: list[tuple[int, int]],
+                 who: str = "relocation's contrast locator", instead: str = "use --rl-locator attention"):
+        super().__init__(session, controller, args, kwargs,
+                         lambda prompt: [prompt_without(prompt, span) for span in spans], who, instead)
 
     def maps(self, latents: torch.Tensor, index: int) -> torch.Tensor:
         """Per image and object, the norm over channels of prediction(prompt) − prediction(prompt without the
@@ -90,7 +119,7 @@ class ContrastLocator:
             sample = copy.deepcopy(scheduler).scale_model_input(latents, t)
         appended = appended_tokens(session, args, kwargs)  # FLUX.1 Kontext's context image, as the pipeline built it
         predict = [self._predict(full, step, sample, t, scale, appended)]
-        predict += [self._predict(named, st, sample, t, scale, appended) for named, st in self.without]
+        predict += [self._predict(named, st, sample, t, scale, appended) for named, st in self.encoded]
         channels = -1 if latents.dim() == 3 else 1
         maps = torch.stack([(predict[0] - p).float().norm(dim=channels) for p in predict[1:]], 1)
         if latents.dim() == 3:  # packed: one token per cell of the denoiser's grid
@@ -99,15 +128,7 @@ class ContrastLocator:
 
     def _predict(self, named: dict, step, latents: torch.Tensor, t, scale: float, appended) -> torch.Tensor:
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
-        if len(rows) != latents.shape[0]:
-            raise UsageError(f"{self.who} needs one conditional row per image in each denoiser call; this "
-                             f"{self.session.family.name} call has {len(rows)} for {latents.shape[0]} images (a "
-                             f"separate guidance pass?); {self.instead}")
-        inputs = row_inputs(named, step, rows, t, scale)
-        with torch.no_grad(), self.session.exclusive(self.controller, step):
-            out = self.session.denoiser(with_appended(latents, appended, rows).to(self.session.denoiser.dtype),
-                                        **inputs)
-        out = out[0] if isinstance(out, (tuple, list)) else out.sample
+        out = self._forward(named, step, with_appended(latents, appended, rows[:latents.shape[0]]), t, scale)
         if out.dim() == 3:  # packed: the latents' tokens of a prediction that may cover others too
             out = self.session.family.latents_prediction(out, latents.shape[1])
         if out.shape != latents.shape:

@@ -118,13 +118,14 @@ class NoiseChoice(Controller):
         return kwargs
 
 
-def noun_span(prompt: str, noun: str) -> tuple[int, int]:
-    """The character span of target `noun` (`word` or `word#n`, the n-th appearance) in `prompt`."""
+def noun_span(prompt: str, noun: str, who: str = "noise choice") -> tuple[int, int]:
+    """The character span of target `noun` (`word` or `word#n`, the n-th appearance) in `prompt`; `who` names the
+    method in the refusal."""
     word, occurrence = parse_occurrence(noun)
     found = phrase_spans(prompt, word)
     if len(found) < occurrence:
         often = "" if occurrence == 1 else f" {occurrence} times"
-        raise UsageError(f"noise choice: {word!r} is not a word of the prompt {prompt!r}{often}; name the objects' "
+        raise UsageError(f"{who}: {word!r} is not a word of the prompt {prompt!r}{often}; name the objects' "
                          "nouns as the prompt writes them (--targets)")
     return found[occurrence - 1]
 

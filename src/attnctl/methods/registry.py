@@ -14,6 +14,7 @@ from ..errors import UsageError
 from .ast import AST, ASTConfig
 from .attend_excite import AttendAndExcite, AttendExciteConfig
 from .binding import Binding, BindingConfig, bound_nouns
+from .contrast_guidance import ContrastGuidance, ContrastGuidanceConfig
 from .layout_modulation import LayoutModulation, LayoutModulationConfig
 from .noise_choice import NoiseChoice, NoiseChoiceConfig
 from .regulation import Regulation, RegulationConfig
@@ -98,6 +99,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "each modifier's attention lies on its noun's and off the other objects",
            tune_grid={"step_size": [10.0, 20.0, 40.0], "presence": [0.0, 1.0]}, choose_targets=bound_nouns,
            seen="seen_triples", config_words=lambda config: [w for g in config.groups or () for w in g.split()]),
+    Method("contrast-guidance", ContrastGuidance, ContrastGuidanceConfig, "targets", ("prediction",), DEFAULT_MODEL,
+           "contrast guidance (attnctl): the prediction pushed toward the object it shows least and away from the "
+           "prompt with its modifiers on the wrong objects, from the denoiser's predictions for those edited prompts",
+           tune_grid={"presence": [0.25, 0.5], "binding": [0.25, 0.5]}, seen="seen_triples"),
     Method("layout-modulation", LayoutModulation, LayoutModulationConfig, "layout", ("cross", "joint"),
            DEFAULT_JOINT_MODEL,
            "layout attention modulation (DenseDiffusion, ICCV 2023): image→text scores biased towards each region's "
