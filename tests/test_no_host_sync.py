@@ -16,7 +16,8 @@ An op is attnctl's when the innermost Python frame that asked for it, outside to
 model's and the pipeline's own code (diffusers' modules, the scheduler) is not ours and is not judged. The denoiser's
 forward is entered through its forward hooks, so attnctl's step hook (which runs inside the forward) is judged too.
 
-Watched: steps 1 and 2 of 3-step runs, with Attend-and-Excite the gradient forwards it runs for them too.
+Watched: steps 1 and 2 of 3-step runs, with Attend-and-Excite the gradient forwards it runs for them too, with
+contrast guidance its forwards for the edited prompts and the guided output.
 What this cannot see on a CPU-only machine: whether a kernel that runs on the device would synchronise by itself (an
 implicit copy made inside a C++ kernel, a CPU scalar tensor passed to a CUDA kernel), a host read made through a path
 that dispatches no op and calls no torch function, and what happens inside flex_attention (AST's flex path), which
@@ -40,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attnctl
 from attnctl.methods.ast import AST
 from attnctl.methods.attend_excite import AttendAndExcite
+from attnctl.methods.contrast_guidance import ContrastGuidance
 from attnctl.methods.layout_modulation import LayoutModulation
 from attnctl.methods.regulation import Regulation
 
@@ -212,6 +214,8 @@ CASES = {
     "attend-excite-unet": ("unet", lambda: [AttendAndExcite(["cat", "dog"], max_iter_to_alter=3,
                                                             thresholds={1: 0.8}, max_refinement_steps=2)],
                            PROMPT, 128, True),
+    **{f"contrast-guidance-{f}": (f, lambda: [ContrastGuidance()], LAYOUT["prompt"], 64, True)
+       for f in ("unet", "sd3", "flux")},
 }
 
 
@@ -246,8 +250,8 @@ def test_no_host_sync_inside_a_step(case, monkeypatch):
     controllers = make()
     watch, acted = watched_run(name, controllers, prompt, size, through_session)
     assert watch.forwards >= 2 and acted.calls > 0  # steps 1 and 2 were watched
-    if isinstance(controllers[0], AttendAndExcite):
-        assert watch.forwards > 2  # its gradient forwards were watched too
+    if isinstance(controllers[0], (AttendAndExcite, ContrastGuidance)):
+        assert watch.forwards > 2  # its own forwards (gradient, edited prompts) were watched too
     elif not isinstance(controllers[0], attnctl.Capture):
         assert acted.modified > 0  # the method acted in the watched steps
     assert not watch.found, f"{case}: host syncs inside a denoising step:\n{watch.report()}"

@@ -315,7 +315,8 @@ class _StepHook(ModelHook):
         if session._probing:
             raise _FirstCall(args, kwargs)
         if session._exclusive is not None:
-            session._exclusive_grid = session.family.token_grid(session.denoiser, args, kwargs)
+            if not session._exclusive_grid_given:
+                session._exclusive_grid = session.family.token_grid(session.denoiser, args, kwargs)
             return args, kwargs
         context = self.contexts._context
         session._begin_call(args, kwargs, context.name if context is not None else None)
@@ -384,6 +385,7 @@ class Session:
         self._probing = False
         self._exclusive: Controller | None = None
         self._exclusive_grid: tuple[int, int] | None = None
+        self._exclusive_grid_given = False
 
     def __call__(self, *args, **kwargs):
         """Run the pipeline with what the controllers add to its arguments (`Controller.prepare_call`). The same as
@@ -437,17 +439,20 @@ class Session:
                 self.pipe._progress_bar_config = config
 
     @contextlib.contextmanager
-    def exclusive(self, controller: Controller, step: StepState | None = None):
+    def exclusive(self, controller: Controller, step: StepState | None = None, grid: tuple[int, int] | None = None):
         """Within the block, denoiser forwards that `controller` runs itself (Attend-and-Excite's gradient pass) begin
         no step and give their attention calls to its `exclusive_call` alone; their outputs are the plain ones.
         `step`: the step whose layout (token grid, text length) the family's processors read meanwhile (before the
-        first step there is none)."""
+        first step there is none). `grid`: the forwards' token grid where the caller knows it (its forwards were
+        checked by the family before); else it is read from each forward's arguments, which is where a family refuses
+        latents it cannot take (FLUX's grid is read back from the device)."""
         self._exclusive, saved = controller, self.step
         self.step = step or saved
+        self._exclusive_grid, self._exclusive_grid_given = grid, grid is not None
         try:
             yield
         finally:
-            self._exclusive, self._exclusive_grid, self.step = None, None, saved
+            self._exclusive, self._exclusive_grid, self._exclusive_grid_given, self.step = None, None, False, saved
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def attach(self) -> None:

@@ -124,6 +124,7 @@ class ContrastGuidance(Controller):
                              "`with attnctl.apply(pipe, method, prompt=p) as session: session(p, ...)`, instead of "
                              "`pipe(p, ...)`")
         self._prepared = False
+        self._own_tokens = None  # the generated image's tokens in a packed output, read at the run's first call
 
     def prepare_call(self, session, args, kwargs) -> dict:
         """Encodes the edited prompts (the prompt without each object, the prompt with its modifiers moved)."""
@@ -146,7 +147,7 @@ class ContrastGuidance(Controller):
             timestep = timestep[rows]
         first = output[0] if isinstance(output, (tuple, list)) else output.sample
         guided = first.clone()
-        own = self._own_part(args, kwargs)
+        own = self._own_part(args, kwargs, first)
         cond = own(guided[rows]).float()
         edited = [own(self.edited.output(i, latent_input, timestep)).float() for i in range(len(self.edited.edited))]
         n = len(self.withouts)
@@ -167,11 +168,15 @@ class ContrastGuidance(Controller):
         output.sample = guided
         return output
 
-    def _own_part(self, args, kwargs):
+    def _own_part(self, args, kwargs, out: torch.Tensor):
         """A function giving the generated image's latents' part of a prediction, as a view: the whole of an unpacked
         one; of a packed one (batch, tokens, channels) its latents' tokens (not FLUX.1 Kontext's context image or a
-        FLUX.2 reference image, not Qwen-Image 2.1's text)."""
+        FLUX.2 reference image, not Qwen-Image 2.1's text). Their count is read once per run (FLUX's reads the
+        token ids back from the device)."""
+        if out.dim() != 3:
+            return lambda prediction: prediction
         family = self.session.family
-        own = family.split_latents(family.latents(args, kwargs), args, kwargs)[0]
-        tokens = own.shape[1] if own.dim() == 3 else own.shape[-2] * own.shape[-1]
-        return lambda out: out if out.dim() != 3 else family.latents_prediction(out, tokens)
+        if self._own_tokens is None:
+            own = family.split_latents(family.latents(args, kwargs), args, kwargs)[0]
+            self._own_tokens = own.shape[1] if own.dim() == 3 else own.shape[-2] * own.shape[-1]
+        return lambda prediction: family.latents_prediction(prediction, self._own_tokens)

@@ -80,16 +80,17 @@ class EditedPrompts:
         `latent_input` (the conditional rows' latent input as a denoiser call of the pipeline's gave it, appended
         tokens included) at `timestep` (as that call gave it), in a forward of the controller's own."""
         named, step = self.encoded[index]
-        return self._forward(named, step, latent_input, timestep, 1.0)
+        return self._forward(named, step, step.cond_rows, latent_input, timestep, 1.0, grid=step.token_grid)
 
-    def _forward(self, named: dict, step, latent_input: torch.Tensor, t, scale: float) -> torch.Tensor:
-        rows = list(range(step.cond_rows.start, step.cond_rows.stop))
-        if len(rows) != latent_input.shape[0]:
+    def _forward(self, named: dict, step, rows: list[int] | slice, latent_input: torch.Tensor, t, scale: float,
+                 grid: tuple[int, int] | None = None) -> torch.Tensor:
+        count = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+        if count != latent_input.shape[0]:
             raise UsageError(f"{self.who} needs one conditional row per image in each denoiser call; this "
-                             f"{self.session.family.name} call has {len(rows)} for {latent_input.shape[0]} images "
+                             f"{self.session.family.name} call has {count} for {latent_input.shape[0]} images "
                              f"(a separate guidance pass?); {self.instead}")
         inputs = row_inputs(named, step, rows, t, scale)
-        with torch.no_grad(), self.session.exclusive(self.controller, step):
+        with torch.no_grad(), self.session.exclusive(self.controller, step, grid):  # `__init__` checked the forward
             out = self.session.denoiser(latent_input.to(self.session.denoiser.dtype), **inputs)
         return out[0] if isinstance(out, (tuple, list)) else out.sample
 
@@ -128,7 +129,7 @@ class ContrastLocator(EditedPrompts):
 
     def _predict(self, named: dict, step, latents: torch.Tensor, t, scale: float, appended) -> torch.Tensor:
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
-        out = self._forward(named, step, with_appended(latents, appended, rows[:latents.shape[0]]), t, scale)
+        out = self._forward(named, step, rows, with_appended(latents, appended, rows[:latents.shape[0]]), t, scale)
         if out.dim() == 3:  # packed: the latents' tokens of a prediction that may cover others too
             out = self.session.family.latents_prediction(out, latents.shape[1])
         if out.shape != latents.shape:

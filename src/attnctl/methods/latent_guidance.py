@@ -271,14 +271,14 @@ def timestep_scale(named: dict, t: torch.Tensor) -> float:
     return float(given.flatten()[0]) / float(t)
 
 
-def row_inputs(named: dict, step: StepState, rows: list[int], t, scale: float) -> dict:
-    """The arguments `named` cut to the batch rows `rows`, at scheduler timestep `t` (times `scale`), for a forward
-    that returns a tuple."""
+def row_inputs(named: dict, step: StepState, rows: list[int] | slice, t, scale: float) -> dict:
+    """The arguments `named` cut to the batch rows `rows` (a slice cuts without making an index tensor on the host),
+    at scheduler timestep `t` (times `scale`), for a forward that returns a tuple."""
     inputs = _rows_of(named, rows, step.batch_size)
     given = named.get("timestep")
     timestep = t if scale == 1.0 else t * scale
     if isinstance(given, torch.Tensor) and given.dim() > 0:
-        timestep = timestep.to(given.dtype).expand(len(rows))
+        timestep = timestep.to(given.dtype).expand(rows.stop - rows.start if isinstance(rows, slice) else len(rows))
     inputs.update(timestep=timestep, return_dict=False)
     return inputs
 
@@ -332,7 +332,7 @@ def _stepped(z, grad, loss, alpha: float) -> torch.Tensor:
     return torch.where(moving, z - alpha * grad, z)
 
 
-def _rows_of(value, rows: list[int], batch: int):
+def _rows_of(value, rows: list[int] | slice, batch: int):
     """`value` with every tensor whose first dimension is the batch cut to `rows` (inside dicts, lists, tuples)."""
     if isinstance(value, torch.Tensor):
         return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
