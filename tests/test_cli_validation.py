@@ -25,6 +25,8 @@ BASE = {"regulation": ["generate", "--method", "regulation", "--model", "random:
         "relocation": ["generate", "--method", "relocation", "--model", "random:sd15-tiny", "--layout", str(LAYOUT)],
         "noise-choice": ["generate", "--method", "noise-choice", "--model", "random:sd15-tiny", "--prompt",
                          "a cat and a dog"],
+        "contrast-guidance": ["generate", "--method", "contrast-guidance", "--model", "random:sd15-tiny", "--prompt",
+                              "a red cat and a blue dog"],
         "none": ["generate", "--method", "none", "--model", "random:sd15-tiny", "--prompt", "a cat"]}
 
 SAMPLING = [
