@@ -36,8 +36,7 @@ from ..families.base import argument
 from ..roles import PARSERS, binding_groups, object_phrase
 from .contrast_locator import EditedPrompts, prompt_without
 from .latent_guidance import denoiser_arguments
-from .noise_choice import noun_span
-from .targets import TARGETS_HELP, one_target_list, targets_per_prompt
+from .targets import TARGETS_HELP, noun_span, one_target_list, targets_per_prompt
 
 
 @dataclass

@@ -34,11 +34,9 @@ from ..config import build, check, comma_list, option
 from ..control import Controller
 from ..errors import UsageError
 from ..roles import object_phrase
-from ..text import phrase_spans
-from ..tokens import parse_occurrence
 from .contrast_locator import ContrastLocator
 from .latent_guidance import initial_latents, require_call_parameters
-from .targets import TARGETS_HELP, one_target_list, targets_per_prompt
+from .targets import TARGETS_HELP, noun_span, one_target_list, targets_per_prompt
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +83,7 @@ class NoiseChoice(Controller):
         if len(nouns) < 2:
             raise UsageError(f"noise choice compares the objects of the prompt, so it needs two or more; found "
                              f"{nouns} in {prompt!r}: name the objects' nouns with targets=[...] (--targets)")
-        self.spans = [object_phrase(prompt, noun_span(prompt, noun)) for noun in nouns]
+        self.spans = [object_phrase(prompt, noun_span(prompt, noun, self.name)) for noun in nouns]
         self.session = session
         self._prepared = self._choosing = False
 
@@ -116,18 +114,6 @@ class NoiseChoice(Controller):
                                                 self.config.read_fraction)
         self._prepared = True
         return kwargs
-
-
-def noun_span(prompt: str, noun: str, who: str = "noise choice") -> tuple[int, int]:
-    """The character span of target `noun` (`word` or `word#n`, the n-th appearance) in `prompt`; `who` names the
-    method in the refusal."""
-    word, occurrence = parse_occurrence(noun)
-    found = phrase_spans(prompt, word)
-    if len(found) < occurrence:
-        often = "" if occurrence == 1 else f" {occurrence} times"
-        raise UsageError(f"{who}: {word!r} is not a word of the prompt {prompt!r}{often}; name the objects' "
-                         "nouns as the prompt writes them (--targets)")
-    return found[occurrence - 1]
 
 
 def candidate_noises(noise: torch.Tensor, count: int) -> list[torch.Tensor]:

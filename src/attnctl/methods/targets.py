@@ -7,6 +7,8 @@ import logging
 
 from ..config import word_list
 from ..errors import UsageError
+from ..text import phrase_spans
+from ..tokens import parse_occurrence
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +76,15 @@ def target_positions(prompt, words: list[str]) -> list[int]:
             if p not in positions:
                 positions.append(p)
     return positions
+
+
+def noun_span(prompt: str, noun: str, who: str) -> tuple[int, int]:
+    """The character span of target `noun` (`word` or `word#n`, the n-th appearance) in `prompt`; `who` names the
+    method in the refusal."""
+    word, occurrence = parse_occurrence(noun)
+    found = phrase_spans(prompt, word)
+    if len(found) < occurrence:
+        often = "" if occurrence == 1 else f" {occurrence} times"
+        raise UsageError(f"{who}: {word!r} is not a word of the prompt {prompt!r}{often}; name the objects' "
+                         "nouns as the prompt writes them (--targets)")
+    return found[occurrence - 1]
