@@ -9,6 +9,7 @@ import torch
 import attnctl
 from attnctl.errors import UsageError
 from attnctl.methods.contrast_guidance import ContrastGuidance, EditedPrompts, shifted_prompts
+from attnctl.methods.contrast_locator import joined_arguments
 
 from conftest import call_kwargs, tiny_pipe
 
@@ -95,13 +96,15 @@ def test_a_guided_step_is_the_formula_in_float64(name, guidance):
 
 
 def _counted(monkeypatch):
+    """The number of edited prompts predicted at each guided call."""
     calls = []
-    original = EditedPrompts.output
+    original = EditedPrompts.outputs
 
-    def counting(self, index, latent_input, timestep):
-        calls.append(index)
-        return original(self, index, latent_input, timestep)
-    monkeypatch.setattr(EditedPrompts, "output", counting)
+    def counting(self, latent_input, timestep):
+        out = original(self, latent_input, timestep)
+        calls.append(len(out))
+        return out
+    monkeypatch.setattr(EditedPrompts, "outputs", counting)
     return calls
 
 
@@ -111,16 +114,52 @@ def test_it_guides_the_first_fraction_of_the_steps_and_leaves_a_weightless_term_
     calls = _counted(monkeypatch)
     with attnctl.apply(pipe, ContrastGuidance(steps_fraction=0.5), prompt=PROMPT) as session:
         session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
-    assert calls == [0, 1, 2] * 2  # 2 of 4 steps, each: the prompt without each object, then shifted
+    assert calls == [3, 3]  # 2 of 4 steps, each: the prompt without each object, and shifted
     calls.clear()
     with attnctl.apply(pipe, ContrastGuidance(binding=0), prompt=PROMPT) as session:
         session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs)
-    assert calls == [0, 1] * 4
+    assert calls == [2] * 4
     plain = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
     for options in (dict(presence=0, binding=0), dict(steps_fraction=0)):
         with attnctl.apply(pipe, ContrastGuidance(**options), prompt=PROMPT) as session:
             image = session(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
         assert (image == plain).all()
+
+
+@pytest.mark.parametrize("name", ["unet", "flux"])
+def test_the_edited_prompts_are_predicted_in_one_forward_as_each_alone(name, monkeypatch):
+    """Where the edited prompts' arguments differ only in batch-wise tensors (the tiny UNet, FLUX.1 with its padded
+    text), one forward predicts them all, as one forward each does (float32, 1e-5)."""
+    pipe = tiny_pipe(name)
+    gaps, joined = [], []
+    original = EditedPrompts.outputs
+
+    def compared(self, latent_input, timestep):
+        out = original(self, latent_input, timestep)
+        joined.append(self._joined is not None)
+        alone = [self.output(i, latent_input, timestep) for i in range(len(self.encoded))]
+        gaps.append(max(float((a - b).abs().max()) for a, b in zip(out, alone)))
+        return out
+    monkeypatch.setattr(EditedPrompts, "outputs", compared)
+    with attnctl.apply(pipe, ContrastGuidance(), prompt=PROMPT) as session:
+        session(prompt=PROMPT, num_images_per_prompt=2, generator=torch.Generator().manual_seed(0),
+                **call_kwargs(name, steps=2, output_type="latent"))
+    assert joined == [True, True] and max(gaps) < 1e-5
+
+
+def test_arguments_join_where_only_batch_wise_tensors_differ():
+    from attnctl.control import StepState
+
+    step = StepState(index=0, num_steps=1, timestep=1.0, batch_size=4, cond_rows=slice(2, 4), token_grid=(2, 2),
+                     text_len=None)
+    a = {"encoder_hidden_states": torch.arange(4.0).view(4, 1), "ids": torch.zeros(3), "flag": None, "timestep": 1}
+    b = {"encoder_hidden_states": torch.arange(4.0, 8).view(4, 1), "ids": torch.zeros(3), "flag": None, "timestep": 2}
+    joined = joined_arguments([(a, step), (b, step)])
+    assert torch.equal(joined["encoder_hidden_states"], torch.tensor([[2.0], [3.0], [6.0], [7.0]]))
+    assert joined["ids"] is a["ids"] and joined["flag"] is None and "timestep" not in joined
+    longer = {**b, "encoder_hidden_states": torch.zeros(4, 2)}
+    assert joined_arguments([(a, step), (longer, step)]) is None  # another text length: one forward each
+    assert joined_arguments([(a, step), ({**b, "ids": torch.ones(3)}, step)]) is None
 
 
 def test_each_image_of_a_batch_is_guided_as_if_it_ran_alone():

@@ -149,7 +149,7 @@ class ContrastGuidance(Controller):
         guided = first.clone()
         own = self._own_part(args, kwargs, first)
         cond = own(guided[rows]).float()
-        edited = [own(self.edited.output(i, latent_input, timestep)).float() for i in range(len(self.edited.edited))]
+        edited = [own(out).float() for out in self.edited.outputs(latent_input, timestep)]
         n = len(self.withouts)
         push = torch.zeros_like(cond)
         if n:

@@ -74,6 +74,28 @@ class EditedPrompts:
         rows = list(range(step.cond_rows.start, step.cond_rows.stop))
         session.family.token_grid(session.denoiser, (), {session.family.latents_name: given[rows],
                                                          **row_inputs(named, step, rows, torch.ones(()), 1.0)})
+        self._joined = joined_arguments(self.encoded)
+
+    def outputs(self, latent_input: torch.Tensor, timestep) -> list[torch.Tensor]:
+        """`output(i, latent_input, timestep)` of every edited prompt, from one denoiser forward of all their rows
+        where their arguments differ only in batch-wise tensors (the same text length: one call instead of one per
+        prompt); one forward each otherwise."""
+        if self._joined is None or len(self.encoded) == 1:
+            return [self.output(i, latent_input, timestep) for i in range(len(self.encoded))]
+        count = len(self.encoded)
+        step = self.encoded[0][1]
+        rows = step.cond_rows
+        if rows.stop - rows.start != latent_input.shape[0]:
+            return [self.output(i, latent_input, timestep) for i in range(count)]  # refused there, with the message
+        given = self.encoded[0][0].get("timestep")
+        if isinstance(given, torch.Tensor) and given.dim() > 0:
+            timestep = timestep.to(given.dtype).expand(latent_input.shape[0]).repeat(count)
+        inputs = {**self._joined, "timestep": timestep, "return_dict": False}
+        with torch.no_grad(), self.session.exclusive(self.controller, step, step.token_grid):
+            out = self.session.denoiser(latent_input.to(self.session.denoiser.dtype).repeat(
+                count, *([1] * (latent_input.dim() - 1))), **inputs)
+        out = out[0] if isinstance(out, (tuple, list)) else out.sample
+        return list(out.chunk(count))
 
     def output(self, index: int, latent_input: torch.Tensor, timestep) -> torch.Tensor:
         """The denoiser's own output (its first; the layout the pipeline reads) for edited prompt `index`, on
@@ -137,3 +159,50 @@ class ContrastLocator(EditedPrompts):
                              f"{self.session.family.name} denoiser predicts another shape ({tuple(out.shape)} for "
                              f"{tuple(latents.shape)}); {self.instead}")
         return out
+
+
+
+class _Unjoinable(Exception):
+    pass
+
+
+def joined_arguments(encoded: list[tuple[dict, object]]) -> dict | None:
+    """The denoiser arguments of several prompts' runs (`encoded`: (arguments, step) pairs of the same batch layout)
+    as one call's for all their conditional rows: batch-wise tensors cut to those rows and concatenated, every other
+    value equal in all of them and taken once (`timestep` left out); None where they cannot be joined (different text
+    lengths or batch layouts, other values). Compares values: call it before the run."""
+    steps = [step for _, step in encoded]
+    if any((s.batch_size, s.cond_rows) != (steps[0].batch_size, steps[0].cond_rows) for s in steps):
+        return None
+    rows, batch = steps[0].cond_rows, steps[0].batch_size
+
+    def join(values):
+        first = values[0]
+        if isinstance(first, dict):
+            if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values):
+                raise _Unjoinable
+            return {k: join([v[k] for v in values]) for k in first}
+        if isinstance(first, (list, tuple)):
+            if any(type(v) is not type(first) or len(v) != len(first) for v in values):
+                raise _Unjoinable
+            return type(first)(join([v[i] for v in values]) for i in range(len(first)))
+        if isinstance(first, torch.Tensor):
+            if any(not isinstance(v, torch.Tensor) or v.shape != first.shape or v.dtype != first.dtype for v in values):
+                raise _Unjoinable
+            if first.dim() > 0 and first.shape[0] == batch:  # batch-wise, as `row_inputs` cuts it
+                return torch.cat([v[rows] for v in values])
+            if all(torch.equal(v, first) for v in values):
+                return first
+            raise _Unjoinable
+        try:
+            same = all(v is first or bool(v == first) for v in values)
+        except Exception:  # a value without a plain equality (an array, an object of tensors): not joined
+            same = False
+        if same:
+            return first
+        raise _Unjoinable
+
+    try:
+        return join([{k: v for k, v in named.items() if k != "timestep"} for named, _ in encoded])
+    except _Unjoinable:
+        return None
