@@ -36,7 +36,7 @@ from ..families.base import argument
 from ..roles import PARSERS, binding_groups, object_phrase
 from .contrast_locator import EditedPrompts, prompt_without
 from .latent_guidance import denoiser_arguments
-from .targets import TARGETS_HELP, noun_span, one_target_list, targets_per_prompt
+from .targets import TARGETS_HELP, object_nouns, one_target_list
 
 
 @dataclass
@@ -89,14 +89,7 @@ class ContrastGuidance(Controller):
     def attach(self, session) -> None:
         """Finds each object's phrase and modifiers; a UsageError without one prompt, with fewer than two objects, or
         (binding > 0) with fewer than two objects that have modifiers."""
-        if len(session.prompts) != 1:
-            raise UsageError("contrast guidance needs the prompt, one string: pass prompt=\"...\" to attnctl.apply")
-        prompt = session.prompts[0].prompt
-        nouns = targets_per_prompt(self.config.targets, session.prompts, self.name)[0]
-        if len(nouns) < 2:
-            raise UsageError(f"contrast guidance compares the objects of the prompt, so it needs two or more; found "
-                             f"{nouns} in {prompt!r}: name the objects' nouns with targets=[...] (--targets)")
-        spans = [noun_span(prompt, noun, self.name) for noun in nouns]
+        prompt, spans = object_nouns(session, self.config.targets, self.name)
         self.withouts = [prompt_without(prompt, object_phrase(prompt, span)) for span in spans] \
             if self.config.presence else []
         self.shifted = []

@@ -36,7 +36,7 @@ from ..errors import UsageError
 from ..roles import object_phrase
 from .contrast_locator import ContrastLocator
 from .latent_guidance import initial_latents, require_call_parameters
-from .targets import TARGETS_HELP, noun_span, one_target_list, targets_per_prompt
+from .targets import TARGETS_HELP, object_nouns, one_target_list
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,8 @@ class NoiseChoice(Controller):
     def attach(self, session) -> None:
         """Finds each object's phrase (the phrase of each target noun); a UsageError without one prompt or with
         fewer than two objects."""
-        if len(session.prompts) != 1:
-            raise UsageError("noise choice needs the prompt, one string: pass prompt=\"...\" to attnctl.apply")
-        prompt = session.prompts[0].prompt
-        nouns = targets_per_prompt(self.config.targets, session.prompts, self.name)[0]
-        if len(nouns) < 2:
-            raise UsageError(f"noise choice compares the objects of the prompt, so it needs two or more; found "
-                             f"{nouns} in {prompt!r}: name the objects' nouns with targets=[...] (--targets)")
-        self.spans = [object_phrase(prompt, noun_span(prompt, noun, self.name)) for noun in nouns]
+        prompt, nouns = object_nouns(session, self.config.targets, self.name)
+        self.spans = [object_phrase(prompt, noun) for noun in nouns]
         self.session = session
         self._prepared = self._choosing = False
 

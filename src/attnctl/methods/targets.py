@@ -88,3 +88,16 @@ def noun_span(prompt: str, noun: str, who: str) -> tuple[int, int]:
         raise UsageError(f"{who}: {word!r} is not a word of the prompt {prompt!r}{often}; name the objects' "
                          "nouns as the prompt writes them (--targets)")
     return found[occurrence - 1]
+
+
+def object_nouns(session, targets, who: str) -> tuple[str, list[tuple[int, int]]]:
+    """The session's one prompt and the character spans of its objects' nouns (`targets`, default the prompt's
+    nouns): a UsageError without one prompt or with fewer than two objects (methods that compare objects)."""
+    if len(session.prompts) != 1:
+        raise UsageError(f"{who} needs the prompt, one string: pass prompt=\"...\" to attnctl.apply")
+    prompt = session.prompts[0].prompt
+    nouns = targets_per_prompt(targets, session.prompts, who)[0]
+    if len(nouns) < 2:
+        raise UsageError(f"{who} compares the objects of the prompt, so it needs two or more; found {nouns} in "
+                         f"{prompt!r}: name the objects' nouns with targets=[...] (--targets)")
+    return prompt, [noun_span(prompt, noun, who) for noun in nouns]
