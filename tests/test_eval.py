@@ -31,7 +31,8 @@ def test_suite_is_held_out_and_covers_every_category():
             seen = {"seen_pairs", "seen_placed_pairs"} & set(case.categories)
             assert data.is_heldout_pair(objs[0], objs[1]) == (not seen)
         if len(objs) == 3:
-            assert data.is_heldout_triple(objs) == ("seen_triples" not in case.categories)
+            seen = {"seen_triples", "seen_placed_triples"} & set(case.categories)
+            assert data.is_heldout_triple(objs) == (not seen)
         for phrase in case.phrases:
             assert phrase in case.prompt
 

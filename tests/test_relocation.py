@@ -342,3 +342,70 @@ def test_in_the_suite_only_the_triples_in_thirds_have_boxes_narrower_than_the_wi
     for case in build_suite(20):
         holds = {holds_window(box_cells(box, grid), 0.4, grid) for box in case.boxes}
         assert holds == ({False} if set(case.categories) & {"three_objects", "seen_triples"} else {True}), case
+
+
+# --- compose: each object drawn alone, its start put into its box ------------------------------------------------
+
+@pytest.mark.parametrize("name", ["unet", "sd3"])
+def test_compose_puts_each_objects_own_start_into_its_box(name):
+    """With `compose`, each object's phrase runs alone from the run's own initial latents for the read steps; after
+    the move, each box's window holds the cells of that object's own latents from the window where the map
+    ‖conditional − unconditional prediction‖ of its run (at the last read step) is largest; the rest is the move."""
+    pipe = tiny_pipe(name)
+    denoiser = pipe.unet if name == "unet" else pipe.transformer
+    kwargs = call_kwargs(name, steps=4, guidance_scale=5.0)
+    inputs, outputs = [], []
+    pre = denoiser.register_forward_pre_hook(
+        lambda module, args, kw: inputs.append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
+    post = denoiser.register_forward_hook(lambda module, args, out: outputs.append(
+        (out[0] if isinstance(out, tuple) else out.sample).clone()))
+    method = Relocation(LAYOUT, read_fraction=0.5, window=0.4, locator="attention", compose=True)
+    try:
+        with attnctl.apply(pipe, method) as session:
+            session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0), **kwargs)
+        start = method._starts[2]
+        # the session's first call (stopped), the two phrases' read steps 0-1, the run's steps 0-1, then step 2's
+        given = inputs[5][:1]
+        assert torch.equal(inputs[0][:1], start) and torch.equal(inputs[3][:1], start)
+        # the reference: both phrases from the same initial latents, nothing attached, stopped after step 1
+        inputs.clear(), outputs.clear()
+        alone = []
+
+        def stop(p, i, t, x):
+            if i == 1:
+                alone.append(x["latents"].clone())
+                p._interrupt = True
+            return {}
+
+        pipe([r["phrase"] for r in LAYOUT["regions"]], latents=start.repeat(2, *[1] * (start.dim() - 1)),
+             callback_on_step_end=stop, **kwargs)
+        reference = alone[0]
+        out = outputs[1]  # step 1: rows [uncond a, uncond b, cond a, cond b]
+        channel = 1 if out.dim() == 4 else -1
+        maps = (out[2:].double() - out[:2].double()).norm(dim=channel)
+        if out.dim() == 3:
+            maps = maps.unflatten(-1, method._grid)
+        # the main run from the same initial latents, plain, to the end of step 1
+        plain = plain_latents(pipe, {**kwargs, "latents": start})[1]
+    finally:
+        pre.remove(), post.remove()
+    grid = method._grid
+    boxes = [centred_window(box_cells(r["box"], grid), 0.4, grid) for r in LAYOUT["regions"]]
+    order = cell_permutation([m["window"] for m in method.moves[0]], boxes, grid)
+    packed = plain.dim() == 3
+    cells = (plain if packed else plain.flatten(2).transpose(1, 2))[0, order].clone()
+    own = reference if packed else reference.flatten(2).transpose(1, 2)
+    for i, (top, left, bh, bw) in enumerate(boxes):
+        (stop_top, stop_left), = brute_force_windows(maps[i][None], [(top, left, bh, bw)])
+        for dy, dx in itertools.product(range(bh), range(bw)):
+            cells[(top + dy) * grid[1] + left + dx] = own[i, (stop_top + dy) * grid[1] + stop_left + dx]
+    expected = cells[None] if packed else cells.T.reshape(plain.shape)
+    assert torch.allclose(given.to(expected.dtype), expected, atol=1e-6)
+
+
+def test_compose_without_guidance_names_the_fix():
+    pipe = tiny_pipe("sd3")
+    with attnctl.apply(pipe, Relocation(LAYOUT, compose=True)) as session:
+        with pytest.raises(UsageError, match="guidance scale above 1"):
+            session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0),
+                    **call_kwargs("sd3", steps=2, guidance_scale=1.0))

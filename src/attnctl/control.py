@@ -439,6 +439,18 @@ class Session:
                 self.pipe._progress_bar_config = config
 
     @contextlib.contextmanager
+    def other_prompts(self):
+        """Within the block, pipeline calls may be made with prompts other than the session's (a method's own runs
+        of edited prompts, before the run proper): their runs are not checked against the session's prompts and not
+        laid out by them; controllers see them as runs and must know to act in none of them."""
+        prompts, self.prompts = self.prompts, []
+        try:
+            with self.quiet():
+                yield
+        finally:
+            self.prompts = prompts
+
+    @contextlib.contextmanager
     def exclusive(self, controller: Controller, step: StepState | None = None, grid: tuple[int, int] | None = None):
         """Within the block, denoiser forwards that `controller` runs itself (Attend-and-Excite's gradient pass) begin
         no step and give their attention calls to its `exclusive_call` alone; their outputs are the plain ones.

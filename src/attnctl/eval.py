@@ -13,8 +13,8 @@ Categories (every prompt but the seen pairs and single objects uses combinations
 - placed_pairs, placed_triples: a held-out pair or triple ("a red circle and a blue square") with a random layout of
                   boxes whose left-to-right order is not the word order — success: placed, every object present and
                   mostly inside its own box;
-- seen_placed_pairs: the same with seen pairs (not run by default): the split on which a layout method's options
-                  are chosen, so that the held-out layouts stay held out;
+- seen_placed_pairs, seen_placed_triples: the same with seen pairs and triples (not run by default): the split on
+                  which a layout method's options are chosen, so that the held-out layouts stay held out;
 - seen_triples:   three objects shown together in training (not run by default) — success: all three bound; where a
                   binding method's options are chosen (the seen pairs are bound too often to tell options apart).
 In the layout categories every arm is judged against the same boxes (the plain model too), and each method arm is
@@ -53,10 +53,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STEPS, QUICK_STEPS, DEFAULT_GUIDANCE = 25, 10, 5.0
 HELDOUT_CATEGORIES = ("two_objects", "colour_binding", "three_objects", "layout", "placed_pairs", "placed_triples")
-CATEGORIES = ("single_objects", "seen_pairs", *HELDOUT_CATEGORIES, "seen_placed_pairs", "seen_triples")
+CATEGORIES = ("single_objects", "seen_pairs", *HELDOUT_CATEGORIES, "seen_placed_pairs", "seen_placed_triples",
+              "seen_triples")
 DEFAULT_CATEGORIES = ("seen_pairs", *HELDOUT_CATEGORIES)
 # judged by where the objects are (every arm's images against the same boxes)
-LAYOUT_CATEGORIES = ("layout", "placed_pairs", "placed_triples", "seen_placed_pairs")
+LAYOUT_CATEGORIES = ("layout", "placed_pairs", "placed_triples", "seen_placed_pairs", "seen_placed_triples")
 RANDOM_BOX_SIDE = (0.4, 0.5)  # a random layout's box sides, as fractions of the image (objects are drawn 0.2-0.38)
 ATTENTION = ("q90_min", "q90_mean", "balance", "share_instance", "share_attribute")
 RELATIONS = ("to the left of", "to the right of", "above", "below")  # the layout category's, in turn
@@ -103,7 +104,8 @@ def build_suite(prompts_per_category: int, rng_seed: int = 0) -> list[Case]:
                               strips(3, "left to right")))
     for category, objects in (("placed_pairs", held[:prompts_per_category]),
                               ("placed_triples", triples[:prompts_per_category]),
-                              ("seen_placed_pairs", seen[:prompts_per_category])):
+                              ("seen_placed_pairs", seen[:prompts_per_category]),
+                              ("seen_placed_triples", seen_triples[:prompts_per_category])):
         for objs in objects:
             prompt = " and ".join(f"a {c} {s}" for c, s in objs)
             cases.append(Case((category,), prompt, list(objs), random_layout(len(objs), random.Random(prompt))))
@@ -146,7 +148,8 @@ def score_case(case: Case, image) -> dict[str, bool | float]:
     relation = case.relation is None or relation_holds(objs[0], objs[1], case.relation)
     success = {"single_objects": bound, "seen_pairs": bound, "two_objects": present, "colour_binding": bound,
                "three_objects": bound, "layout": bound and inside and relation, "placed_pairs": present and inside,
-               "placed_triples": present and inside, "seen_placed_pairs": present and inside, "seen_triples": bound}
+               "placed_triples": present and inside, "seen_placed_pairs": present and inside,
+               "seen_placed_triples": present and inside, "seen_triples": bound}
     return {"success": {c: success[c] for c in case.categories}, "present": present, "bound": bound,
             "inside": inside, "relation": relation, "mean_iou": float(np.mean([o.iou or 0.0 for o in objs])),
             "count": scored.count}

@@ -32,10 +32,8 @@ import torch
 from ..config import build, check, comma_list, option
 from ..control import Controller
 from ..errors import UsageError
-from ..families.base import argument
 from ..roles import PARSERS, binding_groups, object_phrase
-from .contrast_locator import EditedPrompts, prompt_without
-from .latent_guidance import denoiser_arguments
+from .contrast_locator import EditedPrompts, PredictionEdit, first_output, prompt_without, with_first_output
 from .targets import TARGETS_HELP, object_nouns, one_target_list
 
 
@@ -103,6 +101,7 @@ class ContrastGuidance(Controller):
             self.shifted = shifted_prompts(prompt, sorted(modified))
         self.session = session
         self.edited: EditedPrompts | None = None
+        self.prediction = PredictionEdit(session)
         self._prepared = False
 
     def wants(self, site) -> bool:
@@ -117,7 +116,7 @@ class ContrastGuidance(Controller):
                              "`with attnctl.apply(pipe, method, prompt=p) as session: session(p, ...)`, instead of "
                              "`pipe(p, ...)`")
         self._prepared = False
-        self._own_tokens = None  # the generated image's tokens in a packed output, read at the run's first call
+        self.prediction.begin_run()
 
     def prepare_call(self, session, args, kwargs) -> dict:
         """Encodes the edited prompts (the prompt without each object, the prompt with its modifiers moved)."""
@@ -133,14 +132,9 @@ class ContrastGuidance(Controller):
         if self.edited is None or rows.stop <= rows.start or step.index >= round(self.config.steps_fraction *
                                                                                  step.num_steps):
             return None
-        family = self.session.family
-        latent_input = argument(args, kwargs, family.latents_name, 0)[rows]  # as the denoiser was given it
-        timestep = denoiser_arguments(self.session, args, kwargs).get("timestep")
-        if isinstance(timestep, torch.Tensor) and timestep.dim() > 0 and timestep.shape[0] == step.batch_size:
-            timestep = timestep[rows]
-        first = output[0] if isinstance(output, (tuple, list)) else output.sample
-        guided = first.clone()
-        own = self._own_part(args, kwargs, first)
+        latent_input, timestep = self.prediction.inputs(step, args, kwargs)
+        guided = first_output(output).clone()
+        own = self.prediction.own(args, kwargs, guided)
         cond = own(guided[rows]).float()
         edited = [own(out).float() for out in self.edited.outputs(latent_input, timestep)]
         n = len(self.withouts)
@@ -152,22 +146,4 @@ class ContrastGuidance(Controller):
         for s in edited[n:]:
             push = push + self.config.binding * (cond - s)
         own(guided[rows]).copy_(cond + push)  # views: the rest of a packed output stays as the model made it
-        if isinstance(output, tuple):
-            return (guided, *output[1:])
-        if isinstance(output, list):
-            return [guided, *output[1:]]
-        output.sample = guided
-        return output
-
-    def _own_part(self, args, kwargs, out: torch.Tensor):
-        """A function giving the generated image's latents' part of a prediction, as a view: the whole of an unpacked
-        one; of a packed one (batch, tokens, channels) its latents' tokens (not FLUX.1 Kontext's context image or a
-        FLUX.2 reference image, not Qwen-Image 2.1's text). Their count is read once per run (FLUX's reads the
-        token ids back from the device)."""
-        if out.dim() != 3:
-            return lambda prediction: prediction
-        family = self.session.family
-        if self._own_tokens is None:
-            own = family.split_latents(family.latents(args, kwargs), args, kwargs)[0]
-            self._own_tokens = own.shape[1] if own.dim() == 3 else own.shape[-2] * own.shape[-1]
-        return lambda prediction: family.latents_prediction(prediction, self._own_tokens)
+        return with_first_output(output, guided)

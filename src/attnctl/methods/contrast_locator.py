@@ -117,6 +117,55 @@ class EditedPrompts:
         return out[0] if isinstance(out, (tuple, list)) else out.sample
 
 
+class PredictionEdit:
+    """What a method that changes the denoiser's prediction in `end_call` reads and writes: the conditional rows'
+    inputs of the call, the generated image's part of a prediction, and the output with its first tensor replaced."""
+
+    def __init__(self, session):
+        self.session = session
+        self.own_tokens = None  # the generated image's tokens in a packed output: read at a run's first call
+
+    def begin_run(self) -> None:
+        self.own_tokens = None
+
+    def inputs(self, step, args, kwargs):
+        """(latent input, timestep) of the call's conditional rows, as the denoiser was given them."""
+        rows = step.cond_rows
+        latent_input = argument(args, kwargs, self.session.family.latents_name, 0)[rows]
+        timestep = denoiser_arguments(self.session, args, kwargs).get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.dim() > 0 and timestep.shape[0] == step.batch_size:
+            timestep = timestep[rows]
+        return latent_input, timestep
+
+    def own(self, args, kwargs, out: torch.Tensor):
+        """A function giving the generated image's latents' part of a prediction, as a view: the whole of an unpacked
+        one; of a packed one (batch, tokens, channels) its latents' tokens (not FLUX.1 Kontext's context image or a
+        FLUX.2 reference image, not Qwen-Image 2.1's text). Their count is read once per run (FLUX's reads the
+        token ids back from the device)."""
+        if out.dim() != 3:
+            return lambda prediction: prediction
+        family = self.session.family
+        if self.own_tokens is None:
+            own = family.split_latents(family.latents(args, kwargs), args, kwargs)[0]
+            self.own_tokens = own.shape[1] if own.dim() == 3 else own.shape[-2] * own.shape[-1]
+        return lambda prediction: family.latents_prediction(prediction, self.own_tokens)
+
+
+def first_output(output) -> torch.Tensor:
+    """A denoiser output's first tensor (the prediction the pipeline reads)."""
+    return output[0] if isinstance(output, (tuple, list)) else output.sample
+
+
+def with_first_output(output, first: torch.Tensor):
+    """`output` with its first tensor replaced by `first`, in the form the denoiser returned."""
+    if isinstance(output, tuple):
+        return (first, *output[1:])
+    if isinstance(output, list):
+        return [first, *output[1:]]
+    output.sample = first
+    return output
+
+
 class ContrastLocator(EditedPrompts):
     """Built in the method's `prepare_call` (before the run) from the call's arguments; `maps(latents, index)` at
     the end of step `index` gives (images, objects, h, w)."""

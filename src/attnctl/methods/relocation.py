@@ -37,7 +37,11 @@ from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
-from .contrast_locator import ContrastLocator
+from .contrast_locator import (
+    ContrastLocator,
+    PredictionEdit,
+    first_output,
+)
 from .latent_guidance import initial_latents, moving_latents, require_call_parameters
 from .noise_choice import choose_noise
 
@@ -70,6 +74,10 @@ class RelocationConfig:
     candidates: int = option(1, "starting noises tried per image before the run: the one whose objects all show "
                              "most after the read steps is kept (noise choice, docs/methods.md §10; 1: the run's "
                              "own)", low=1, high=64)
+
+    compose: bool = option(False, "before the run, draw each object alone (its phrase as the prompt, from the same "
+                           "noise, for the read steps) and, at the move, put the window where it formed into its "
+                           "box: objects the prompt's run would lose start anyway (needs classifier-free guidance)")
 
     cli_prefix = "rl-"  # its flags: --rl-read-fraction, --rl-window, --rl-locator, --rl-restart, ...
 
@@ -107,8 +115,9 @@ class Relocation(Controller):
         self._spans = bound[0].spans
         self.session = session
         self._selectors: dict = {}
-        self._prepared = self._restarting = self._choosing = False
+        self._prepared = self._restarting = self._choosing = self._composing = False
         self._warned_narrow = False
+        self._prediction = PredictionEdit(session)
 
     def wants(self, site) -> bool:
         """The text cross-attention and joint attention sites."""
@@ -116,7 +125,7 @@ class Relocation(Controller):
 
     def begin_run(self) -> None:
         """Refuses a pipeline call made without the session; clears the maps."""
-        if self._choosing:  # a candidate noise's run: nothing is read or moved
+        if self._choosing or self._composing:  # a candidate noise's or an object's own run: nothing moved
             self._reading = False
             return
         if not self._prepared:
@@ -161,7 +170,7 @@ class Relocation(Controller):
         """The call's arguments with a step-end callback that moves the latents at the end of the last read step,
         around the caller's own callback; with `restart`, the initial latents moved instead (after a first run of
         the read steps)."""
-        restarts = self.config.restart or self.config.candidates > 1
+        restarts = self.config.restart or self.config.candidates > 1 or self.config.compose
         needed = ("latents", "callback_on_step_end") if restarts else ("callback_on_step_end",)
         require_call_parameters(session.pipe, self.name, needed)
         self._contrast = None
@@ -175,6 +184,9 @@ class Relocation(Controller):
                                                 self.config.read_fraction)
         if self.config.restart:
             return self._restarted(session, args, kwargs)
+        self._starts = self._objects_alone(session, args, kwargs) if self.config.compose else None
+        if self._starts is not None:
+            kwargs = {**kwargs, "latents": self._starts[2]}
 
         def move_after_reading(pipe, i, current):
             if i != self._last_read_step(len(pipe.scheduler.timesteps)):
@@ -185,10 +197,64 @@ class Relocation(Controller):
                 self.moves = [[None] * len(self.layout.regions) for _ in range(current.shape[0])]
                 return None
             self._locate(current, i)
-            return self.move(current) if self._maps or self._located is not None else None
+            moved = self.move(current) if self._maps or self._located is not None else None
+            return self._composed(moved if moved is not None else current) if self._starts is not None else moved
 
         self._prepared = True
         return moving_latents(kwargs, move_after_reading)
+
+    def _objects_alone(self, session, args, kwargs):
+        """Runs the read steps of each object's phrase alone from the run's own initial latents; gives (their latents
+        after the last read step, each one's map ‖conditional − unconditional prediction‖ there, the run's initial
+        latents), object-major: row i·B + b is object i of image b."""
+        latents = initial_latents(session, args, kwargs)[0] / getattr(session.pipe.scheduler, "init_noise_sigma", 1.0)
+        images, count = latents.shape[0], len(self.layout.regions)
+        call = {k: v for k, v in kwargs.items() if k not in ("prompt", "prompt_2", "prompt_3", "generator",
+                                                              "num_images_per_prompt")}
+        call = {**call, "prompt": [r.phrase for r in self.layout.regions], "num_images_per_prompt": images,
+                "latents": latents.repeat(count, *[1] * (latents.dim() - 1)), "output_type": "latent",
+                "callback_on_step_end_tensor_inputs": ["latents"]}
+        found = {}
+
+        def stop(pipe, i, t, tensors):
+            if i == self._last_read_step(len(pipe.scheduler.timesteps)):
+                found["latents"] = tensors["latents"]
+                raise _ReadDone
+            return {}
+
+        self._composing, self._prepared, self._alone_maps = True, True, None
+        self._prediction.begin_run()
+        try:
+            with session.other_prompts():
+                session.pipe(*args[1:], **{**call, "callback_on_step_end": stop})
+        except _ReadDone:
+            pass
+        finally:
+            self._composing = False
+        if self._alone_maps is None:
+            raise UsageError("relocation's compose reads each object's map from classifier-free guidance (the "
+                             "prediction for its phrase against the unconditional one); this run has no "
+                             "unconditional rows: set a guidance scale above 1, or leave compose off")
+        return found["latents"], self._alone_maps, latents
+
+    def _composed(self, latents: torch.Tensor) -> torch.Tensor:
+        """`latents` (after the move) with each moved object's box window taken from its own run's latents, from
+        the window where it formed there."""
+        alone, maps, _ = self._starts
+        h, w = self._grid
+        packed = latents.dim() == 3
+        cells = (latents if packed else latents.flatten(2).transpose(1, 2)).clone()
+        own = alone if packed else alone.flatten(2).transpose(1, 2)
+        images = cells.shape[0]
+        regions = self.layout.regions
+        for i in self._moving((h, w)):
+            btop, bleft, bh, bw = centred_window(box_cells(regions[i].extent(), (h, w)), self.config.window, (h, w))
+            for image in range(images):
+                (top, left), = object_windows(maps[i * images + image][None], [(btop, bleft, bh, bw)])
+                source = [(top + dy) * w + left + dx for dy in range(bh) for dx in range(bw)]
+                target = [(btop + dy) * w + bleft + dx for dy in range(bh) for dx in range(bw)]
+                cells[image, target] = own[i * images + image, source]
+        return cells if packed else cells.transpose(1, 2).reshape(latents.shape)
 
     def _restarted(self, session, args, kwargs) -> dict:
         """Runs the read steps from the run's own initial latents, then returns the call's arguments with those
@@ -242,6 +308,21 @@ class Relocation(Controller):
         log.debug("relocation: %s", self.moves)
         return moved if packed else moved.transpose(1, 2).reshape(latents.shape)
 
+
+    def end_call(self, step, args, kwargs, output):
+        """In an object's own run (`compose`), at its last read step: each image's map ‖conditional − unconditional
+        prediction‖ over channels, on the latent grid."""
+        rows = step.cond_rows
+        if not self._composing or step.index != self._last_read_step(step.num_steps) or rows.start == 0:
+            return None
+        out = first_output(output)
+        own = self._prediction.own(args, kwargs, out)
+        cond, uncond = own(out[rows]).float(), own(out[:rows.start]).float()  # CFG: the unconditional rows first
+        if out.dim() == 3:  # packed: one token per cell of the denoiser's grid
+            self._alone_maps = (cond - uncond).norm(dim=-1).unflatten(-1, tuple(step.token_grid))
+        else:
+            self._alone_maps = (cond - uncond).norm(dim=1)
+        return None
 
     def _moving(self, grid: tuple[int, int]) -> list[int]:
         """The regions whose objects move on this latent grid: every one with fit='clip', else those whose box (a
