@@ -19,6 +19,7 @@ def mmdit_copy(tmp_path):
 
 
 def test_tune_chooses_on_the_seen_split_and_writes_the_recommendation(cli, tmp_path, mmdit_copy):
+    before = json.loads((mmdit_copy / "attnctl.json").read_text())["methods"]["layout-modulation"]
     code, out, err = cli("tune", "--method", "layout-modulation", "--model", mmdit_copy, "--set", "weight=1,5",
                          "--set", "hard-mask=false,true", "--prompts", "1", "--seeds", "1", "--steps", "2",
                          "--write", "--out", tmp_path / "tune")
@@ -26,7 +27,8 @@ def test_tune_chooses_on_the_seen_split_and_writes_the_recommendation(cli, tmp_p
     chosen = json.loads((tmp_path / "tune" / "tune.json").read_text())["chosen"]
     assert set(chosen) == {"weight", "hard_mask"}
     settings = json.loads((mmdit_copy / "attnctl.json").read_text())
-    assert settings["methods"]["layout-modulation"] == chosen
+    assert settings["methods"]["layout-modulation"] == {**before, **chosen}  # over the options it ran with
+    assert set(before) - set(chosen)  # (some option was not tuned, and stays)
     assert settings["methods"]["ast"] == {"strength": 0.25} and settings["num_inference_steps"] == 25  # kept
     md = (tmp_path / "tune" / "tune.md").read_text()
     assert "seen_placed_pairs" in md and md.count("| weight=") == 4
@@ -53,8 +55,21 @@ def test_candidates_are_ordered_by_rate_then_fewest_broken():
     (["--method", "layout-modulation", "--set", "weight=1,2,3,4,5,6,7,8,9", "--set", "power=0,1,2,3,4,5,6,7"],
      "the grid has 72 candidates"),
     (["--method", "layout-modulation", "--prompts", "0"], "--prompts must be between 1 and 20"),
+    (["--method", "relocation", "--category", "placed_triples", "--set", "compose=true"],
+     "'placed_triples' is not a seen category"),
 ])
 def test_bad_input_is_refused_before_any_model_loads(args, message, cli, tmp_path):
     code, _, err = cli("tune", *args, "--out", tmp_path / "t")
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "t").exists()
+
+
+def test_tune_chooses_on_the_seen_category_it_is_given(cli, tmp_path, mmdit_copy):
+    code, out, err = cli("tune", "--method", "relocation", "--model", mmdit_copy, "--category", "seen_placed_triples",
+                         "--set", "compose=false,true", "--prompts", "1", "--seeds", "1", "--steps", "4",
+                         "--out", tmp_path / "tune")
+    assert code == 0, err
+    md = (tmp_path / "tune" / "tune.md").read_text()
+    assert "seen split seen_placed_triples" in md and md.count("| compose=") == 2
+    prompts = {row.split(",")[3] for row in (tmp_path / "tune" / "tune.csv").read_text().splitlines()[1:]}
+    assert len(prompts) == 1 and all(p.count(" and ") == 2 for p in prompts)  # a seen triple

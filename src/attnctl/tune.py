@@ -66,15 +66,30 @@ def grid_candidates(method: Method, grid: dict[str, list]) -> list[dict]:
     return combos
 
 
+def seen_category(method: Method, category: str | None) -> str:
+    """`category` (default: the method's seen category), checked to be a category of seen prompts."""
+    from .eval import CATEGORIES
+
+    seen = [c for c in CATEGORIES if c.startswith("seen_")]
+    category = category or method.seen_category
+    if category not in seen:
+        raise UsageError(f"tune chooses on seen prompts only, and {category!r} is not a seen category; give one of "
+                         f"{', '.join(seen)} (--category)")
+    return category
+
+
 def tune(method: Method, model: str, grid: dict[str, list], prompts: int, seeds: int,
-         steps: int | None = None, device: str = "cpu") -> tuple[list[Candidate], list[dict]]:
-    """Every candidate of `grid` on the method's seen split of `model`, paired with the plain model; returns the
-    candidates (best first: highest rate, then fewest broken, then the order given) and all rows."""
+         steps: int | None = None, device: str = "cpu",
+         category: str | None = None) -> tuple[list[Candidate], list[dict]]:
+    """Every candidate of `grid` on a seen split of `model` (`category`, default the method's), paired with the plain
+    model; returns the candidates (best first: highest rate, then fewest broken, then the order given) and all
+    rows."""
     from .eval import Arm, build_suite, paired_with_plain, run_suite
 
+    category = seen_category(method, category)
     model_folder(model)
     combos = grid_candidates(method, grid)
-    cases = [c for c in build_suite(prompts) if method.seen_category in c.categories]
+    cases = [c for c in build_suite(prompts) if category in c.categories]
     labels = [f"{method.name} #{i + 1}" for i in range(len(combos))]
     arms = [Arm(PLAIN, model)] + [Arm(method.name, model, options, label=label)
                                   for options, label in zip(combos, labels)]
@@ -82,7 +97,7 @@ def tune(method: Method, model: str, grid: dict[str, list], prompts: int, seeds:
     pairs = paired_with_plain(rows)
     found = []
     for options, label in zip(combos, labels):
-        p = pairs[(label, method.seen_category)]
+        p = pairs[(label, category)]
         found.append(Candidate(options, p["rate"], p["plain_rate"], p["fixed"], p["broken"], p["mcnemar_p"],
                                p["n"]))
     order = sorted(range(len(found)), key=lambda i: (-found[i].rate, found[i].broken, i))
@@ -90,10 +105,12 @@ def tune(method: Method, model: str, grid: dict[str, list], prompts: int, seeds:
 
 
 def write_recommendation(model: str, method: Method, options: dict) -> Path:
-    """`options` as the model's recommendation for `method` in its folder's attnctl.json (other keys kept)."""
+    """`options` as the model's recommendation for `method` in its folder's attnctl.json, over the recommendation it
+    had (the candidates ran with it under their options; other keys kept)."""
     path = model_folder(model) / "attnctl.json"
     settings = json.loads(path.read_text()) if path.is_file() else {}
-    settings.setdefault("methods", {})[method.name] = {k: _plain(v) for k, v in options.items()}
+    methods = settings.setdefault("methods", {})
+    methods[method.name] = {**methods.get(method.name, {}), **{k: _plain(v) for k, v in options.items()}}
     path.write_text(json.dumps(settings) + "\n")
     log.info("wrote %s's recommendation for %s to %s", method.name, model, path)
     return path
