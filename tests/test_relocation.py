@@ -409,3 +409,24 @@ def test_compose_without_guidance_names_the_fix():
         with pytest.raises(UsageError, match="guidance scale above 1"):
             session(LAYOUT["prompt"], generator=torch.Generator().manual_seed(0),
                     **call_kwargs("sd3", steps=2, guidance_scale=1.0))
+
+
+def test_compose_runs_no_object_alone_where_no_object_would_move():
+    """Boxes narrower than the window move nothing (fit='whole'): no object's own run either, the plain images."""
+    pipe = tiny_pipe("unet")
+    kwargs = call_kwargs("unet", steps=2, height=128, width=128, guidance_scale=5.0)
+    plain = run(pipe, THIRDS["prompt"], **kwargs)
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with attnctl.apply(pipe, Relocation(THIRDS, read_fraction=0.5, compose=True)) as session:
+            images = session(THIRDS["prompt"], generator=torch.Generator().manual_seed(0), **kwargs).images
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + 2  # the first call (stopped) for the initial latents, then the run's two steps
+    assert torch.equal(torch.as_tensor(images), torch.as_tensor(plain))
+
+
+def test_compose_and_restart_together_are_refused():
+    with pytest.raises(UsageError, match="--no-rl-compose or --no-rl-restart"):
+        Relocation(LAYOUT, compose=True, restart=True)

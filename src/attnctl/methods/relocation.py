@@ -83,6 +83,10 @@ class RelocationConfig:
 
     def __post_init__(self):
         check(self)
+        if self.compose and self.restart:
+            raise UsageError("relocation's compose puts each object's own start into the latents at the move, and "
+                             "restart moves the initial noise instead of those latents: choose one (--no-rl-compose "
+                             "or --no-rl-restart)")
 
 
 class Relocation(Controller):
@@ -198,7 +202,9 @@ class Relocation(Controller):
                 return None
             self._locate(current, i)
             moved = self.move(current) if self._maps or self._located is not None else None
-            return self._composed(moved if moved is not None else current) if self._starts is not None else moved
+            if self._starts is None or self._starts[0] is None:
+                return moved
+            return self._composed(moved if moved is not None else current)
 
         self._prepared = True
         return moving_latents(kwargs, move_after_reading)
@@ -206,8 +212,12 @@ class Relocation(Controller):
     def _objects_alone(self, session, args, kwargs):
         """Runs the read steps of each object's phrase alone from the run's own initial latents; gives (their latents
         after the last read step, each one's map ‖conditional − unconditional prediction‖ there, the run's initial
-        latents), object-major: row i·B + b is object i of image b."""
-        latents = initial_latents(session, args, kwargs)[0] / getattr(session.pipe.scheduler, "init_noise_sigma", 1.0)
+        latents), object-major: row i·B + b is object i of image b; (None, None, initial latents) where no object
+        would move (boxes narrower than the window)."""
+        latents, _, _, step = initial_latents(session, args, kwargs)
+        latents = latents / getattr(session.pipe.scheduler, "init_noise_sigma", 1.0)
+        if not self._moving(latent_grid(latents, step.token_grid)):
+            return None, None, latents
         images, count = latents.shape[0], len(self.layout.regions)
         call = {k: v for k, v in kwargs.items() if k not in ("prompt", "prompt_2", "prompt_3", "generator",
                                                               "num_images_per_prompt")}
