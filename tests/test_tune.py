@@ -64,12 +64,13 @@ def test_bad_input_is_refused_before_any_model_loads(args, message, cli, tmp_pat
     assert not (tmp_path / "t").exists()
 
 
-def test_tune_chooses_on_the_seen_category_it_is_given(cli, tmp_path, mmdit_copy):
-    code, out, err = cli("tune", "--method", "relocation", "--model", mmdit_copy, "--category", "seen_placed_triples",
-                         "--set", "compose=false,true", "--prompts", "1", "--seeds", "1", "--steps", "4",
-                         "--out", tmp_path / "tune")
+def test_tune_pools_the_seen_categories_it_is_given(cli, tmp_path, mmdit_copy):
+    code, out, err = cli("tune", "--method", "relocation", "--model", mmdit_copy, "--category",
+                         "seen_placed_pairs,seen_placed_triples", "--set", "compose=false,true", "--prompts", "1",
+                         "--seeds", "1", "--steps", "4", "--out", tmp_path / "tune")
     assert code == 0, err
     md = (tmp_path / "tune" / "tune.md").read_text()
-    assert "seen split seen_placed_triples" in md and md.count("| compose=") == 2
+    assert "seen split seen_placed_pairs+seen_placed_triples" in md and md.count("| compose=") == 2
+    assert all(line.endswith("| 2 |") for line in md.splitlines() if line.startswith("| compose="))  # pooled: n = 2
     prompts = {row.split(",")[3] for row in (tmp_path / "tune" / "tune.csv").read_text().splitlines()[1:]}
-    assert len(prompts) == 1 and all(p.count(" and ") == 2 for p in prompts)  # a seen triple
+    assert sorted(p.count(" and ") for p in prompts) == [1, 2]  # a seen pair and a seen triple

@@ -66,38 +66,42 @@ def grid_candidates(method: Method, grid: dict[str, list]) -> list[dict]:
     return combos
 
 
-def seen_category(method: Method, category: str | None) -> str:
-    """`category` (default: the method's seen category), checked to be a category of seen prompts."""
+def seen_categories(method: Method, categories: str | list[str] | None) -> list[str]:
+    """`categories` (a list or comma-separated; default: the method's seen category), each checked to be a category
+    of seen prompts."""
+    from .config import comma_list
     from .eval import CATEGORIES
 
     seen = [c for c in CATEGORIES if c.startswith("seen_")]
-    category = category or method.seen_category
-    if category not in seen:
-        raise UsageError(f"tune chooses on seen prompts only, and {category!r} is not a seen category; give one of "
-                         f"{', '.join(seen)} (--category)")
-    return category
+    chosen = comma_list(categories) if isinstance(categories, str) else list(categories or [method.seen_category])
+    for category in chosen:
+        if category not in seen:
+            raise UsageError(f"tune chooses on seen prompts only, and {category!r} is not a seen category; give one "
+                             f"or more of {', '.join(seen)} (--category)")
+    return chosen
 
 
 def tune(method: Method, model: str, grid: dict[str, list], prompts: int, seeds: int,
          steps: int | None = None, device: str = "cpu",
-         category: str | None = None) -> tuple[list[Candidate], list[dict]]:
-    """Every candidate of `grid` on a seen split of `model` (`category`, default the method's), paired with the plain
-    model; returns the candidates (best first: highest rate, then fewest broken, then the order given) and all
-    rows."""
+         categories: list[str] | None = None) -> tuple[list[Candidate], list[dict]]:
+    """Every candidate of `grid` on seen splits of `model` (`categories`, default the method's; several are pooled:
+    each candidate's samples of all of them, paired with the plain model's), paired with the plain model; returns the
+    candidates (best first: highest rate, then fewest broken, then the order given) and all rows."""
     from .eval import Arm, build_suite, paired_with_plain, run_suite
 
-    category = seen_category(method, category)
+    categories = seen_categories(method, categories)
     model_folder(model)
     combos = grid_candidates(method, grid)
-    cases = [c for c in build_suite(prompts) if category in c.categories]
+    cases = [c for c in build_suite(prompts) if set(categories) & set(c.categories)]
     labels = [f"{method.name} #{i + 1}" for i in range(len(combos))]
     arms = [Arm(PLAIN, model)] + [Arm(method.name, model, options, label=label)
                                   for options, label in zip(combos, labels)]
     rows = run_suite(arms, cases, list(range(seeds)), steps=steps, device=device, measure=False)
-    pairs = paired_with_plain(rows)
+    pooled = "+".join(categories)
+    pairs = paired_with_plain([{**r, "category": pooled} for r in rows if r["category"] in categories])
     found = []
     for options, label in zip(combos, labels):
-        p = pairs[(label, category)]
+        p = pairs[(label, pooled)]
         found.append(Candidate(options, p["rate"], p["plain_rate"], p["fixed"], p["broken"], p["mcnemar_p"],
                                p["n"]))
     order = sorted(range(len(found)), key=lambda i: (-found[i].rate, found[i].broken, i))

@@ -22,8 +22,9 @@ def register(sub) -> None:
                    help="values of one config field to try (repeat for more fields: every combination is tried); "
                         "default: the method's declared grid")
     p.add_argument("--category", default=None,
-                   help="the seen category to choose on (default: the method's: seen_placed_pairs for a layout "
-                        "method, seen_pairs for the others; also seen_placed_triples, seen_triples)")
+                   help="the seen categories to choose on, comma-separated, their samples pooled (default: the "
+                        "method's: seen_placed_pairs for a layout method, seen_pairs for the others; also "
+                        "seen_placed_triples, seen_triples)")
     p.add_argument("--prompts", type=int, default=8, help="seen prompts (default: 8)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default: 4)")
     add_arguments(p, SamplingConfig, title="sampling", only=("steps", "device"))
@@ -73,7 +74,7 @@ def run(args) -> None:
     """Tunes the method's options on its seen split against the plain model; writes tune.csv, tune.json and tune.md
     to --out, with --heldout the held-out comparison, with --write the model's recommendation."""
     from ..eval import Arm, build_suite, run_suite, summarize, write_results, write_rows
-    from ..tune import seen_category, table, tune, write_recommendation
+    from ..tune import seen_categories, table, tune, write_recommendation
 
     m = method(args.method)
     model = args.model or m.builtin_model
@@ -81,10 +82,11 @@ def run(args) -> None:
     bounded("--seeds", args.seeds, 1, 1000)
     sampling = sampling_of(args)
     grid = _grid(m, args.set)
-    category = seen_category(m, args.category)
+    categories = seen_categories(m, args.category)
+    category = "+".join(categories)
     check_out(args.out)
     candidates, rows = tune(m, model, grid, args.prompts, args.seeds, steps=sampling.steps, device=sampling.device,
-                            category=category)
+                            categories=categories)
     best = candidates[0]
     args.out.mkdir(parents=True, exist_ok=True)
     lines = [f"Tuning {m.name} on {model}, seen split {category} ({args.prompts} prompts x {args.seeds} seeds), "
