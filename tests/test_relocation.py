@@ -430,3 +430,14 @@ def test_compose_runs_no_object_alone_where_no_object_would_move():
 def test_compose_and_restart_together_are_refused():
     with pytest.raises(UsageError, match="--no-rl-compose or --no-rl-restart"):
         Relocation(LAYOUT, compose=True, restart=True)
+
+
+def test_compose_gives_each_phrase_the_negative_prompt():
+    """The objects' own runs take a list of phrases; a negative prompt given as text goes to each of them (diffusers
+    refuses a text negative prompt beside a list of prompts)."""
+    pipe = tiny_pipe("unet")
+    method = Relocation(LAYOUT, read_fraction=0.5, compose=True)
+    with attnctl.apply(pipe, method) as session:
+        session(LAYOUT["prompt"], negative_prompt="a green bird", generator=torch.Generator().manual_seed(0),
+                **call_kwargs("unet", steps=2, guidance_scale=5.0))
+    assert method._starts[0].shape[0] == 2 and all(m is not None for m in method.moves[0])

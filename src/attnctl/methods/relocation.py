@@ -37,11 +37,7 @@ from ..config import build, check, option
 from ..control import AttentionCall, Controller
 from ..errors import UsageError
 from ..layout import Layout, load_layout
-from .contrast_locator import (
-    ContrastLocator,
-    PredictionEdit,
-    first_output,
-)
+from .contrast_locator import ContrastLocator, PredictionEdit, first_output
 from .latent_guidance import initial_latents, moving_latents, require_call_parameters
 from .noise_choice import choose_noise
 
@@ -221,9 +217,12 @@ class Relocation(Controller):
         images, count = latents.shape[0], len(self.layout.regions)
         call = {k: v for k, v in kwargs.items() if k not in ("prompt", "prompt_2", "prompt_3", "generator",
                                                               "num_images_per_prompt")}
+        call.update({name: [value] * count for name, value in call.items()
+                     if name.startswith("negative_prompt") and isinstance(value, str)})  # one per phrase
         call = {**call, "prompt": [r.phrase for r in self.layout.regions], "num_images_per_prompt": images,
                 "latents": latents.repeat(count, *[1] * (latents.dim() - 1)), "output_type": "latent",
                 "callback_on_step_end_tensor_inputs": ["latents"]}
+        rest = args[1:] if args and "prompt" not in kwargs else args
         found = {}
 
         def stop(pipe, i, t, tensors):
@@ -236,7 +235,7 @@ class Relocation(Controller):
         self._prediction.begin_run()
         try:
             with session.other_prompts():
-                session.pipe(*args[1:], **{**call, "callback_on_step_end": stop})
+                session.pipe(*rest, **{**call, "callback_on_step_end": stop})
         except _ReadDone:
             pass
         finally:
@@ -317,7 +316,6 @@ class Relocation(Controller):
                                else None for i in range(len(regions))])
         log.debug("relocation: %s", self.moves)
         return moved if packed else moved.transpose(1, 2).reshape(latents.shape)
-
 
     def end_call(self, step, args, kwargs, output):
         """In an object's own run (`compose`), at its last read step: each image's map ‖conditional − unconditional
