@@ -86,8 +86,8 @@ def use_the_page(browser, url):
     browser.find_element(By.ID, "generate").click()
     wait.until(shown.text_to_be_present_in_element((By.ID, "message"), "done"))
     command = browser.find_element(By.CSS_SELECTOR, "#command textarea").get_attribute("value")
-    assert command == (f"attnctl generate --method relocation --model builtin:shapes-mmdit --layout layout.json --steps "
-                       f"{STEPS} --maps --out out/app")
+    assert command == (f"attnctl generate --method relocation --model builtin:shapes-mmdit --layout layout.json "
+                       f"--steps {STEPS} --maps --out out/app")
     for image in ("plain", "controlled", "maps"):
         picture = wait.until(shown.visibility_of_element_located((By.CSS_SELECTOR, f"#{image} img")))
         wait.until(lambda _, picture=picture: browser.execute_script(

@@ -284,3 +284,28 @@ def test_eval_resumes_by_default_and_no_resume_starts_afresh(cli, tmp_path):
     assert written.count('"key"') == 1
     assert cli(*args)[0] == 0 and journal.read_text() == written  # resumed: nothing generated, nothing appended
     assert cli(*args, "--no-resume")[0] == 0 and journal.read_text().count('"key"') == 1  # emptied, then written
+
+
+def test_a_changed_recommendation_makes_new_rows(tmp_path):
+    """The checkpoint key holds the model's recommendation for the arm's method: rows made under another one are not
+    read back as this one's (an arm without a recommendation keeps its key)."""
+    import json
+    import shutil
+
+    from attnctl.eval import Arm, _case_key, request_for
+    from attnctl.models import BUILTIN_DIR
+
+    folder = tmp_path / "shapes-unet"
+    shutil.copytree(BUILTIN_DIR / "shapes-unet", folder)
+    case = [c for c in build_suite(1) if "placed_pairs" in c.categories][0]
+
+    def key(method):
+        arm = Arm(method, str(folder))
+        return _case_key(arm, case, request_for(arm, case, [0], 2, 5.0, "cpu"), False)
+
+    before = {m: key(m) for m in ("none", "relocation")}
+    settings = json.loads((folder / "attnctl.json").read_text())
+    settings["methods"]["relocation"]["window"] = 0.3
+    (folder / "attnctl.json").write_text(json.dumps(settings))
+    assert key("relocation") != before["relocation"] and '"window": 0.3' in key("relocation")
+    assert key("none") == before["none"] and "recommended" not in before["none"]

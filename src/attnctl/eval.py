@@ -326,12 +326,19 @@ def run_suite(arms: list[Arm], cases: list[Case], seeds: list[int], steps: int |
 
 
 def _case_key(arm: Arm, case: Case, request, measure: bool) -> str:
-    """What decides a case's rows: the arm (method, model, options), the case, its sample seeds and sampling."""
+    """What decides a case's rows: the arm (method, model, options, and the model's recommendation for the method
+    where it has one: a changed recommendation makes new rows), the case, its sample seeds and sampling."""
+    from .models import recommended_options
+
     sampling = request.sampling
-    return json.dumps({"arm": arm.label, "method": arm.method, "model": arm.model, "options": arm.options,
-                       "prompt": case.prompt, "categories": case.categories, "boxes": case.boxes,
-                       "seeds": request.seeds, "steps": sampling.steps, "guidance": sampling.guidance,
-                       "device": sampling.device, "measure": measure}, sort_keys=True, default=str)
+    key = {"arm": arm.label, "method": arm.method, "model": arm.model, "options": arm.options,
+           "prompt": case.prompt, "categories": case.categories, "boxes": case.boxes,
+           "seeds": request.seeds, "steps": sampling.steps, "guidance": sampling.guidance,
+           "device": sampling.device, "measure": measure}
+    recommended = recommended_options(arm.model, arm.method)
+    if recommended:  # (absent otherwise, so the rows of arms without one stay valid)
+        key["recommended"] = recommended
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def _checkpointed(checkpoint: Path | None) -> dict[str, list[dict]]:
