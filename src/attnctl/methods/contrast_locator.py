@@ -94,7 +94,7 @@ class EditedPrompts:
         with torch.no_grad(), self.session.exclusive(self.controller, step, step.token_grid):
             out = self.session.denoiser(latent_input.to(self.session.denoiser.dtype).repeat(
                 count, *([1] * (latent_input.dim() - 1))), **inputs)
-        out = out[0] if isinstance(out, (tuple, list)) else out.sample
+        out = first_output(out)
         return list(out.chunk(count))
 
     def output(self, index: int, latent_input: torch.Tensor, timestep) -> torch.Tensor:
@@ -114,7 +114,7 @@ class EditedPrompts:
         inputs = row_inputs(named, step, rows, t, scale)
         with torch.no_grad(), self.session.exclusive(self.controller, step, grid):  # `__init__` checked the forward
             out = self.session.denoiser(latent_input.to(self.session.denoiser.dtype), **inputs)
-        return out[0] if isinstance(out, (tuple, list)) else out.sample
+        return first_output(out)
 
 
 class PredictionEdit:
