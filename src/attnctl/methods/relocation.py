@@ -243,7 +243,8 @@ class Relocation(Controller):
         if self._alone_maps is None:
             raise UsageError("relocation's compose reads each object's map from classifier-free guidance (the "
                              "prediction for its phrase against the unconditional one); this run has no "
-                             "unconditional rows: set a guidance scale above 1, or leave compose off")
+                             "unconditional rows: set a guidance scale above 1 (--guidance), or leave compose off "
+                             "(compose=False, --no-rl-compose)")
         return found["latents"], self._alone_maps, latents
 
     def _composed(self, latents: torch.Tensor) -> torch.Tensor:
