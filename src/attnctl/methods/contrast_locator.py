@@ -126,6 +126,7 @@ class PredictionEdit:
         self.own_tokens = None  # the generated image's tokens in a packed output: read at a run's first call
 
     def begin_run(self) -> None:
+        """Forgets the token count read in the run before (a new run may have another size or context)."""
         self.own_tokens = None
 
     def inputs(self, step, args, kwargs):
